@@ -1,0 +1,132 @@
+"""Load HF Qwen2/Qwen3 checkpoints into :class:`DenseDecoder` and save them back.
+
+Both directions are driven by the declarative rules of ``tide_jax.convert.qwen``. Loading
+streams the checkpoint shard by shard; every expected tensor must be present exactly once
+and every checkpoint tensor must be used, otherwise the error lists the offending names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tide_jax.convert import name_map as nm
+from tide_jax.convert import qwen
+from tide_jax.convert.safetensors_io import SafetensorsCheckpoint, write_sharded
+from tide_jax.models import config as mcfg
+from tide_jax.models import dense
+
+Placer = Callable[[tuple, np.ndarray], jax.Array]
+
+
+def _list(names, limit: int = 20) -> str:
+  names = sorted(names)
+  more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def fill_state_from_checkpoint(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
+                               rules: Sequence[nm.Rule], ranges: Mapping[str, int],
+                               place: Placer | None = None) -> nnx.Module:
+  """Materialises ``abstract_model``'s parameters from a safetensors checkpoint.
+
+  Args:
+    abstract_model: a model built under ``nnx.eval_shape`` (ShapeDtypeStruct leaves).
+    ckpt: the checkpoint index.
+    rules, ranges: the family's name map and placeholder ranges.
+    place: optional ``(flax_path, array) -> jax.Array`` that puts a converted tensor on its
+      devices (for example with a NamedSharding); defaults to ``jax.device_put``.
+
+  Returns:
+    A concrete model of the same structure.
+  """
+  graphdef, abstract_state = nnx.split(abstract_model)
+  flat = dict(nnx.to_flat_state(abstract_state))
+  expected = {hf: (path, rule) for hf, path, rule in nm.expand(rules, ranges)}
+  unmapped = [nm.format_path(p) for p, _ in flat.items()
+              if p not in {path for path, _ in expected.values()}]
+  if unmapped:
+    raise ValueError(f"The name map does not cover model parameters: {_list(unmapped)}.")
+  missing = set(expected) - ckpt.names
+  unexpected = ckpt.names - set(expected)
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors: {_list(missing)}")
+    if unexpected:
+      parts.append(f"unexpected tensors: {_list(unexpected)}")
+    raise ValueError(f"Checkpoint {ckpt.model_dir} does not match the model config ("
+                     + "; ".join(parts) + "); check that config.json belongs to these weights.")
+  place = place or (lambda path, arr: jax.device_put(arr))
+  values: dict[tuple, Any] = {}
+  shape_errors = []
+  for path_file in ckpt.files():
+    for hf_name, tensor in ckpt.iter_file(path_file, wanted=set(expected)):
+      path, rule = expected[hf_name]
+      target = flat[path]
+      arr = rule.to_flax(tensor)
+      want = target.get_value()
+      if tuple(arr.shape) != tuple(want.shape):
+        shape_errors.append(f"{hf_name} {tuple(tensor.shape)} -> {nm.format_path(path)} "
+                            f"expects {tuple(want.shape)}")
+        continue
+      values[path] = place(path, arr.astype(want.dtype))
+  if shape_errors:
+    raise ValueError("Checkpoint tensor shapes do not match config.json: "
+                     + "; ".join(shape_errors[:10]) + ".")
+  new_flat = [(p, v.replace(value=values[p])) for p, v in flat.items()]
+  return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def load_dense_from_hf(model_dir: str, *, param_dtype: str = "float32", dtype: str = "float32",
+                       place: Placer | None = None) -> dense.DenseDecoder:
+  """Builds a :class:`DenseDecoder` from a local HF Qwen2/Qwen3 directory."""
+  hf_config = mcfg.read_hf_config(model_dir)
+  cfg = mcfg.decoder_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
+  ckpt = SafetensorsCheckpoint(model_dir)
+  return fill_state_from_checkpoint(dense.abstract_decoder(cfg), ckpt, qwen.qwen_rules(cfg),
+                                    qwen.qwen_ranges(cfg), place)
+
+
+def model_tensors_for_hf(model: nnx.Module, rules: Sequence[nm.Rule],
+                         ranges: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """HF-named NumPy tensors of a model, in name-map order."""
+  flat = dict(nnx.to_flat_state(nnx.state(model)))
+  return {hf: rule.to_hf(np.asarray(jax.device_get(flat[path].get_value())))
+          for hf, path, rule in nm.expand(rules, ranges)}
+
+
+def save_dense_as_hf(model: dense.DenseDecoder, out_dir: str, *, extra_files: Mapping[str, str]
+                     | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
+  """Writes ``config.json`` + safetensors that ``transformers`` loads as ``*ForCausalLM``.
+
+  The directory is written under a temporary name and renamed at the end, so a failure
+  never leaves a partial checkpoint behind. ``extra_files`` maps file names to text
+  contents (for example tokenizer files or a generation config).
+  """
+  cfg = model.cfg
+  tensors = model_tensors_for_hf(model, qwen.qwen_rules(cfg), qwen.qwen_ranges(cfg))
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  try:
+    write_sharded(tensors, tmp, max_shard_bytes)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(cfg.to_hf_dict(), f, indent=2)
+    for name, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), "w") as f:
+        f.write(text)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)

@@ -1,0 +1,127 @@
+"""Layers shared by the decoders: RMSNorm, RoPE, masked grouped-query attention, SwiGLU.
+
+Parameters carry ``logical_axes`` metadata (names such as ``embed``, ``heads``, ``mlp``);
+``tide_jax.parallel`` maps these names to mesh axes with one rules table.
+Shapes: b batch, L query length, S key length, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+NEG_INF = -1e30
+
+
+def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: Any,
+               init: str = "normal", scale: float = 0.02) -> nnx.Param:
+  """A parameter with its logical axis names; ``init`` is "normal", "zeros" or "ones"."""
+  if len(shape) != len(axes):
+    raise ValueError(f"shape {shape} and logical axes {axes} differ in rank.")
+  if init == "normal":
+    value = scale * jax.random.normal(rngs.params(), tuple(shape), jnp.float32)
+  elif init == "zeros":
+    value = jnp.zeros(tuple(shape), jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(tuple(shape), jnp.float32)
+  else:
+    raise ValueError(f"Unknown initializer {init!r}.")
+  return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in float32, scaled by a learned weight."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype: Any, rngs: nnx.Rngs,
+               axis_name: str = "norm"):
+    self.eps = eps
+    self.weight = make_param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Cast back to the input dtype before the weight, as the HF implementation does.
+    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, rotary_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables ``[b, L, rotary_dim]`` for integer positions ``[b, L]`` (float32)."""
+  inv_freq = 1.0 / (theta ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate-half RoPE on the first ``rotary_dim`` features of ``x [b, L, heads, D]``.
+
+  The remaining ``D - rotary_dim`` features pass through unchanged (partial rotary).
+  """
+  rotary_dim = cos.shape[-1]
+  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+  half = rotary_dim // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+  return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+def as_4d_mask(mask: jax.Array) -> jax.Array:
+  """Normalises a boolean attention mask to ``[b or 1, 1 or H, L, S]``."""
+  if mask.ndim == 2:
+    return mask[None, None]
+  if mask.ndim == 3:
+    return mask[:, None]
+  if mask.ndim == 4:
+    return mask
+  raise ValueError(f"attention mask must have rank 2, 3 or 4, got shape {mask.shape}.")
+
+
+def masked_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                         scale: float) -> jax.Array:
+  """Softmax attention with grouped kv heads and an explicit boolean mask.
+
+  Args:
+    q: ``[b, L, H, D]``; k, v: ``[b, S, K, D]`` with H a multiple of K.
+    mask: boolean, broadcastable to ``[b, H, L, S]`` (True = may attend).
+    scale: multiplier of the scores (1/sqrt(D) for these models).
+
+  Returns:
+    ``[b, L, H, D]`` in q's dtype. Scores and softmax are float32; a query row with no
+    visible key returns zeros instead of NaN.
+  """
+  b, length, heads, dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  qg = q.reshape(b, length, kv_heads, groups, dim)
+  scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * scale
+  mask4 = as_4d_mask(mask)
+  if mask4.shape[1] == 1:
+    mask5 = mask4[:, :, None]                      # [b, 1, 1, L, S]
+  else:
+    mask5 = mask4.reshape(mask4.shape[0], kv_heads, groups, length, -1)
+  scores = jnp.where(mask5, scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(mask5, probs, 0.0).astype(v.dtype)
+  out = jnp.einsum("bkgls,bskd->blkgd", probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, length, heads, dim).astype(q.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """``down(silu(gate(x)) * up(x))`` with ``[in, out]`` kernels."""
+
+  def __init__(self, hidden: int, intermediate: int, *, param_dtype: Any, rngs: nnx.Rngs,
+               mlp_axis: str = "mlp"):
+    self.gate = make_param(rngs, (hidden, intermediate), ("embed", mlp_axis), param_dtype)
+    self.up = make_param(rngs, (hidden, intermediate), ("embed", mlp_axis), param_dtype)
+    self.down = make_param(rngs, (intermediate, hidden), (mlp_axis, "embed"), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = x.dtype
+    g = x @ self.gate[...].astype(dtype)
+    u = x @ self.up[...].astype(dtype)
+    return (jax.nn.silu(g) * u) @ self.down[...].astype(dtype)

@@ -1,0 +1,1 @@
+"""tide_jax package."""
