@@ -1,0 +1,184 @@
+"""Row-chunked evaluation of per-position vocabulary statistics.
+
+With a 151,936-token vocabulary a float32 ``[positions, vocab]`` array is gigabytes, so
+every quantity that needs a softmax over the vocabulary is computed here one block of
+``chunk_size`` rows at a time (``lax.map`` over position blocks). Differentiable
+quantities go through :func:`rowwise`, a ``custom_vjp`` whose backward pass is also
+chunked and uses closed-form gradients, so neither pass keeps more than one block of
+float32 intermediates alive and the only full-size array of the backward pass is the
+student's gradient itself (in the student's dtype).
+
+A *row kernel* is a frozen dataclass with two methods over one block (float32 inputs):
+
+* ``value(zs, zt, extra) -> [c]``: the per-row quantity;
+* ``grad(zs, zt, extra) -> [c, V']``: its derivative with respect to ``zs`` (only the
+  first ``V'`` columns; the rest of the gradient is zero).
+
+``zt`` is None for single-model kernels. Teacher logits never receive a gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 128
+
+
+def _block_size(num_rows: int, chunk_size: int) -> int:
+  if chunk_size <= 0:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+  return max(1, min(chunk_size, num_rows))
+
+
+def to_blocks(x: Array, block: int) -> Array:
+  """``[N, ...] -> [ceil(N / block), block, ...]``, zero-padding the last block.
+
+  When ``block`` divides N this is a free reshape; otherwise the padding copies ``x``
+  (choose a chunk size that divides the number of positions to avoid that).
+  """
+  n = x.shape[0]
+  pad = (-n) % block
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape((n + pad) // block, block, *x.shape[1:])
+
+
+def from_blocks(y: Array, n: int) -> Array:
+  """Inverse of :func:`to_blocks`: ``[nb, block, ...] -> [n, ...]``."""
+  y = y.reshape(-1, *y.shape[2:])
+  return y if y.shape[0] == n else y[:n]
+
+
+def _block_inputs(student, teacher, teacher_rows, extra, block):
+  xs = {"zs": to_blocks(student, block),
+        "extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
+  if teacher is not None:
+    if teacher_rows is None:
+      xs["zt"] = to_blocks(teacher, block)
+    else:
+      xs["rows"] = to_blocks(teacher_rows.astype(jnp.int32), block)
+  return xs
+
+
+def _block_teacher(teacher, xs):
+  """The teacher logits of one block as float32, gathering rows when indexed."""
+  if teacher is None:
+    return None
+  if "zt" in xs:
+    return xs["zt"].astype(jnp.float32)
+  return jnp.take(teacher, xs["rows"], axis=0, mode="clip").astype(jnp.float32)
+
+
+def check_inputs(student: Array, teacher: Array | None, teacher_rows: Array | None) -> None:
+  """Raises a clear error for mismatched shapes (static checks, at trace time)."""
+  if student.ndim != 2:
+    raise ValueError(f"student logits must be [positions, vocab], got shape {student.shape}; "
+                     "flatten the batch and sequence axes first.")
+  if teacher is None:
+    return
+  if teacher.ndim != 2:
+    raise ValueError(f"teacher logits must be [rows, vocab], got shape {teacher.shape}; "
+                     "flatten the batch and sequence axes first.")
+  if teacher_rows is None and teacher.shape[0] != student.shape[0]:
+    raise ValueError(f"teacher logits have {teacher.shape[0]} rows but the student has "
+                     f"{student.shape[0]} positions; pass teacher_rows to pair them.")
+  if teacher_rows is not None and teacher_rows.shape != (student.shape[0],):
+    raise ValueError(f"teacher_rows must have shape ({student.shape[0]},), got "
+                     f"{teacher_rows.shape}.")
+
+
+def _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra):
+  n = student.shape[0]
+  block = _block_size(n, chunk_size)
+  xs = _block_inputs(student, teacher, teacher_rows, extra, block)
+
+  def one_block(b):
+    zt = _block_teacher(teacher, b)
+    return kernel.value(b["zs"].astype(jnp.float32), zt, b["extra"])
+
+  return from_blocks(jax.lax.map(one_block, xs), n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _rowwise(kernel, chunk_size, student, teacher, teacher_rows, extra):
+  return _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra)
+
+
+def _rowwise_fwd(kernel, chunk_size, student, teacher, teacher_rows, extra):
+  out = _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra)
+  # Residuals are the inputs themselves (no copies, no float32 intermediates).
+  return out, (student, teacher, teacher_rows, extra)
+
+
+def _rowwise_bwd(kernel, chunk_size, res, cotangent):
+  student, teacher, teacher_rows, extra = res
+  n, vocab = student.shape
+  block = _block_size(n, chunk_size)
+  xs = _block_inputs(student, teacher, teacher_rows, extra, block)
+  xs["g"] = to_blocks(cotangent.astype(jnp.float32), block)
+
+  def one_block(b):
+    zt = _block_teacher(teacher, b)
+    grad = kernel.grad(b["zs"].astype(jnp.float32), zt, b["extra"]) * b["g"][:, None]
+    if grad.shape[1] < vocab:  # columns beyond the shared vocabulary get no gradient
+      grad = jnp.pad(grad, [(0, 0), (0, vocab - grad.shape[1])])
+    return grad.astype(student.dtype)
+
+  grad = from_blocks(jax.lax.map(one_block, xs), n)
+  return grad, None, None, jax.tree.map(lambda _: None, extra)
+
+
+_rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
+
+
+def rowwise(kernel: Any, student: Array, teacher: Array | None = None,
+            teacher_rows: Array | None = None, extra: Any = None, *,
+            chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+  """Per-row values ``[N]`` of ``kernel``, differentiable in ``student`` only.
+
+  Args:
+    kernel: a hashable row kernel (see the module docstring).
+    student: ``[N, Vs]`` logits (any float dtype).
+    teacher: ``[N, Vt]`` logits, or ``[R, Vt]`` with ``teacher_rows``; never differentiated.
+    teacher_rows: ``[N]`` int32, the teacher row paired with each student row.
+    extra: pytree of ``[N, ...]`` per-row arrays passed to the kernel (no gradient).
+    chunk_size: rows per block.
+  """
+  check_inputs(student, teacher, teacher_rows)
+  if student.shape[0] == 0:
+    return jnp.zeros((0,), jnp.float32)
+  if teacher is not None:
+    teacher = jax.lax.stop_gradient(teacher)
+  extra = jax.tree.map(jax.lax.stop_gradient, extra)
+  return _rowwise(kernel, chunk_size, student, teacher, teacher_rows, extra)
+
+
+def map_rows(fn, logits: Array, rows: Array | None = None, extra: Any = None, *,
+             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
+  """Non-differentiable per-row statistics ``fn(block [c, V] raw dtype, extra) -> [c, ...]``.
+
+  ``rows`` (``[N]`` int32) gathers the rows to visit from ``logits [R, V]``; without it
+  the N rows of ``logits`` are visited in order. The result is under ``stop_gradient``.
+  """
+  logits = jax.lax.stop_gradient(logits)
+  n = logits.shape[0] if rows is None else rows.shape[0]
+  if n == 0:
+    return fn(logits[:0], jax.tree.map(lambda a: a[:0], extra))
+  block = _block_size(n, chunk_size)
+  xs = {"extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
+  if rows is None:
+    xs["z"] = to_blocks(logits, block)
+  else:
+    xs["rows"] = to_blocks(rows.astype(jnp.int32), block)
+
+  def one_block(b):
+    z = b["z"] if rows is None else jnp.take(logits, b["rows"], axis=0, mode="clip")
+    return fn(z, b["extra"])
+
+  return jax.tree.map(lambda y: from_blocks(y, n), jax.lax.map(one_block, xs))
