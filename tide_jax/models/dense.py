@@ -13,6 +13,7 @@ Parameter layout (what ``tide_jax.convert`` maps HF tensors onto):
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax
@@ -175,5 +176,4 @@ def abstract_decoder(cfg: DecoderConfig) -> DenseDecoder:
 def count_params(model: nnx.Module) -> int:
   """Number of scalar parameters (works on abstract models too)."""
   state = nnx.state(model, nnx.Param)
-  return sum(int(jnp.size(x)) if hasattr(x, "size") else int(jnp.prod(jnp.array(x.shape)))
-             for x in jax.tree.leaves(state))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
