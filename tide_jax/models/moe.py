@@ -1,0 +1,180 @@
+"""Mixture-of-experts block: sigmoid router with group-limited top-k, sorted expert dispatch.
+
+Routing (the DeepSeek-V3 / LLaDA2 rule, computed in float32):
+  scores  = sigmoid(x @ router)                                   [T, E]
+  biased  = scores + expert_bias        (the bias only chooses, never weights)
+  group score = sum of the two best biased scores in each of n_group groups
+  keep the topk_group best groups; choose the top_k best biased scores among their experts
+  weights = chosen *unbiased* scores, normalised to sum 1 (norm_topk_prob and top_k > 1),
+            times routed_scaling_factor.
+
+Ties: ``jax.lax.top_k`` returns the lowest index first among equal values, for groups and
+for experts. PyTorch's ``topk`` on CPU makes no documented promise; the tests measure that
+it agrees on exact ties inside a group of candidates (see tests/test_teachers_moe.py).
+
+Dispatch: the ``T * top_k`` (token, expert) pairs are sorted by expert and the expert
+MLPs run as three ``jax.lax.ragged_dot`` calls over the stacked weights ``[E, ...]``: each
+token row is multiplied only by its chosen experts, with no Python loop over experts and
+no capacity limit (nothing is dropped). :func:`dense_experts` runs every expert on every
+token and is the reference the tests and the benchmark compare against.
+
+Shapes: T tokens, H hidden, E experts, I expert width, k experts per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tide_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+  """Routing hyper-parameters (all read from the checkpoint's config.json)."""
+
+  num_experts: int
+  top_k: int
+  n_group: int
+  topk_group: int
+  routed_scaling_factor: float
+  norm_topk_prob: bool = True
+
+  def __post_init__(self):
+    if self.num_experts % self.n_group:
+      raise ValueError(f"num_experts {self.num_experts} is not divisible by n_group "
+                       f"{self.n_group}; fix n_group in config.json.")
+    if not 1 <= self.topk_group <= self.n_group:
+      raise ValueError(f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}].")
+    per_group = self.num_experts // self.n_group
+    if not 1 <= self.top_k <= self.topk_group * per_group:
+      raise ValueError(f"num_experts_per_tok {self.top_k} must be in [1, "
+                       f"{self.topk_group * per_group}] (experts in the kept groups).")
+
+
+def route(router_logits: jax.Array, expert_bias: jax.Array | None,
+          cfg: RouterConfig) -> tuple[jax.Array, jax.Array]:
+  """Chooses experts and their weights.
+
+  Args:
+    router_logits: float32 ``[T, E]``.
+    expert_bias: float32 ``[E]`` added for choosing only, or None.
+    cfg: routing settings.
+
+  Returns:
+    ``(weights [T, k] float32, experts [T, k] int32)``; experts in decreasing biased score.
+  """
+  t, e = router_logits.shape
+  scores = jax.nn.sigmoid(router_logits.astype(jnp.float32))
+  biased = scores if expert_bias is None else scores + expert_bias.astype(jnp.float32)
+  per_group = e // cfg.n_group
+  grouped = biased.reshape(t, cfg.n_group, per_group)
+  best_two = jax.lax.top_k(grouped, min(2, per_group))[0]
+  group_scores = jnp.sum(best_two, axis=-1)                        # [T, G]
+  _, kept_groups = jax.lax.top_k(group_scores, cfg.topk_group)     # [T, topk_group]
+  group_kept = jnp.any(kept_groups[..., None] == jnp.arange(cfg.n_group), axis=-2)
+  expert_kept = jnp.repeat(group_kept, per_group, axis=-1)         # [T, E]
+  candidates = jnp.where(expert_kept, biased, -jnp.inf)
+  _, experts = jax.lax.top_k(candidates, cfg.top_k)
+  weights = jnp.take_along_axis(scores, experts, axis=-1)
+  if cfg.norm_topk_prob and cfg.top_k > 1:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
+
+
+def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
+                   up: jax.Array, down: jax.Array) -> jax.Array:
+  """Weighted sum of the chosen experts' SwiGLU outputs by sorted ragged matmuls.
+
+  Args:
+    x: ``[T, H]`` in the compute dtype.
+    weights, experts: ``[T, k]`` from :func:`route`.
+    gate, up: ``[E, H, I]``; down: ``[E, I, H]``.
+
+  Returns:
+    ``[T, H]`` in x's dtype (the k contributions are summed in float32).
+  """
+  t, k = experts.shape
+  num_experts = gate.shape[0]
+  flat_experts = experts.reshape(-1)
+  order = jnp.argsort(flat_experts, stable=True)                   # [T*k] sorted by expert
+  token_of = order // k
+  rows = jnp.take(x, token_of, axis=0)
+  group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+  dtype = x.dtype
+  g = jax.lax.ragged_dot(rows, gate.astype(dtype), group_sizes)
+  u = jax.lax.ragged_dot(rows, up.astype(dtype), group_sizes)
+  h = (jax.nn.silu(g) * u).astype(dtype)
+  y = jax.lax.ragged_dot(h, down.astype(dtype), group_sizes,
+                         preferred_element_type=jnp.float32)       # [T*k, H]
+  y = y * jnp.take(weights.reshape(-1), order)[:, None]
+  # Undo the sort with the inverse permutation, then sum each token's k rows in a fixed order.
+  unsorted = jnp.take(y, jnp.argsort(order), axis=0).reshape(t, k, -1)
+  return jnp.sum(unsorted, axis=1).astype(dtype)
+
+
+def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
+                  up: jax.Array, down: jax.Array) -> jax.Array:
+  """Reference: runs all E experts on every token and weights them by the routing."""
+  t = x.shape[0]
+  combine = jnp.zeros((t, gate.shape[0]), jnp.float32)
+  combine = combine.at[jnp.arange(t)[:, None], experts].add(weights)  # [T, E]
+  dtype = x.dtype
+  g = jnp.einsum("th,ehi->tei", x, gate.astype(dtype))
+  u = jnp.einsum("th,ehi->tei", x, up.astype(dtype))
+  h = (jax.nn.silu(g) * u).astype(dtype)
+  y = jnp.einsum("tei,eih->teh", h, down.astype(dtype), preferred_element_type=jnp.float32)
+  return jnp.einsum("te,teh->th", combine, y).astype(dtype)
+
+
+DISPATCH = {"sparse": sparse_experts, "dense": dense_experts}
+
+
+class MoEBlock(nnx.Module):
+  """Router + stacked routed experts + shared-expert SwiGLU.
+
+  Parameters: ``router [H, E]`` and ``expert_bias [E]`` are kept in float32 whatever the
+  parameter dtype (routing is computed in float32 and a rounded router could choose
+  different experts); ``gate/up [E, H, I]``, ``down [E, I, H]`` with logical axes
+  ``("expert", "embed", "expert_mlp")``; ``shared`` a SwiGLU of width ``I * num_shared``.
+  """
+
+  def __init__(self, hidden: int, expert_width: int, num_shared: int, router_cfg: RouterConfig,
+               *, use_expert_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
+               dispatch: str = "sparse"):
+    if dispatch not in DISPATCH:
+      raise ValueError(f"Unknown MoE dispatch {dispatch!r}; use one of {', '.join(DISPATCH)}.")
+    e, i = router_cfg.num_experts, expert_width
+    self.router_cfg = router_cfg
+    self.dispatch = dispatch
+    self.router = layers.make_param(rngs, (hidden, e), ("embed", None), jnp.float32)
+    self.expert_bias = (layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
+                        if use_expert_bias else None)
+    axes_in, axes_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
+    self.gate = layers.make_param(rngs, (e, hidden, i), axes_in, param_dtype)
+    self.up = layers.make_param(rngs, (e, hidden, i), axes_in, param_dtype)
+    self.down = layers.make_param(rngs, (e, i, hidden), axes_out, param_dtype)
+    self.shared = (layers.SwiGLU(hidden, i * num_shared, param_dtype=param_dtype, rngs=rngs)
+                   if num_shared else None)
+
+  def routing(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(weights, experts)`` ``[T, k]`` for tokens ``x [T, H]``."""
+    logits = jnp.dot(x.astype(jnp.float32), self.router[...],
+                     precision=jax.lax.Precision.HIGHEST)
+    bias = None if self.expert_bias is None else self.expert_bias[...]
+    return route(logits, bias, self.router_cfg)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """``[..., H] -> [..., H]``."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    weights, experts = self.routing(flat)
+    out = DISPATCH[self.dispatch](flat, weights, experts, self.gate[...], self.up[...],
+                                  self.down[...])
+    if self.shared is not None:
+      out = out + self.shared(flat)
+    return out.reshape(shape)
