@@ -93,7 +93,8 @@ def tokens_per_step(block_size: int, steps: int, schedule: str = "linear") -> np
   commits the difference. The linear schedule spreads B as evenly as rounding allows.
   """
   t = 1.0 - np.arange(steps + 1, dtype=np.float64) / steps
-  alpha = np.asarray(schedules.alpha(jnp.asarray(t, jnp.float32), schedule), np.float64)
+  with jax.ensure_compile_time_eval():   # also called while tracing the jitted sampler
+    alpha = np.asarray(schedules.alpha(jnp.asarray(t, jnp.float32), schedule), np.float64)
   still_masked = np.round(block_size * (1.0 - alpha)).astype(np.int64)
   still_masked[0], still_masked[-1] = block_size, 0
   still_masked = np.minimum.accumulate(still_masked)   # guard float noise: never increases
