@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import numpy as np
 
@@ -87,8 +88,36 @@ def _byte_offset(text: str, char_index: int) -> int:
     return len(text[:char_index].encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_template(source: str):
+    import jinja2
+    import jinja2.sandbox
+
+    # The environment HF chat templates are written for: trimmed blocks, loop controls, tojson.
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+
+    def raise_exception(message):
+        raise TemplateError(f"the chat template refused the conversation: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
 def render(info: TokenizerInfo, messages: list[dict], generation_prompt: bool = False) -> str:
-    return info.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template applied to `messages` (which may be empty: the conversation's start)."""
+    tok = info.tokenizer
+    variables = {key: value for key, value in tok.special_tokens_map.items() if isinstance(value, str)}
+    try:
+        return _compiled_template(tok.chat_template).render(
+            messages=messages, add_generation_prompt=generation_prompt, **variables)
+    except TemplateError:
+        raise
+    except Exception as err:  # a template indexing messages[0] cannot render an empty prefix
+        if not messages:
+            return ""
+        raise TemplateError(f"the chat template failed to render the conversation: {err}") from err
 
 
 def encode_chat(info: TokenizerInfo, messages: tuple[tuple[str, str], ...]) -> Side:
@@ -99,7 +128,7 @@ def encode_chat(info: TokenizerInfo, messages: tuple[tuple[str, str], ...]) -> S
         messages[:k+1]) or a message's content cannot be found in its segment.
     """
     dicts = [{"role": role, "content": content} for role, content in messages]
-    prefixes = [render(info, dicts[:k]) if k else render(info, []) for k in range(len(dicts) + 1)]
+    prefixes = [render(info, dicts[:k]) for k in range(len(dicts) + 1)]
     full = prefixes[-1]
     trained_chars, spans_chars, trimmed_chars = [], [], []
     for k, (role, content) in enumerate(messages):
