@@ -58,7 +58,7 @@ def test_mask_rejects_non_multiple_lengths():
 def test_schedule_weight_matches_numeric_derivative(schedule):
   t = np.linspace(0.05, 0.95, 19)
   h = 1e-6
-  a = lambda x: np.asarray(schedules.alpha(jnp.asarray(x, jnp.float64 if False else jnp.float32), schedule), np.float64)
+  a = lambda x: float(schedules.alpha(jnp.float32(x), schedule))
   if schedule == "linear":
     expected = 1.0 / t
   else:

@@ -1,0 +1,74 @@
+"""Defaults shared by every config; each experiment file overrides what it needs."""
+
+from ml_collections import config_dict
+
+
+def base_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.seed = 0
+  c.block_size = 32
+
+  c.model = config_dict.ConfigDict()
+  m = c.model
+  m.init_from = ""              # HF directory of the initial student; empty = random init
+  m.model_type = "qwen3"
+  m.vocab_size = 151936
+  m.hidden_size = 1024
+  m.num_layers = 28
+  m.num_heads = 16
+  m.num_kv_heads = 8
+  m.head_dim = 128
+  m.intermediate_size = 3072
+  m.rope_theta = 1e6
+  m.rms_norm_eps = 1e-6
+  m.tie_word_embeddings = True
+  m.max_position_embeddings = 40960
+  m.param_dtype = "float32"
+  m.dtype = "float32"
+  m.remat = False
+
+  c.objective = config_dict.ConfigDict()
+  ob = c.objective
+  ob.kind = "bd3lm"             # bd3lm (student) or mdlm (bidirectional, e.g. a teacher)
+  ob.schedule = "linear"
+  ob.t_eps = 1e-3
+  ob.mask_token_id = 151669
+  ob.block_size = c.get_ref("block_size")
+  ob.loss_chunk = 256
+
+  c.data = config_dict.ConfigDict()
+  d = c.data
+  d.format = "chat"
+  d.tokenizer = "qwen3"
+  d.train_files = config_dict.placeholder(list)
+  d.eval_files = config_dict.placeholder(list)
+  d.eval_fraction = 0.02
+  d.max_len = 512
+  d.block_size = c.get_ref("block_size")
+  d.cache_dir = ""
+  d.strict = False
+
+  c.optim = config_dict.ConfigDict()
+  o = c.optim
+  o.learning_rate = 5e-5
+  o.warmup_steps = 100
+  o.decay = "cosine"
+  o.lr_end_fraction = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.01
+  o.grad_clip = 1.0
+
+  c.train = config_dict.ConfigDict()
+  t = c.train
+  t.batch_size = 32
+  t.num_steps = 1000
+  t.log_every = 50
+  t.eval_every = 500
+  t.eval_batches = 8
+  t.checkpoint_every = 500
+  t.keep_checkpoints = 3
+  t.async_checkpoint = False
+  t.stop_at_step = 0             # > 0: checkpoint and stop after this step (time-sliced jobs)
+  return c

@@ -1,0 +1,53 @@
+"""Entrypoint: ``python -m tide_jax.main --config=configs/<name>.py[:arg] --workdir=DIR``.
+
+Modes: ``train`` (default; resumes from the latest checkpoint in the workdir).
+Config fields are overridden with ``--config.<field>=value``. All logic lives in
+importable functions (``tide_jax.train.loop.train_and_evaluate``) so tests and notebooks
+call the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/smoke.py or configs/smoke.py:arg.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, "
+                               "metrics and the resolved config.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+
+
+class UserError(Exception):
+  """An error caused by the command line or config, reported as one sentence."""
+
+
+def run(config, workdir: str, mode: str):
+  from tide_jax.train import loop
+  if mode == "train":
+    runner = getattr(config, "runner", None)
+    if runner:
+      from tide_jax import runners
+      return runners.run(config, workdir)
+    return loop.train_and_evaluate(config, workdir)
+  raise UserError(f"Unknown mode {mode!r}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required (a local directory or a gs:// URL).")
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
