@@ -8,9 +8,11 @@ Routing (the DeepSeek-V3 / LLaDA2 rule, computed in float32):
   weights = chosen *unbiased* scores, normalised to sum 1 (norm_topk_prob and top_k > 1),
             times routed_scaling_factor.
 
-Ties: ``jax.lax.top_k`` returns the lowest index first among equal values, for groups and
-for experts. PyTorch's ``topk`` on CPU makes no documented promise; the tests measure that
-it agrees on exact ties inside a group of candidates (see tests/test_teachers_moe.py).
+Ties: ``jax.lax.top_k`` prefers the lowest index among bitwise-equal values, for groups and
+for experts. PyTorch's ``topk`` documents no tie order; on CPU (torch 2.13) it was observed
+to take the higher index, so on an exact tie the two can choose different (tied) experts.
+Exact float32 ties need identical router rows and biases, which trained weights do not have;
+tests/test_teachers_moe.py pins down both behaviours with duplicated experts.
 
 Dispatch: the ``T * top_k`` (token, expert) pairs are sorted by expert and the expert
 MLPs run as three ``jax.lax.ragged_dot`` calls over the stacked weights ``[E, ...]``: each
