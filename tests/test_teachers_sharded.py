@@ -1,0 +1,124 @@
+"""Teachers on an 8-device CPU mesh: expert weights split over the expert axis, the same
+logits as unsharded; the WeDLM (Qwen3) teacher with its [x0 ; x_t] swapped BD3LM input vs
+transformers; peak memory of a streaming conversion.
+
+Tolerances: sharded vs unsharded 1e-5, vs transformers 1e-4 (float32).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from jax.sharding import PartitionSpec as P
+
+from tests import teachers_fixtures as tf
+from tests.hf_fixtures import tiny_qwen
+from tide_jax.diffusion.masks import bd3lm_attention_mask
+from tide_jax.models import teachers
+from tide_jax.parallel import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _logits(teacher, inputs):
+  return np.asarray(jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.positions,
+                                           inputs.attention_mask))
+
+
+def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
+  assert jax.device_count() == 8
+  hf = tf.tiny_llada2_config()
+  tf.write_checkpoint(str(tmp_path / "hf"), hf, tf.random_llada2_tensors(hf, seed=4))
+  convert_mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
+  out = str(tmp_path / "orbax")
+  teachers.convert_teacher(str(tmp_path / "hf"), out, mesh=convert_mesh, param_dtype="float32")
+  section = teachers.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=7)
+  # Load onto a different layout than the one converted with: orbax reshards on restore.
+  mesh = sharding.make_mesh({"tensor": 2, "expert": 4})
+  sharded = teachers.load_teacher(section, mesh)
+  plain = teachers.load_teacher(section)
+  mlp = sharded.model(sharded.params).layers[2].mlp
+  assert mlp.gate[...].sharding.spec == P("expert", None, "tensor")
+  assert mlp.down[...].sharding.spec == P("expert", "tensor", None)
+  shard_shapes = {s.data.shape for s in mlp.gate[...].addressable_shards}
+  assert shard_shapes == {(2, 32, 8)}                 # 8 experts / 4, width 16 / 2
+  assert sharded.model(sharded.params).layers[0].attn.q[...].sharding.spec == P(None, "tensor", None)
+  rng = np.random.default_rng(0)
+  x_t = jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)
+  valid = jnp.asarray(np.arange(8) < np.array([[8], [5]]))
+  inputs = sharded.build_inputs(x_t, x_t, valid, 4)
+  assert inputs.predict_start == 0 and inputs.attention_mask.shape == (2, 1, 8, 8)
+  diff = np.abs(_logits(sharded, inputs) - _logits(plain, inputs))
+  assert diff.max() < 1e-5
+
+
+def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
+  hf_model = tiny_qwen("qwen3", str(tmp_path / "hf"), tied=False)
+  out = str(tmp_path / "orbax")
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+  teachers.convert_teacher(str(tmp_path / "hf"), out, mesh=mesh, param_dtype="float32")
+  section = teachers.teacher_config("wedlm", checkpoint=out, dtype="float32", mask_token_id=96)
+  teacher = teachers.load_teacher(section, mesh)
+  assert teacher.family.input_builder == "bd3lm_x0_first" and teacher.mask_token_id == 96
+  assert teachers.TEACHERS["wedlm"].mask_token_id == 151665
+  assert teacher.tokenizer_spec == "qwen3"
+  rng = np.random.default_rng(1)
+  b, length, block = 2, 8, 4
+  x0 = rng.integers(0, 96, (b, length)).astype(np.int32)
+  x_t = np.where(rng.random((b, length)) < 0.5, 96, x0).astype(np.int32)
+  inputs = teacher.build_inputs(jnp.asarray(x_t), jnp.asarray(x0), jnp.ones((b, length), bool),
+                                block)
+  np.testing.assert_array_equal(np.asarray(inputs.input_ids), np.concatenate([x0, x_t], 1))
+  assert inputs.predict_start == length
+  got = _logits(teacher, inputs)
+  mask = bd3lm_attention_mask(length, block, x0_first=True)
+  mask4 = torch.from_numpy(np.broadcast_to(mask, (b, 1, 2 * length, 2 * length)).copy())
+  with torch.no_grad():
+    ref = hf_model(input_ids=torch.from_numpy(np.array(inputs.input_ids)).long(),
+                   position_ids=torch.from_numpy(np.array(inputs.positions)).long(),
+                   attention_mask=mask4).logits.numpy()
+  assert np.max(np.abs(got - ref)) < 1e-4
+
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys
+    from tide_jax.models import teachers
+    from tide_jax.parallel import sharding
+    mesh = sharding.make_mesh({"expert": 8})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = teachers.convert_teacher(sys.argv[1], sys.argv[2], mesh=mesh)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "after": after, **stats}))
+""")
+
+
+def test_streaming_conversion_peak_memory_is_below_half_the_checkpoint(tmp_path):
+  """A ~215 MB float32 checkpoint (14 MoE layers) converts with peak RSS growth < half of it.
+
+  ru_maxrss is the process's peak; the growth is the peak during conversion minus the peak
+  after imports. The 2 GB measurement is in benchmarks/bench_teachers_convert.py.
+  """
+  hf = tf.tiny_llada2_config(
+      vocab_size=8192, hidden_size=256, num_hidden_layers=15, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=64, intermediate_size=512, moe_intermediate_size=256,
+      num_experts=16, n_group=4, topk_group=2)
+  tensors = tf.random_llada2_tensors(hf)
+  size = sum(t.nbytes for t in tensors.values())
+  tf.write_checkpoint(str(tmp_path / "hf"), hf, tensors, num_shards=6)
+  del tensors
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "hf"),
+                         str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr
+  report = json.loads(done.stdout.strip().splitlines()[-1])
+  assert size > 200e6 and report["bytes_read"] == size
+  growth = report["after"] - report["before"]
+  assert growth < size / 2, (growth, size)
