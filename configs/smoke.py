@@ -45,10 +45,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   o.warmup_steps = 20
 
   t = config.train
-  t.batch_size = 8
-  t.num_steps = 160
+  t.batch_size = 4
+  t.num_steps = 150
   t.log_every = 10
-  t.eval_every = 80
+  t.eval_every = 50
   t.eval_batches = 4
-  t.checkpoint_every = 80
+  t.checkpoint_every = 50
   return config

@@ -110,3 +110,17 @@ def test_student_initialised_from_hf_directory(tmp_path):
   c.model.init_from = hf_dir
   out = loop.train_and_evaluate(c, str(tmp_path / "wd"))
   assert out["step"] == 2
+
+
+def test_cli_trains_with_a_relative_workdir_and_resumes(tmp_path):
+  rel = os.path.relpath(tmp_path / "cli_run", REPO)
+  args = [f"--workdir={rel}", "--config.train.num_steps=2", "--config.train.batch_size=2",
+          "--config.data.max_len=64", f"--config.data.cache_dir={tmp_path / 'cache'}",
+          "--config.train.eval_batches=1"]
+  res = run_main(*args)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "step 2/2" in res.stdout
+  assert os.path.isdir(tmp_path / "cli_run" / "checkpoints" / "2")
+  again = run_main(*args[:1], "--config.train.num_steps=3", *args[2:])
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Resuming from checkpoint at step 2" in again.stdout

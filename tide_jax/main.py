@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,6 +37,9 @@ def run(config, workdir: str, mode: str):
 
 
 def main(argv):
+  # Library INFO logs (orbax, tfds) drown the progress lines; --verbosity=0 brings them back.
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:

@@ -8,13 +8,12 @@ build data -> build or load the model -> restore -> write the resolved config ->
 from __future__ import annotations
 
 import json
-import time
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -26,9 +25,13 @@ from tide_jax.train import checkpoint, metrics as metrics_lib, optimizer, step a
 
 
 def _say(msg: str) -> None:
-  """Progress for people: stdout (visible in notebooks and logs) plus absl logging."""
+  """Progress for people: stdout, visible in terminals, notebooks and job logs."""
   print(msg, flush=True)
-  logging.info(msg)
+
+
+def absolute_workdir(workdir: str) -> str:
+  """Local workdirs become absolute (orbax requires it); URLs such as gs:// stay as they are."""
+  return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
 def build_model(config, model_cfg: DecoderConfig) -> dense.DenseDecoder:
@@ -74,6 +77,7 @@ def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict
   Returns:
     A summary: final step, last train metrics and the final held-out evaluation.
   """
+  workdir = absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   latest = _check_resume(workdir, model_cfg)
