@@ -116,3 +116,30 @@ def test_unknown_problem_id_is_a_clear_error():
     humaneval.load_problems(["HumanEval/1", "HumanEval/999"])
   with pytest.raises(ValueError, match="unknown problem id"):
     humaneval.check_completions(humaneval.load_problems(["HumanEval/1"]), {"Foo/1": ["x"]})
+
+
+def test_end_to_end_with_a_tiny_student_writes_the_report(tmp_path):
+  from tests.sampler_fixtures import tiny_decoder
+  from tide_jax.diffusion import sampler
+
+  tok = get_tokenizer("qwen3")
+  model = tiny_decoder(seed=6, scale=3.0, vocab=151936)
+  cfg = sampler.SamplerConfig(block_size=4, steps_per_block=4, max_new_tokens=8,
+                              mask_token_id=151665, eos_token_id=tok.eos_token_id,
+                              context_len=1024)
+  path = str(tmp_path / "humaneval.json")
+  tasks = ["HumanEval/2", "HumanEval/0"]
+  scores = humaneval.evaluate_humaneval(model, tok, cfg, out_json=path, task_ids=tasks,
+                                        batch_size=2, timeout_s=3.0)
+  report = json.load(open(path))
+  assert list(report["problems"]) == tasks and report["num_problems"] == 2
+  assert report["settings"]["block_size"] == 4 and report["settings"]["num_samples"] == 1
+  for task in tasks:
+    sample = report["problems"][task]["samples"][0]
+    assert sample["status"] in ("passed", "failed", "timeout")
+    assert sample["program"] == humaneval.completion_to_program(
+        humaneval.load_problems([task])[task], sample["completion"])
+  per = [report["problems"][t]["pass@1"] for t in tasks]
+  assert scores["summary"]["pass@1"] == pytest.approx(np.mean(per))
+  with pytest.raises(ValueError, match="k=5 needs at least that many samples"):
+    humaneval.evaluate_humaneval(model, tok, cfg, out_json=path, ks=(1, 5), task_ids=tasks)
