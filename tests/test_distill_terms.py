@@ -1,6 +1,7 @@
 """Token-level distillation terms vs float64 NumPy re-derivations (SPEC 3.1, 3.4)."""
 
 import math
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -287,3 +288,36 @@ def test_property_chunking_never_changes_the_value(n, vocab, chunk, scale, seed,
       got_t, (w * np_midrange(t) * np_tidal(as64(zs), as64(zt), temperature, lam)).sum(),
       rtol=RTOL, atol=atol)
   assert count == (w > 0).sum()
+
+
+# ----------------------------------------------------------------------------- memory shape
+
+
+def _compiled_float32_shapes(fn, *args):
+  """Every float32 array shape in the optimised HLO XLA compiles for ``fn`` on this backend
+  (after its own rewrites, e.g. CPU's bfloat16 normalisation, which can add full copies)."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([0-9,]+)\]", text)}
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tidal", "target_log_probs"])
+def test_value_and_grad_never_builds_a_float32_positions_by_vocab_array(name):
+  n, v, chunk = 512, 300, 64
+  zs = jnp.zeros((n, v), jnp.bfloat16)
+  zt = jnp.zeros((n, v), jnp.bfloat16)
+  w = jnp.ones((n,), jnp.float32)
+  t = jnp.full((n,), 0.5, jnp.float32)
+  rows = jnp.arange(n, dtype=jnp.int32)
+  fns = {
+      "forward_kl": lambda a: terms.forward_kl(a, zt, w, chunk_size=chunk)[0],
+      "reverse_kl": lambda a: terms.reverse_kl(a, zt, w, teacher_rows=rows, chunk_size=chunk)[0],
+      "tidal": lambda a: terms.tidal(a, zt, w, t=t, progress=0.5, chunk_size=chunk)[0],
+      "target_log_probs": lambda a: terms.target_log_probs(
+          a, jnp.zeros((n,), jnp.int32), chunk_size=chunk).sum(),
+  }
+  shapes = _compiled_float32_shapes(jax.value_and_grad(fns[name]), zs)
+  assert any(s[-2:] == (chunk, v) for s in shapes)  # the per-block float32 work is there ...
+  assert not any(len(s) >= 2 and s[-1] == v and np.prod(s[:-1]) > chunk for s in shapes), shapes
+  # ... and the check does see a naive formulation's full-size array.
+  naive = lambda a: jnp.sum(jax.nn.log_softmax(a.astype(jnp.float32)) * w[:, None])
+  assert (n, v) in _compiled_float32_shapes(jax.value_and_grad(naive), zs)

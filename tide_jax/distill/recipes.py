@@ -255,6 +255,40 @@ def _chunk_level(recipe, student_logits, teacher_logits, aux, t, progress):
   return loss_sum, count, lam_sum, agree
 
 
+PART_NAMES = ("loss_sum", "count", "lambda_sum", "agree_sum")
+
+
+def distillation_parts(recipe: Recipe, *, student_logits: Array, teacher_logits: Array | None,
+                       aux: dict, t: Array, progress: Array | float) -> dict:
+  """The additive pieces of the distillation term: ``loss_sum``, ``count``, ``lambda_sum``,
+  ``agree_sum`` (float32 scalars). Sums over disjoint shards of the batch add up, so a
+  caller inside ``shard_map`` can ``psum`` them and then call :func:`finalize`.
+  Arguments as in :func:`distillation_loss`."""
+  if recipe.term is None:
+    return {name: jnp.float32(0.0) for name in PART_NAMES}
+  if teacher_logits is None:
+    _fail(f"Recipe {recipe.name!r} needs teacher logits; got None.")
+  level = _token_level if recipe.alignment == "positions" else _chunk_level
+  values = level(recipe, student_logits, teacher_logits, aux, t, progress)
+  return dict(zip(PART_NAMES, values))
+
+
+def finalize(recipe: Recipe, parts: dict) -> tuple[Array, dict]:
+  """``(weight * term, metrics)`` from (possibly summed over shards) :func:`distillation_parts`."""
+  zero = jnp.float32(0.0)
+  metrics = {f"distill/{name}": zero for name in METRIC_NAMES}
+  count = parts["count"]
+  value = terms_lib.masked_mean(parts["loss_sum"], count)
+  loss = recipe.weight * value if recipe.term is not None else zero
+  if recipe.term is not None:
+    metrics[f"distill/{recipe.term}"] = value
+  metrics.update({"distill/loss": loss,
+                  "distill/lambda_mean": terms_lib.masked_mean(parts["lambda_sum"], count),
+                  "distill/agreement": terms_lib.masked_mean(parts["agree_sum"], count),
+                  "distill/count": count})
+  return loss, metrics
+
+
 def distillation_loss(recipe: Recipe | ml_collections.ConfigDict, *, student_logits: Array,
                       teacher_logits: Array | None, aux: dict, t: Array,
                       progress: Array | float) -> tuple[Array, dict]:
@@ -282,21 +316,6 @@ def distillation_loss(recipe: Recipe | ml_collections.ConfigDict, *, student_log
     recipe = validate_distill_config(
         recipe, student_vocab=student_logits.shape[-1],
         teacher_vocab=None if teacher_logits is None else teacher_logits.shape[-1])
-  zero = jnp.float32(0.0)
-  metrics = {f"distill/{name}": zero for name in METRIC_NAMES}
-  if recipe.term is None:
-    metrics.update({"distill/loss": zero, "distill/lambda_mean": zero,
-                    "distill/agreement": zero, "distill/count": zero})
-    return zero, metrics
-  if teacher_logits is None:
-    _fail(f"Recipe {recipe.name!r} needs teacher logits; got None.")
-  level = _token_level if recipe.alignment == "positions" else _chunk_level
-  loss_sum, count, lam_sum, agree = level(recipe, student_logits, teacher_logits, aux, t,
-                                          progress)
-  value = terms_lib.masked_mean(loss_sum, count)
-  loss = recipe.weight * value
-  metrics.update({f"distill/{recipe.term}": value, "distill/loss": loss,
-                  "distill/lambda_mean": terms_lib.masked_mean(lam_sum, count),
-                  "distill/agreement": terms_lib.masked_mean(agree, count),
-                  "distill/count": count})
-  return loss, metrics
+  parts = distillation_parts(recipe, student_logits=student_logits,
+                             teacher_logits=teacher_logits, aux=aux, t=t, progress=progress)
+  return finalize(recipe, parts)

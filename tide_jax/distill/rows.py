@@ -56,14 +56,39 @@ def from_blocks(y: Array, n: int) -> Array:
 
 
 def _block_inputs(student, teacher, teacher_rows, extra, block):
-  xs = {"zs": to_blocks(student, block),
+  xs = {"zs": to_blocks(to_bits(student), block),
         "extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
   if teacher is not None:
     if teacher_rows is None:
-      xs["zt"] = to_blocks(teacher, block)
+      xs["zt"] = to_blocks(to_bits(teacher), block)
     else:
       xs["rows"] = to_blocks(teacher_rows.astype(jnp.int32), block)
   return xs
+
+
+_HALF_FLOATS = (jnp.bfloat16, jnp.float16)
+
+
+def to_bits(x: Array) -> Array:
+  """16-bit float arrays travel through the block loops as their uint16 bit patterns.
+
+  XLA's CPU backend has no native bfloat16 dynamic-slice: it rewrites the sliced operand
+  to float32, and the conversion of the whole input is then hoisted out of the loop as
+  one full float32 copy. Integer slices are left alone, so the conversion stays per
+  block (a free bitcast on every backend).
+  """
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in _HALF_FLOATS else x
+
+
+def from_bits(x: Array, dtype) -> Array:
+  """Inverse of :func:`to_bits` for an array that held ``dtype`` values."""
+  return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in map(
+      jnp.dtype, _HALF_FLOATS) else x
+
+
+def as_float32(block: Array, dtype) -> Array:
+  """float32 values of one block that travelled as :func:`to_bits` of ``dtype``."""
+  return from_bits(block, dtype).astype(jnp.float32)
 
 
 def _block_teacher(teacher, xs):
@@ -71,8 +96,8 @@ def _block_teacher(teacher, xs):
   if teacher is None:
     return None
   if "zt" in xs:
-    return xs["zt"].astype(jnp.float32)
-  return jnp.take(teacher, xs["rows"], axis=0, mode="clip").astype(jnp.float32)
+    return as_float32(xs["zt"], teacher.dtype)
+  return as_float32(jnp.take(to_bits(teacher), xs["rows"], axis=0, mode="clip"), teacher.dtype)
 
 
 def check_inputs(student: Array, teacher: Array | None, teacher_rows: Array | None) -> None:
@@ -100,7 +125,7 @@ def _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra):
 
   def one_block(b):
     zt = _block_teacher(teacher, b)
-    return kernel.value(b["zs"].astype(jnp.float32), zt, b["extra"])
+    return kernel.value(as_float32(b["zs"], student.dtype), zt, b["extra"])
 
   return from_blocks(jax.lax.map(one_block, xs), n)
 
@@ -125,12 +150,12 @@ def _rowwise_bwd(kernel, chunk_size, res, cotangent):
 
   def one_block(b):
     zt = _block_teacher(teacher, b)
-    grad = kernel.grad(b["zs"].astype(jnp.float32), zt, b["extra"]) * b["g"][:, None]
+    grad = kernel.grad(as_float32(b["zs"], student.dtype), zt, b["extra"]) * b["g"][:, None]
     if grad.shape[1] < vocab:  # columns beyond the shared vocabulary get no gradient
       grad = jnp.pad(grad, [(0, 0), (0, vocab - grad.shape[1])])
-    return grad.astype(student.dtype)
+    return to_bits(grad.astype(student.dtype))
 
-  grad = from_blocks(jax.lax.map(one_block, xs), n)
+  grad = from_bits(from_blocks(jax.lax.map(one_block, xs), n), student.dtype)
   return grad, None, None, jax.tree.map(lambda _: None, extra)
 
 
@@ -172,13 +197,14 @@ def map_rows(fn, logits: Array, rows: Array | None = None, extra: Any = None, *,
     return fn(logits[:0], jax.tree.map(lambda a: a[:0], extra))
   block = _block_size(n, chunk_size)
   xs = {"extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
+  bits = to_bits(logits)
   if rows is None:
-    xs["z"] = to_blocks(logits, block)
+    xs["z"] = to_blocks(bits, block)
   else:
     xs["rows"] = to_blocks(rows.astype(jnp.int32), block)
 
   def one_block(b):
-    z = b["z"] if rows is None else jnp.take(logits, b["rows"], axis=0, mode="clip")
-    return fn(z, b["extra"])
+    z = b["z"] if rows is None else jnp.take(bits, b["rows"], axis=0, mode="clip")
+    return fn(from_bits(z, logits.dtype), b["extra"])
 
   return jax.tree.map(lambda y: from_blocks(y, n), jax.lax.map(one_block, xs))
