@@ -2,7 +2,7 @@
 
 With a 151,936-token vocabulary a float32 ``[positions, vocab]`` array is gigabytes, so
 every quantity that needs a softmax over the vocabulary is computed here one block of
-``chunk_size`` rows at a time (``lax.map`` over position blocks). Differentiable
+``chunk_size`` rows at a time (a ``fori_loop`` over position blocks). Differentiable
 quantities go through :func:`rowwise`, a ``custom_vjp`` whose backward pass is also
 chunked and uses closed-form gradients, so neither pass keeps more than one block of
 float32 intermediates alive and the only full-size array of the backward pass is the
@@ -36,33 +36,50 @@ def _block_size(num_rows: int, chunk_size: int) -> int:
   return max(1, min(chunk_size, num_rows))
 
 
-def to_blocks(x: Array, block: int) -> Array:
-  """``[N, ...] -> [ceil(N / block), block, ...]``, zero-padding the last block.
+def _strided(x: Array, block: int) -> Array:
+  """``[N, ...] -> [block, nb, ...]`` with row ``j * nb + k`` at ``[j, k]`` (zero-padded).
 
-  When ``block`` divides N this is a free reshape; otherwise the padding copies ``x``
-  (choose a chunk size that divides the number of positions to avoid that).
+  Block k is column k: rows ``k, nb + k, 2 nb + k, ...``. When N is sharded over devices
+  in contiguous pieces, that sharding lands on the first axis, so the loop over the
+  second axis stays local to each device instead of gathering the whole array. When
+  ``block`` divides N the reshape is free; otherwise the padding copies ``x``.
   """
   n = x.shape[0]
-  pad = (-n) % block
-  if pad:
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-  return x.reshape((n + pad) // block, block, *x.shape[1:])
+  nb = -(-n // block)
+  if nb * block != n:
+    x = jnp.pad(x, [(0, nb * block - n)] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape(block, nb, *x.shape[1:])
 
 
-def from_blocks(y: Array, n: int) -> Array:
-  """Inverse of :func:`to_blocks`: ``[nb, block, ...] -> [n, ...]``."""
-  y = y.reshape(-1, *y.shape[2:])
-  return y if y.shape[0] == n else y[:n]
+def map_blocks(fn, xs: Any, n: int, block: int) -> Any:
+  """Applies ``fn`` (pytree of ``[block, ...]`` -> pytree of ``[block, ...]``) to every
+  block of the ``[N, ...]`` leaves of ``xs``, one block at a time; returns ``[N, ...]``.
+
+  The results are written into preallocated buffers in place (``fori_loop`` with
+  dynamic updates), so no per-block intermediate outlives its iteration.
+  """
+  xs = jax.tree.map(lambda a: _strided(a, block), xs)
+  nb = -(-n // block)
+  take = lambda a, k: jax.lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda a: take(a, 0), xs))
+  init = jax.tree.map(lambda s: jnp.zeros((block, nb) + s.shape[1:], s.dtype), shapes)
+
+  def body(k, buffers):
+    ys = fn(jax.tree.map(lambda a: take(a, k), xs))
+    return jax.tree.map(lambda buf, y: jax.lax.dynamic_update_index_in_dim(buf, y, k, axis=1),
+                        buffers, ys)
+
+  out = jax.lax.fori_loop(0, nb, body, init)
+  return jax.tree.map(lambda o: o.reshape(block * nb, *o.shape[2:])[:n], out)
 
 
-def _block_inputs(student, teacher, teacher_rows, extra, block):
-  xs = {"zs": to_blocks(to_bits(student), block),
-        "extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
+def _block_inputs(student, teacher, teacher_rows, extra):
+  xs = {"zs": to_bits(student), "extra": extra}
   if teacher is not None:
     if teacher_rows is None:
-      xs["zt"] = to_blocks(to_bits(teacher), block)
+      xs["zt"] = to_bits(teacher)
     else:
-      xs["rows"] = to_blocks(teacher_rows.astype(jnp.int32), block)
+      xs["rows"] = teacher_rows.astype(jnp.int32)
   return xs
 
 
@@ -120,14 +137,13 @@ def check_inputs(student: Array, teacher: Array | None, teacher_rows: Array | No
 
 def _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra):
   n = student.shape[0]
-  block = _block_size(n, chunk_size)
-  xs = _block_inputs(student, teacher, teacher_rows, extra, block)
+  xs = _block_inputs(student, teacher, teacher_rows, extra)
 
   def one_block(b):
     zt = _block_teacher(teacher, b)
     return kernel.value(as_float32(b["zs"], student.dtype), zt, b["extra"])
 
-  return from_blocks(jax.lax.map(one_block, xs), n)
+  return map_blocks(one_block, xs, n, _block_size(n, chunk_size))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -144,9 +160,8 @@ def _rowwise_fwd(kernel, chunk_size, student, teacher, teacher_rows, extra):
 def _rowwise_bwd(kernel, chunk_size, res, cotangent):
   student, teacher, teacher_rows, extra = res
   n, vocab = student.shape
-  block = _block_size(n, chunk_size)
-  xs = _block_inputs(student, teacher, teacher_rows, extra, block)
-  xs["g"] = to_blocks(cotangent.astype(jnp.float32), block)
+  xs = _block_inputs(student, teacher, teacher_rows, extra)
+  xs["g"] = cotangent.astype(jnp.float32)
 
   def one_block(b):
     zt = _block_teacher(teacher, b)
@@ -155,7 +170,7 @@ def _rowwise_bwd(kernel, chunk_size, res, cotangent):
       grad = jnp.pad(grad, [(0, 0), (0, vocab - grad.shape[1])])
     return to_bits(grad.astype(student.dtype))
 
-  grad = from_bits(from_blocks(jax.lax.map(one_block, xs), n), student.dtype)
+  grad = from_bits(map_blocks(one_block, xs, n, _block_size(n, chunk_size)), student.dtype)
   return grad, None, None, jax.tree.map(lambda _: None, extra)
 
 
@@ -195,16 +210,15 @@ def map_rows(fn, logits: Array, rows: Array | None = None, extra: Any = None, *,
   n = logits.shape[0] if rows is None else rows.shape[0]
   if n == 0:
     return fn(logits[:0], jax.tree.map(lambda a: a[:0], extra))
-  block = _block_size(n, chunk_size)
-  xs = {"extra": jax.tree.map(lambda a: to_blocks(a, block), extra)}
+  xs = {"extra": extra}
   bits = to_bits(logits)
   if rows is None:
-    xs["z"] = to_blocks(bits, block)
+    xs["z"] = bits
   else:
-    xs["rows"] = to_blocks(rows.astype(jnp.int32), block)
+    xs["rows"] = rows.astype(jnp.int32)
 
   def one_block(b):
     z = b["z"] if rows is None else jnp.take(bits, b["rows"], axis=0, mode="clip")
     return fn(from_bits(z, logits.dtype), b["extra"])
 
-  return jax.tree.map(lambda y: from_blocks(y, n), jax.lax.map(one_block, xs))
+  return map_blocks(one_block, xs, n, _block_size(n, chunk_size))
