@@ -203,3 +203,19 @@ def test_prepare_command(corpus, tmp_path):
                           "--config.data.max_len=100"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "must be a positive multiple of block_size" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_process_pool_gives_the_same_dataset(corpus, tmp_path):
+    """num_workers=2 (spawned pool) stores exactly what one process stores."""
+    def stored(workers):
+        cfg = config(corpus, tmp_path / f"w{workers}", teacher_tokenizer="llama3", teacher_max_len=LT,
+                     alignment="chunks", num_workers=workers)
+        it = make_iterator(cfg, split="train", batch_size=8, seed=0, repeat=False)
+        return list(it), it.summary["train"]
+
+    (one, summary_one), (two, summary_two) = stored(1), stored(2)
+    assert len(one) == len(two)
+    for a, b in zip(one, two):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert {k: v for k, v in summary_one.items() if k != "seconds"} == {k: v for k, v in summary_two.items() if k != "seconds"}

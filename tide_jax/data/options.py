@@ -20,7 +20,7 @@ Fields of `data_config` (an ml_collections ConfigDict or any mapping; optional o
 | max_pairs             | max_len        | P, position pairs kept per example                             |
 | cache_dir             | ""             | where the TFDS dataset is prepared ("" = <workdir>/data_cache) |
 | strict                | False          | raise on the first bad record instead of counting it           |
-| num_workers           | 0              | preprocessing processes (0 = one per core when it pays)        |
+| num_workers           | 0              | preprocessing processes: 0 = auto (one per core from 20k records), 1 = in-process, n = pool of n |
 | max_records           | 0              | read at most this many records per split (0 = all)             |
 """
 

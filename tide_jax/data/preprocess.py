@@ -13,15 +13,18 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import sys
 import time
 
 from tide_jax.data import encode, features as features_lib
 from tide_jax.data.options import DataOptions
 from tide_jax.data.records import ChatRecord, DataError, Problem, TextRecord
 
-# Below this many records the pool's start-up (each process builds its tokenizers) costs
-# more than it saves.
-POOL_MIN_RECORDS = 2000
+# With num_workers = 0 (auto) a pool is used from this many records on. Measured (see
+# docs/benchmarks/data.md): one process prepares ~550-1800 examples/s, while each spawned
+# worker needs several seconds to import and build its tokenizers, so a pool of 2 loses
+# below ~10^4 records.
+POOL_MIN_RECORDS = 20000
 EXAMPLES_SHOWN = 3
 
 
@@ -118,8 +121,11 @@ def examples(items, options: DataOptions, tally: Tally):
         if options.max_records and len(records) >= options.max_records:
             break
     tally.records += len(records)
-    workers = options.num_workers or (os.cpu_count() or 1)
-    if workers > 1 and len(records) >= POOL_MIN_RECORDS:
+    # num_workers: 0 = auto (a pool of one process per core for large inputs), 1 = in this
+    # process, n > 1 = a pool of n processes.
+    auto = options.num_workers == 0 and len(records) >= POOL_MIN_RECORDS
+    workers = (os.cpu_count() or 1) if auto else options.num_workers
+    if workers > 1:
         results = _pooled(records, options, workers)
     else:
         results = ((i, process_record(r, options)) for i, r in enumerate(records))
@@ -132,8 +138,12 @@ def examples(items, options: DataOptions, tally: Tally):
 
 
 def _pooled(records, options, workers):
-    # "spawn": the parent may run JAX threads, which fork would copy in a broken state.
-    context = multiprocessing.get_context("spawn")
+    # Fork shares the tokenizers already built here, but is unsafe once JAX (multithreaded)
+    # runs in this process, as during training; then workers are spawned and build their own.
+    use_fork = "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+    if use_fork:
+        _infos(options)
+    context = multiprocessing.get_context("fork" if use_fork else "spawn")
     with context.Pool(workers) as pool:
         jobs = zip(range(len(records)), records, itertools.repeat(options))
         yield from pool.imap(_worker, jobs, chunksize=32)
