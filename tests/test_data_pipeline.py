@@ -164,3 +164,12 @@ def test_pystdlib_prefix_and_bad_config(tmp_path):
                                          block_size=32, cache_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="multiple of block_size"):
         make_iterator(bad, split="train", batch_size=2, seed=0)
+
+
+def test_other_hosts_wait_for_the_first_hosts_dataset(corpus, tmp_path):
+    c = config(corpus, tmp_path, prepare_timeout_s=0)
+    with pytest.raises(ValueError, match="not prepared by the first host"):
+        make_iterator(c, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
+    first = make_iterator(c, split="train", batch_size=2, seed=0, process_index=0, process_count=2)
+    second = make_iterator(c, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
+    assert first.num_records == second.num_records

@@ -8,6 +8,7 @@ summaries (kept, truncated, dropped by reason) are written into the dataset's me
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -113,3 +114,18 @@ def prepare(options: DataOptions) -> TideSft:
         builder.download_and_prepare()
         builder = make_builder(options)  # re-read the written info, metadata included
     return builder
+
+
+def wait_until_prepared(options: DataOptions, poll_s: float = 10.0) -> TideSft:
+    """For hosts other than the first: waits for the first host to prepare the shared dataset."""
+    deadline = time.time() + options.prepare_timeout_s
+    while True:
+        builder = make_builder(options)
+        if builder.is_prepared():
+            return builder
+        if time.time() > deadline:
+            raise ValueError(
+                f"the dataset in {options.cache_dir} was not prepared by the first host within "
+                f"{options.prepare_timeout_s:.0f}s; give all hosts a shared data_config.cache_dir, run "
+                "`python -m tide_jax.data.prepare` before the job, or set data_config.prepare_on='every_host'")
+        time.sleep(poll_s)

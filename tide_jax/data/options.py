@@ -22,6 +22,8 @@ Fields of `data_config` (an ml_collections ConfigDict or any mapping; optional o
 | strict                | False          | raise on the first bad record instead of counting it           |
 | num_workers           | 0              | preprocessing processes: 0 = auto (one per core from 20k records), 1 = in-process, n = pool of n |
 | max_records           | 0              | read at most this many records per split (0 = all)             |
+| prepare_on            | "first_host"   | who prepares a missing dataset: "first_host" (others wait; needs a cache_dir shared by the hosts) or "every_host" (host-local cache_dir) |
+| prepare_timeout_s     | 7200           | how long other hosts wait for the first host's dataset         |
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class DataOptions:
     strict: bool
     num_workers: int
     max_records: int
+    prepare_on: str = "first_host"
+    prepare_timeout_s: float = 7200.0
 
     @property
     def shapes(self) -> Shapes:
@@ -66,7 +70,7 @@ class DataOptions:
     def fingerprint(self) -> str:
         """A short hash of everything that changes the prepared data (incl. the input files' sizes)."""
         content = dataclasses.asdict(self)
-        for key in ("cache_dir", "strict", "num_workers"):
+        for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
             content.pop(key)
         files = {}
         for key in ("train_files", "eval_files"):
@@ -111,6 +115,8 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
         strict=bool(_get(config, "strict", False)),
         num_workers=int(_get(config, "num_workers", 0)),
         max_records=int(_get(config, "max_records", 0)),
+        prepare_on=str(_get(config, "prepare_on", "first_host")),
+        prepare_timeout_s=float(_get(config, "prepare_timeout_s", 7200.0)),
     )
     _check(options)
     return options
@@ -127,6 +133,8 @@ def _check(o: DataOptions) -> None:
         raise ValueError(f"data_config.eval_fraction must be in [0, 1), not {o.eval_fraction}")
     if not o.cache_dir:
         raise ValueError("data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir")
+    if o.prepare_on not in ("first_host", "every_host"):
+        raise ValueError(f"data_config.prepare_on must be 'first_host' or 'every_host', not {o.prepare_on!r}")
     if o.teacher_tokenizer:
         if o.teacher_max_len % o.teacher_block_size:
             raise ValueError(f"data_config.teacher_max_len ({o.teacher_max_len}) must be a multiple of teacher_block_size ({o.teacher_block_size})")

@@ -118,7 +118,10 @@ def make_iterator(data_config, *, split: str, batch_size: int, seed: int, proces
     options = parse_options(data_config, workdir_cache)
     if split not in builder_lib.splits_of(options):
         raise ValueError("there is no 'eval' split: set data_config.eval_files or a positive data_config.eval_fraction")
-    builder = builder_lib.prepare(options)
+    if process_index == 0 or options.prepare_on == "every_host":
+        builder = builder_lib.prepare(options)
+    else:
+        builder = builder_lib.wait_until_prepared(options)
     source = builder.as_data_source(split=split)
     if len(source) == 0:
         raise ValueError(f"the {split!r} split has no examples; see the preprocessing summary and "
