@@ -270,3 +270,34 @@ def test_chunk_recipe_with_no_active_chunk_is_zero():
                                            aux=aux, t=np.array([0.5, 0.5]), progress=0.5)[0]
   assert fn(student) == 0
   assert np.all(np.asarray(jax.grad(fn)(student)) == 0)
+
+
+def test_tide_cross_student_gradient_matches_the_float64_chain_rule():
+  student, teacher, aux, c = chunk_case(7)
+  T = 5.0
+  t = np.array([0.4, 0.6], np.float32)
+  recipe = recipes.validate_distill_config(
+      config(recipe="tide_cross", alignment="chunks", max_chunks=c, chunk_temperature=T,
+             chunk_size=3), student_vocab=30, teacher_vocab=36)
+  grad = jax.grad(lambda x: recipes.distillation_loss(
+      recipe, student_logits=x, teacher_logits=teacher, aux=aux, t=t, progress=0.5)[0])(student)
+  s = np_chunk_probs(student, aux["student_targets"], aux["student_chunk_ids"], c, T)
+  q = np_chunk_probs(teacher, aux["teacher_targets"], aux["teacher_chunk_ids"], c, T)
+  ids = aux["student_chunk_ids"]
+  active = np.zeros((2, c), bool)
+  for i in range(2):
+    for k in range(c):
+      tokens = ids[i] == k
+      active[i, k] = (aux["student_masked"][i][tokens].any()
+                      and not aux["student_prompt"][i][tokens].any())
+  assert ((s > F32_LO) & (s < F32_HI))[active].all()  # no clamp: the chain rule applies
+  # d loss / d z = (1/n) log((1-q)/q) * (s / T) * (onehot(x) - softmax(z)) per chunk token.
+  probs = np.exp(log_softmax64(student))
+  expected = np.zeros_like(probs)
+  for i in range(2):
+    for j in range(ids.shape[1]):
+      k = ids[i, j]
+      if k >= 0 and active[i, k]:
+        coeff = np.log((1 - q[i, k]) / q[i, k]) * s[i, k] / T / active.sum()
+        expected[i, j] = coeff * (np.eye(30)[aux["student_targets"][i, j]] - probs[i, j])
+  np.testing.assert_allclose(grad, expected, atol=1e-6, rtol=1e-4)

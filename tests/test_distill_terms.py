@@ -1,7 +1,10 @@
 """Token-level distillation terms vs float64 NumPy re-derivations (SPEC 3.1, 3.4)."""
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import hypothesis
 import hypothesis.strategies as st
@@ -321,3 +324,39 @@ def test_value_and_grad_never_builds_a_float32_positions_by_vocab_array(name):
   # ... and the check does see a naive formulation's full-size array.
   naive = lambda a: jnp.sum(jax.nn.log_softmax(a.astype(jnp.float32)) * w[:, None])
   assert (n, v) in _compiled_float32_shapes(jax.value_and_grad(naive), zs)
+
+
+_SHARDED_CHECK = r"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tide_jax.distill import terms
+assert jax.device_count() == 8
+mesh = Mesh(np.array(jax.devices()), ("data",))
+rows = NamedSharding(mesh, P("data", None))
+rng = np.random.default_rng(0)
+zs = jnp.asarray(rng.normal(size=(256, 50)), jnp.bfloat16)
+zt = jnp.asarray(rng.normal(size=(256, 50)), jnp.bfloat16)
+w = jnp.asarray(rng.random(256) < 0.5, jnp.float32)
+fn = jax.jit(jax.value_and_grad(lambda a, b, c: terms.forward_kl(a, b, c, chunk_size=32)[0]))
+args = (jax.device_put(zs, rows), jax.device_put(zt, rows),
+        jax.device_put(w, NamedSharding(mesh, P("data"))))
+text = fn.lower(*args).compile().as_text()
+assert " all-gather(" not in text and "all-gather-start(" not in text, "logits were gathered"
+value, grad = fn(*args)
+assert grad.sharding.spec == P("data", None), grad.sharding
+ref_value, ref_grad = fn(zs, zt, w)
+np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32))
+print("OK")
+"""
+
+
+def test_data_sharded_positions_are_never_gathered():
+  # A fresh interpreter, so that the 8 fake devices exist whatever imported jax first.
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
