@@ -14,7 +14,7 @@ from tide_jax.diffusion.masks import bd3lm_attention_mask
 from tide_jax.eval import bpb
 
 QWEN_VOCAB = 151936
-MASK_ID = 151665
+MASK_ID = 151669
 TEXTS = ["def add(a, b):\n    return a + b\n", "Größe — naïve café ☕ costs 3€.",
          "The quick brown fox jumps over the lazy dog. " * 3]
 

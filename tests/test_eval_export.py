@@ -17,7 +17,7 @@ from tide_jax.diffusion.masks import bd3lm_attention_mask, causal_attention_mask
 from tide_jax.eval import export
 
 TOL = 1e-4
-MASK_ID = 151665
+MASK_ID = 151669
 
 
 def torch_logits(model, ids, positions, mask):

@@ -125,7 +125,7 @@ def test_end_to_end_with_a_tiny_student_writes_the_report(tmp_path):
   tok = get_tokenizer("qwen3")
   model = tiny_decoder(seed=6, scale=3.0, vocab=151936)
   cfg = sampler.SamplerConfig(block_size=4, steps_per_block=4, max_new_tokens=8,
-                              mask_token_id=151665, eos_token_id=tok.eos_token_id,
+                              mask_token_id=151669, eos_token_id=tok.eos_token_id,
                               context_len=1024)
   path = str(tmp_path / "humaneval.json")
   tasks = ["HumanEval/2", "HumanEval/0"]

@@ -9,7 +9,7 @@ from tide_jax.data.tokenizers import get_tokenizer
 from tide_jax.diffusion import sampler
 from tide_jax.eval import export, sample_cli
 
-MASK_ID = 151665
+MASK_ID = 151669
 
 
 @pytest.fixture(scope="module")

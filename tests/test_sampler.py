@@ -119,3 +119,21 @@ def test_bad_input_is_refused_with_a_clear_error():
     sampler.generate(model, [[1]], bad)
   with pytest.raises(ValueError, match="commit order"):
     sampler.generate(model, [[1]], sampler.SamplerConfig(order="entropy"))
+
+
+def test_temperature_sampling_is_reproducible_and_tends_to_greedy():
+  model = tiny_decoder(seed=5)
+  base = dict(block_size=4, steps_per_block=2, max_new_tokens=8, mask_token_id=MASK_ID,
+              eos_token_id=EOS_ID, context_len=128)
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+  hot = sampler.SamplerConfig(temperature=1.0, **base)
+  a, _ = sampler.generate(model, prompts, hot, jax.random.PRNGKey(1))
+  b, _ = sampler.generate(model, prompts, hot, jax.random.PRNGKey(1))
+  others = [sampler.generate(model, prompts, hot, jax.random.PRNGKey(k))[0] for k in (2, 3, 4)]
+  np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, o) for o in others)
+  assert not np.any(a == MASK_ID) and a.min() >= 0 and a.max() < VOCAB
+  greedy, _ = sampler.generate(model, prompts, sampler.SamplerConfig(**base))
+  cold, _ = sampler.generate(model, prompts, sampler.SamplerConfig(temperature=1e-6, **base),
+                             jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(cold, greedy)

@@ -58,7 +58,7 @@ class SamplerConfig:
   block_size: int = 32
   steps_per_block: int = 32
   max_new_tokens: int = 256
-  mask_token_id: int = 151665
+  mask_token_id: int = 151669
   eos_token_id: int = 151645
   temperature: float = 0.0
   order: str = "low_confidence"
@@ -116,16 +116,17 @@ def choose_tokens(logits: jax.Array, key: jax.Array, temperature: float, mask_to
     of the (untempered) logits at the chosen token.
   """
   vocab = logits.shape[-1]
-  if 0 <= mask_token_id < vocab:
-    logits = logits.at[..., mask_token_id].set(-jnp.inf)
+  # Elementwise edits and reductions only, so XLA fuses them into passes over the logits
+  # instead of materialising more [b, B, V] arrays (V is ~152k for Qwen).
+  logits = jnp.where(jnp.arange(vocab) == mask_token_id, -jnp.inf, logits)
   if temperature > 0:
     gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
     tokens = jnp.argmax(logits / temperature + gumbel, axis=-1)
   else:
     tokens = jnp.argmax(logits, axis=-1)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  chosen = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
-  return tokens.astype(jnp.int32), jnp.exp(chosen)
+  chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  probability = jnp.exp(chosen - jax.nn.logsumexp(logits, axis=-1))
+  return tokens.astype(jnp.int32), probability
 
 
 def commit_mask(confidence: jax.Array, still_masked: jax.Array, k: jax.Array) -> jax.Array:
