@@ -31,50 +31,58 @@ def tiny_llada2_config(**overrides) -> dict:
   return cfg
 
 
-def random_llada2_tensors(cfg: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
-  """Float32 tensors under the real LLaDA2 names, in layer order."""
-  rng = np.random.default_rng(seed)
+def llada2_tensor_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+  """HF name -> (shape, kind) in layer order; kind is weight, norm, embed or bias."""
   h, e = cfg["hidden_size"], cfg["num_experts"]
   heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
   mi, di = cfg["moe_intermediate_size"], cfg["intermediate_size"]
+  out = {"model.word_embeddings.weight": ((cfg["vocab_size"], h), "embed")}
 
-  def w(*shape, s=scale):
-    return (s * rng.standard_normal(shape)).astype(np.float32)
+  def mlp(prefix, width):
+    for name, shape in (("gate", (width, h)), ("up", (width, h)), ("down", (h, width))):
+      out[f"{prefix}.{name}_proj.weight"] = (shape, "weight")
 
-  def norm(n):
-    return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-  out = {"model.word_embeddings.weight": w(cfg["vocab_size"], h, s=1.0)}
   for i in range(cfg["num_hidden_layers"]):
     p = f"model.layers.{i}"
-    out[f"{p}.input_layernorm.weight"] = norm(h)
-    out[f"{p}.attention.query_key_value.weight"] = w((heads + 2 * kv) * d, h)
+    out[f"{p}.input_layernorm.weight"] = ((h,), "norm")
+    out[f"{p}.attention.query_key_value.weight"] = (((heads + 2 * kv) * d, h), "weight")
     if cfg.get("use_qkv_bias"):
-      out[f"{p}.attention.query_key_value.bias"] = w((heads + 2 * kv) * d)
+      out[f"{p}.attention.query_key_value.bias"] = (((heads + 2 * kv) * d,), "weight")
     if cfg.get("use_qk_norm"):
-      out[f"{p}.attention.query_layernorm.weight"] = norm(d)
-      out[f"{p}.attention.key_layernorm.weight"] = norm(d)
-    out[f"{p}.attention.dense.weight"] = w(h, heads * d)
+      out[f"{p}.attention.query_layernorm.weight"] = ((d,), "norm")
+      out[f"{p}.attention.key_layernorm.weight"] = ((d,), "norm")
+    out[f"{p}.attention.dense.weight"] = ((h, heads * d), "weight")
     if cfg.get("use_bias"):
-      out[f"{p}.attention.dense.bias"] = w(h)
-    out[f"{p}.post_attention_layernorm.weight"] = norm(h)
+      out[f"{p}.attention.dense.bias"] = ((h,), "weight")
+    out[f"{p}.post_attention_layernorm.weight"] = ((h,), "norm")
     if i < cfg["first_k_dense_replace"]:
-      for name, shape in (("gate", (di, h)), ("up", (di, h)), ("down", (h, di))):
-        out[f"{p}.mlp.{name}_proj.weight"] = w(*shape)
+      mlp(f"{p}.mlp", di)
       continue
-    out[f"{p}.mlp.gate.weight"] = w(e, h)
+    out[f"{p}.mlp.gate.weight"] = ((e, h), "weight")
     if cfg.get("moe_router_enable_expert_bias", True):
-      out[f"{p}.mlp.gate.expert_bias"] = (0.1 * rng.standard_normal(e)).astype(np.float32)
+      out[f"{p}.mlp.gate.expert_bias"] = ((e,), "bias")
     for x in range(e):
-      for name, shape in (("gate", (mi, h)), ("up", (mi, h)), ("down", (h, mi))):
-        out[f"{p}.mlp.experts.{x}.{name}_proj.weight"] = w(*shape)
-    ns = cfg["num_shared_experts"] * mi
-    for name, shape in (("gate", (ns, h)), ("up", (ns, h)), ("down", (h, ns))):
-      out[f"{p}.mlp.shared_experts.{name}_proj.weight"] = w(*shape)
-  out["model.norm.weight"] = norm(h)
+      mlp(f"{p}.mlp.experts.{x}", mi)
+    mlp(f"{p}.mlp.shared_experts", cfg["num_shared_experts"] * mi)
+  out["model.norm.weight"] = ((h,), "norm")
   if not cfg.get("tie_word_embeddings"):
-    out["lm_head.weight"] = w(cfg["vocab_size"], h)
+    out["lm_head.weight"] = ((cfg["vocab_size"], h), "weight")
   return out
+
+
+def random_tensor(rng, shape, kind: str, scale: float = 0.2) -> np.ndarray:
+  """Weights N(0, scale), embeddings N(0, 1), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
+  noise = rng.standard_normal(shape, dtype=np.float32)
+  if kind == "norm":
+    return 1.0 + 0.1 * noise
+  return {"embed": 1.0, "bias": 0.1}.get(kind, scale) * noise
+
+
+def random_llada2_tensors(cfg: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
+  """Float32 tensors under the real LLaDA2 names, in layer order."""
+  rng = np.random.default_rng(seed)
+  return {name: random_tensor(rng, shape, kind, scale)
+          for name, (shape, kind) in llada2_tensor_shapes(cfg).items()}
 
 
 def write_checkpoint(out_dir: str, cfg: dict, tensors: dict[str, np.ndarray],

@@ -88,9 +88,11 @@ def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
 
 CHILD = textwrap.dedent("""
     import json, resource, sys
+    from tide_jax.convert import streaming
     from tide_jax.models import teachers
     from tide_jax.parallel import sharding
-    mesh = sharding.make_mesh({"expert": 8})
+    streaming.release_freed_memory_eagerly()     # as the convert CLI does
+    mesh = sharding.make_mesh({"fsdp": 8})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = teachers.convert_teacher(sys.argv[1], sys.argv[2], mesh=mesh)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -48,8 +48,11 @@ def _peak_rss_gb() -> float:
 
 def main(argv):
   del argv
-  from tide_jax.models import teachers  # after flag parsing: imports jax
+  from tide_jax.convert import streaming  # after flag parsing: imports jax
+  from tide_jax.models import teachers
   from tide_jax.parallel import sharding
+
+  streaming.release_freed_memory_eagerly()
 
   if not FLAGS.hf_dir or not FLAGS.out:
     raise app.UsageError("--hf_dir and --out are required.")

@@ -102,6 +102,25 @@ def checkpoint_bytes(ckpt: SafetensorsCheckpoint) -> int:
 
 # --------------------------------------------------------------------------- helpers
 
+def release_freed_memory_eagerly() -> bool:
+  """Makes glibc return freed tensor memory to the OS (Linux/glibc only; no-op elsewhere).
+
+  glibc raises its mmap threshold after large frees, so later tensor-sized buffers come
+  from the heap and stay resident after being freed; over a conversion this looks like the
+  model accumulating in memory. Fixing the threshold (and limiting arenas, which the
+  orbax/tensorstore threads would otherwise multiply) keeps RSS near the working set.
+  A process-wide setting: call it from entry points (the convert CLI), not from libraries.
+  Returns whether it was applied.
+  """
+  try:
+    import ctypes  # noqa: PLC0415
+    libc = ctypes.CDLL("libc.so.6")
+    m_mmap_threshold, m_arena_max = -3, -8
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 16)) and bool(libc.mallopt(m_arena_max, 2))
+  except (OSError, AttributeError):
+    return False
+
+
 def group_of(path: tuple) -> tuple:
   """Parameters are saved in groups: one per decoder layer, one per other top-level name."""
   return path[:2] if path[0] == "layers" else path[:1]
@@ -177,6 +196,7 @@ class _GroupWriter:
       # One save in flight at a time: the previous group's arrays are released first.
       self.checkpointer.wait_until_finished()
       self.checkpointer.save(self.out / group_dir(group), _nest(self.values.pop(group)))
+      self.checkpointer.wait_until_finished()
       self.saved.append(group_dir(group))
 
   def finish(self) -> list[str]:
