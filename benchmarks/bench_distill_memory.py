@@ -89,10 +89,14 @@ def _status_kib(field):
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run_one(objective, formulation, chunk_size, positions, vocab):
+def run_one(objective, formulation, chunk_size, positions, vocab, force_bits=""):
   """Runs in the child process; returns a dict of measurements."""
   import jax
   import jax.numpy as jnp
+
+  if force_bits:  # compare the uint16 carry with native 16-bit slicing on one backend
+    from tide_jax.distill import rows
+    rows.carry_as_bits = lambda: force_bits == "on"
 
   import numpy as np
 
@@ -148,6 +152,8 @@ def main():
   parser.add_argument("--vocab", type=int, default=151936)
   parser.add_argument("--only", default="", help="semicolon-separated labels to run")
   parser.add_argument("--write", default="", help="markdown file for the table")
+  parser.add_argument("--force-bits", default="", choices=["", "on", "off"],
+                      help="override rows.carry_as_bits (default: backend's choice)")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -159,7 +165,7 @@ def main():
   wanted = [c for c in CONFIGS if not args.only or c[0] in args.only.split(";")]
   for label, objective, formulation, chunk in wanted:
     spec = dict(objective=objective, formulation=formulation, chunk_size=chunk,
-                positions=args.positions, vocab=args.vocab)
+                positions=args.positions, vocab=args.vocab, force_bits=args.force_bits)
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=dict(os.environ))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -169,6 +175,9 @@ def main():
     print(f"done: {label}", file=sys.stderr)
 
   naive = {obj: r["peak_extra_bytes"] for _, obj, form, r in rows if form == "naive"}
+  if args.force_bits:
+    rows = [(f"{label} (uint16 carry {args.force_bits})" if form != "naive" else label,
+             obj, form, r) for label, obj, form, r in rows]
   backend = rows[0][3]["backend"]
   gib = 2.0 ** 30
   header = ("| configuration | peak above inputs (GiB) | vs naive | one call (s) | value |\n"

@@ -83,24 +83,33 @@ def _block_inputs(student, teacher, teacher_rows, extra):
   return xs
 
 
-_HALF_FLOATS = (jnp.bfloat16, jnp.float16)
+_HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def carry_as_bits() -> bool:
+  """Whether 16-bit float logits travel through the block loops as uint16 bit patterns.
+
+  Only on XLA's CPU backend: it has no native bfloat16 dynamic-slice or
+  dynamic-update-slice, rewrites the sliced operand to float32 and then hoists the
+  conversion of the whole input out of the loop, one full float32 copy per model.
+  Integer slices are left alone. The price there is that the bitcasts are compiled as
+  copies (16-bit, half a float32 array each); accelerators slice bfloat16 natively.
+  """
+  return jax.default_backend() == "cpu"
 
 
 def to_bits(x: Array) -> Array:
-  """16-bit float arrays travel through the block loops as their uint16 bit patterns.
-
-  XLA's CPU backend has no native bfloat16 dynamic-slice: it rewrites the sliced operand
-  to float32, and the conversion of the whole input is then hoisted out of the loop as
-  one full float32 copy. Integer slices are left alone, so the conversion stays per
-  block (a free bitcast on every backend).
-  """
-  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in _HALF_FLOATS else x
+  """``x`` as uint16 bit patterns when :func:`carry_as_bits` and ``x`` is a 16-bit float."""
+  if carry_as_bits() and x.dtype in _HALF_FLOATS:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
 
 
 def from_bits(x: Array, dtype) -> Array:
   """Inverse of :func:`to_bits` for an array that held ``dtype`` values."""
-  return jax.lax.bitcast_convert_type(x, dtype) if jnp.dtype(dtype) in map(
-      jnp.dtype, _HALF_FLOATS) else x
+  if x.dtype == jnp.uint16 and jnp.dtype(dtype) in _HALF_FLOATS:
+    return jax.lax.bitcast_convert_type(x, dtype)
+  return x
 
 
 def as_float32(block: Array, dtype) -> Array:
