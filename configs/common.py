@@ -34,7 +34,7 @@ def base_config() -> config_dict.ConfigDict:
   ob.t_eps = 1e-3
   ob.mask_token_id = 151669
   ob.block_size = c.get_ref("block_size")
-  ob.loss_chunk = 256
+  ob.loss_chunk = 256            # rows per block of the memory-bounded CE; 0 = one block
 
   c.data = config_dict.ConfigDict()
   d = c.data

@@ -1,18 +1,31 @@
-"""CPU smoke run: a tiny Qwen3-shaped BD3LM student on Python standard-library source.
+"""CPU smoke run on Python standard-library source with real tokenizers.
 
-Real tokenizer (the Qwen2/Qwen3 vocabulary, 151,936 embedding rows), real text, a few
-minutes on 2 CPU cores. Usage:
+  configs/smoke.py          teacher (Qwen3 tokenizer) -> tide_shared student vs bd3lm student
+  configs/smoke.py:cross    teacher with the Llama-3 tokenizer -> tide_cross student (chunk
+                            alignment, Reverse CALM) vs bd3lm student
+  configs/smoke.py:bd3lm    the BD3LM student alone (no teacher)
 
-  python -m tide_jax.main --config=configs/smoke.py --workdir=/tmp/smoke
-  python -m tide_jax.main --config=configs/smoke.py --workdir=/tmp/smoke --config.train.num_steps=20
+The student is a tiny Qwen3-shaped BD3LM model with the real 151,936-row Qwen3 embedding.
+Usage:
+
+  python -m tide_jax.main --config=configs/smoke.py --workdir=runs/smoke
+  python -m tide_jax.main --config=configs/smoke.py:bd3lm --workdir=runs/bd3lm \\
+      --config.train.num_steps=20
 """
 
 from ml_collections import config_dict
 
 from configs import common
+from tide_jax.distill import recipes
+from tide_jax.models import teachers
+
+VARIANTS = ("shared", "cross", "bd3lm")
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  variant = arg or "shared"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown smoke variant {variant!r}; use one of {', '.join(VARIANTS)}.")
   config = common.base_config()
   config.seed = 0
   config.block_size = 32
@@ -30,6 +43,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   m.tie_word_embeddings = True
 
   config.objective.mask_token_id = 151669   # first free slot after the Qwen3 special tokens
+  # 512 tokens x 151,936 float32 logits = 311 MB: small enough for one block, which saves
+  # the recomputation of the chunked loss and lets the distillation reuse the logits.
+  config.objective.loss_chunk = 0
 
   d = config.data
   d.format = "text"
@@ -46,9 +62,37 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   t = config.train
   t.batch_size = 4
-  t.num_steps = 150
+  t.num_steps = 120
   t.log_every = 10
-  t.eval_every = 50
+  t.eval_every = 60
   t.eval_batches = 4
-  t.checkpoint_every = 50
+  t.checkpoint_every = 60
+  if variant == "bd3lm":
+    return config
+
+  cross = variant == "cross"
+  config.runner = "smoke_distill"
+  d.teacher_tokenizer = "llama3" if cross else "qwen3"
+  d.teacher_max_len = 128
+  d.alignment = "chunks" if cross else "positions"
+
+  config.distill = recipes.default_config()
+  config.distill.recipe = "tide_cross" if cross else "tide_shared"
+  config.distill.alignment = d.alignment
+  config.distill.max_chunks = 128           # at most one chunk per student token
+  config.distill.chunk_temperature = 2.0
+
+  # The teacher is trained by the smoke run itself (stage 1) and registered like a real one.
+  config.teacher = teachers.teacher_config(
+      "qwen_bidirectional", tokenizer=d.teacher_tokenizer,
+      mask_token_id=128002 if cross else 151669,   # Llama-3: <|reserved_special_token_0|>
+      param_dtype="float32", dtype="float32")
+
+  config.smoke = config_dict.ConfigDict()
+  config.smoke.variant = variant
+  config.smoke.teacher_steps = 100
+  config.smoke.teacher_learning_rate = 3e-3
+  config.smoke.teacher_model = config_dict.ConfigDict(dict(
+      vocab_size=128256 if cross else 151936, hidden_size=128, num_layers=3, num_heads=4,
+      num_kv_heads=2, head_dim=32, intermediate_size=384, tie_word_embeddings=True))
   return config

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def short_config(tmp_path, num_steps=40, stop_at=0):
-  c = smoke.get_config()
+  c = smoke.get_config("bd3lm")
   c.data.max_len = 64
   c.data.cache_dir = str(tmp_path / "data_cache")
   c.train.batch_size = 4
@@ -61,7 +61,7 @@ def test_smoke_trains_and_resume_is_exact(tmp_path):
 
 def run_main(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "tide_jax.main", "--config=configs/smoke.py", *args],
+  return subprocess.run([sys.executable, "-m", "tide_jax.main", "--config=configs/smoke.py:bd3lm", *args],
                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

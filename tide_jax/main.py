@@ -28,18 +28,20 @@ class UserError(Exception):
 def run(config, workdir: str, mode: str):
   from tide_jax.train import loop
   if mode == "train":
-    runner = getattr(config, "runner", None)
+    runner = config.get("runner", "")
+    if runner == "smoke_distill":
+      from tide_jax.train import smoke_distill
+      return smoke_distill.run(config, workdir)
     if runner:
-      from tide_jax import runners
-      return runners.run(config, workdir)
+      raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
     return loop.train_and_evaluate(config, workdir)
   raise UserError(f"Unknown mode {mode!r}.")
 
 
 def main(argv):
-  # Library INFO logs (orbax, tfds) drown the progress lines; --verbosity=0 brings them back.
+  # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; --verbosity=0 shows them.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:

@@ -131,6 +131,9 @@ TEACHERS: dict[str, TeacherFamily] = {
     "llada2": TeacherFamily(("llada2_moe",), "hf_dir", 156895, "bidirectional"),
     # WeDLM-8B-Instruct: Qwen3-8B architecture, Qwen3 tokenizer with its ChatML template.
     "wedlm": TeacherFamily(("qwen3",), "qwen3", 151665, "bd3lm_x0_first"),
+    # A Qwen-family masked-diffusion model trained bidirectionally (the smoke teacher); set
+    # teacher.tokenizer and teacher.mask_token_id for the vocabulary it was trained with.
+    "qwen_bidirectional": TeacherFamily(("qwen3", "qwen2"), "qwen3", 151669, "bidirectional"),
 }
 
 

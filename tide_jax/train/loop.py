@@ -65,14 +65,62 @@ def _check_resume(workdir: str, model_cfg: DecoderConfig) -> int | None:
   return latest
 
 
-def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict[str, Any]:
+def _teacher_hf_config(section) -> dict[str, Any]:
+  """The teacher's HF config from its converted checkpoint or its HF directory (no weights)."""
+  from tide_jax.convert import streaming
+  from tide_jax.models import config as mcfg
+  if section.checkpoint and (epath.Path(section.checkpoint) / streaming.MANIFEST).exists():
+    return streaming.read_manifest(section.checkpoint)["hf_config"]
+  if section.hf_dir:
+    return mcfg.read_hf_config(section.hf_dir)
+  raise ValueError("The recipe needs a teacher but neither teacher.checkpoint (a converted "
+                   "teacher) nor teacher.hf_dir is set; set one of them.")
+
+
+def _validate_distillation(config, model_cfg):
+  """Validates ``config.distill`` against both vocabularies before anything is written.
+
+  Returns the teacher section when the recipe needs a teacher, else None.
+  """
+  from tide_jax.distill import recipes
+  if "distill" not in config:
+    return None
+  teacher_vocab = None
+  needs_teacher = config.distill.recipe != "bd3lm"
+  if needs_teacher:
+    if "teacher" not in config:
+      raise ValueError(f"Recipe {config.distill.recipe!r} needs a teacher section; add "
+                       "config.teacher or use recipe 'bd3lm'.")
+    teacher_vocab = int(_teacher_hf_config(config.teacher)["vocab_size"])
+  recipes.validate_distill_config(config.distill, student_vocab=model_cfg.vocab_size,
+                                  teacher_vocab=teacher_vocab)
+  return config.teacher if needs_teacher else None
+
+
+def _load_distillation(config, model_cfg, teacher_section):
+  """Loads the frozen teacher and builds the step's distillation pieces."""
+  from tide_jax.models import teachers
+  from tide_jax.train import distillation
+  if teacher_section is None:
+    return None, None
+  _say(f"Loading teacher {teacher_section.name!r} from "
+       f"{teacher_section.checkpoint or teacher_section.hf_dir}")
+  teacher = teachers.load_teacher(teacher_section)
+  plan = distillation.make_distillation(
+      config, model_cfg, teacher_graphdef=teacher.graphdef,
+      teacher_vocab=teacher.config.vocab_size, teacher_mask_token_id=teacher.mask_token_id,
+      teacher_input_builder=teacher.family.input_builder)
+  return plan, teacher.params
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains the student described by ``config``; resumes from the latest checkpoint.
 
   Args:
-    config: an ml_collections ConfigDict (see ``configs/smoke.py`` for every field).
+    config: an ml_collections ConfigDict (see ``configs/smoke.py`` for every field). With a
+      ``distill`` section whose recipe needs a teacher, the frozen teacher of
+      ``config.teacher`` is loaded and its term added to the one train step.
     workdir: local directory or ``gs://`` URL for checkpoints, metrics and the config.
-    extra_loss_factory: optional ``(config, model_cfg) -> (extra_loss, teacher_params)``
-      adding a distillation term to the step (``tide_jax.train.distillation``).
 
   Returns:
     A summary: final step, last train metrics and the final held-out evaluation.
@@ -80,6 +128,7 @@ def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict
   workdir = absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
+  teacher_section = _validate_distillation(config, model_cfg)
   latest = _check_resume(workdir, model_cfg)
 
   num_steps = int(config.train.num_steps)
@@ -100,9 +149,9 @@ def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict
   tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps)
   state = step_lib.create_train_state(params, tx, int(config.seed))
 
-  extra_loss, teacher_params = (None, None)
-  if extra_loss_factory is not None:
-    extra_loss, teacher_params = extra_loss_factory(config, model_cfg)
+  plan, teacher_params = _load_distillation(config, model_cfg, teacher_section)
+  extra_loss = plan.extra_loss if plan is not None else None
+  mask_fn = plan.mask_fn if plan is not None else None
 
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
                                  async_save=bool(config.train.get("async_checkpoint", False)))
@@ -118,8 +167,9 @@ def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict
   (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if latest is not None else None)
 
-  train_step = jax.jit(step_lib.make_train_step(graphdef, tx, lr_schedule, config, num_steps,
-                                                extra_loss), donate_argnums=(0,))
+  step_fn = step_lib.make_train_step(graphdef, tx, lr_schedule, config, num_steps, extra_loss,
+                                    mask_fn)
+  train_step = jax.jit(step_fn, donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, config))
   meta = checkpoint.model_meta(model_cfg)
   log_every = int(config.train.log_every)
@@ -157,7 +207,7 @@ def train_and_evaluate(config, workdir: str, *, extra_loss_factory=None) -> dict
   writer.close()
   final_eval = evaluate(eval_step, state.params, eval_batches, int(config.seed))
   summary = {"step": int(state.step), "train": last_metrics, "eval": final_eval,
-             "history": history}
+             "train_step_compilations": step_fn.traces, "history": history}
   (wd / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
                                                if k != "history"}, indent=2))
   return {**summary, "state": state, "graphdef": graphdef}

@@ -10,7 +10,7 @@ bidirectional attention over valid tokens.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from tide_jax.diffusion import masks, noising, schedules
 
 OBJECTIVES = ("bd3lm", "mdlm")
+MaskFn = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +30,15 @@ class NoisedBatch:
     masked: bool ``[b, L]`` positions replaced by the mask token.
     t: float32 ``[b]`` diffusion times.
     hidden: ``[b, L, E]`` final hidden states at the x_t positions.
+    logits: float32 ``[b, L, V]`` when the loss materialised them (``loss_chunk = 0``), so
+      a distillation term can reuse them; None when the loss ran in chunks.
   """
 
   x_t: jax.Array
   masked: jax.Array
   t: jax.Array
   hidden: jax.Array
+  logits: jax.Array | None = None
 
 
 def chunked_target_logprob(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
@@ -69,13 +73,21 @@ def chunked_target_logprob(hidden: jax.Array, kernel: jax.Array, targets: jax.Ar
   return out.reshape(-1)[:n]
 
 
-def noise_batch(key: jax.Array, batch: dict[str, jax.Array], obj_cfg) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws t and noises ``batch['input_ids']`` where ``batch['maskable']``."""
+def noise_batch(key: jax.Array, batch: dict[str, jax.Array], obj_cfg,
+                mask_fn: MaskFn | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Draws t and noises ``batch['input_ids']`` where ``batch['maskable']``.
+
+  ``mask_fn(masked, batch) -> masked`` may adjust the drawn mask before it is applied
+  (chunk-consistent masking for cross-tokenizer distillation).
+  """
   key_t, key_mask = jax.random.split(key)
   ids = batch["input_ids"]
   t = schedules.sample_t(key_t, ids.shape[0], float(obj_cfg.t_eps))
   x_t, masked = noising.noise_tokens(key_mask, ids, batch["maskable"], t,
                                      int(obj_cfg.mask_token_id), obj_cfg.schedule)
+  if mask_fn is not None:
+    masked = mask_fn(masked, batch)
+    x_t = jnp.where(masked, jnp.asarray(int(obj_cfg.mask_token_id), ids.dtype), ids)
   return x_t, masked, t
 
 
@@ -94,20 +106,27 @@ def student_hidden(model, batch: dict[str, jax.Array], x_t: jax.Array, obj_cfg) 
   raise ValueError(f"Unknown objective {obj_cfg.kind!r}; choose one of {', '.join(OBJECTIVES)}.")
 
 
-def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array,
-                   obj_cfg) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
+def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array, obj_cfg,
+                   mask_fn: MaskFn | None = None) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
   """Weighted masked-token cross-entropy with token normalisation.
 
   Returns:
     ``(loss, metrics, noised)``; ``noised`` lets distillation terms reuse the forward pass.
   """
-  x_t, masked, t = noise_batch(key, batch, obj_cfg)
+  x_t, masked, t = noise_batch(key, batch, obj_cfg, mask_fn)
   hidden = student_hidden(model, batch, x_t, obj_cfg)
   b, length, width = hidden.shape
-  logp = chunked_target_logprob(hidden.reshape(-1, width),
-                                model.output_kernel().astype(hidden.dtype),
-                                batch["input_ids"].reshape(-1),
-                                int(obj_cfg.get("loss_chunk", 256))).reshape(b, length)
+  loss_chunk = int(obj_cfg.get("loss_chunk", 256))
+  logits = None
+  if loss_chunk <= 0:
+    # Small vocabularies or batches: one float32 [b, L, V] block, no recomputation.
+    logits = model.logits(hidden)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                               batch["input_ids"][..., None], axis=-1)[..., 0]
+  else:
+    logp = chunked_target_logprob(hidden.reshape(-1, width),
+                                  model.output_kernel().astype(hidden.dtype),
+                                  batch["input_ids"].reshape(-1), loss_chunk).reshape(b, length)
   weight = schedules.loss_weight(t, obj_cfg.schedule)[:, None] * masked
   n_maskable = jnp.maximum(jnp.sum(batch["maskable"]), 1)
   loss = -jnp.sum(weight * logp) / n_maskable
@@ -116,4 +135,4 @@ def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array,
   masked_nll = -jnp.sum(jnp.where(masked, logp, 0.0)) / jnp.maximum(n_masked, 1)
   metrics = {"ce_loss": loss, "masked_nll": masked_nll,
              "masked_fraction": n_masked / n_maskable, "maskable_tokens": n_maskable}
-  return loss, metrics, NoisedBatch(x_t=x_t, masked=masked, t=t, hidden=hidden)
+  return loss, metrics, NoisedBatch(x_t=x_t, masked=masked, t=t, hidden=hidden, logits=logits)

@@ -49,14 +49,15 @@ def step_key(state: TrainState) -> jax.Array:
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, config, total_steps: int,
-                    extra_loss: ExtraLoss | None = None):
+                    extra_loss: ExtraLoss | None = None,
+                    mask_fn: objective.MaskFn | None = None):
   """Builds the pure step function (not yet jitted; see ``loop`` for jit + shardings)."""
   obj_cfg = config.objective
 
   def loss_fn(params, batch, key, progress, teacher_params):
     model = nnx.merge(graphdef, params)
     key_student, key_extra = jax.random.split(key)
-    loss, metrics, noised = objective.diffusion_loss(model, batch, key_student, obj_cfg)
+    loss, metrics, noised = objective.diffusion_loss(model, batch, key_student, obj_cfg, mask_fn)
     if extra_loss is not None:
       extra, extra_metrics = extra_loss(model, batch, noised, key_extra, progress, teacher_params)
       loss = loss + extra
@@ -65,6 +66,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return loss, metrics
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
+    train_step.traces += 1   # Python side effect: runs once per trace, i.e. per compilation
     key = step_key(state)
     progress = state.step.astype(jnp.float32) / max(total_steps, 1)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -76,6 +78,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
+  train_step.traces = 0
   return train_step
 
 
