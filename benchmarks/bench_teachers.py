@@ -104,17 +104,24 @@ def time_forward(model: nnx.Module, ids, positions, mask, repeats: int) -> float
   return statistics.median(times)
 
 
-def dispatch_table(repeats: int) -> str:
-  hf = tiny_llada2_config(
-      vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=64, intermediate_size=512, moe_intermediate_size=128,
-      num_experts=64, num_experts_per_tok=4, n_group=8, topk_group=4)
-  cfg = llada2.llada2_config_from_hf(hf)
+# "small": the CPU config; "mini": LLaDA2.0-mini's layer shapes (3 layers, 1 dense + 2 MoE).
+DISPATCH_CONFIGS = {
+    "small": (dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                   intermediate_size=512, moe_intermediate_size=128, num_experts=64,
+                   num_experts_per_tok=4, n_group=8, topk_group=4), 2, 256),
+    "mini": (dict(LLADA2_MINI, num_hidden_layers=3), 4, 1024),
+}
+
+
+def dispatch_table(repeats: int, size: str = "small", dtype: str = "float32") -> str:
+  overrides, b, length = DISPATCH_CONFIGS[size]
+  hf = tiny_llada2_config(**overrides)
+  cfg = llada2.llada2_config_from_hf(hf, param_dtype=dtype, dtype=dtype)
   sparse = llada2.LLaDA2Model(cfg, rngs=nnx.Rngs(params=0))
   # Same parameters, the other dispatch (a static attribute of the graph definition).
   dense_model = nnx.merge(nnx.graphdef(llada2.abstract_llada2(cfg.replace(moe_dispatch="dense"))),
                           nnx.state(sparse))
-  b, length = 2, 256
   ids = jax.random.randint(jax.random.PRNGKey(0), (b, length), 0, hf["vocab_size"])
   positions = jnp.broadcast_to(jnp.arange(length), (b, length))
   mask = jnp.ones((length, length), bool)
@@ -122,9 +129,11 @@ def dispatch_table(repeats: int) -> str:
   t_sparse = time_forward(sparse, ids, positions, mask, repeats)
   t_dense = time_forward(dense_model, ids, positions, mask, repeats)
   return (
-      f"Config: hidden 256, 4 layers (1 dense + 3 MoE), {cfg.num_experts} experts of width "
+      f"Config: hidden {cfg.hidden_size}, {cfg.num_layers} layers (1 dense + "
+      f"{cfg.num_layers - 1} MoE), {cfg.num_experts} experts of width "
       f"{cfg.moe_intermediate_size}, {cfg.num_experts_per_tok} active + 1 shared, "
-      f"{b}x{length} tokens, float32, jitted, median of {repeats}.\n\n"
+      f"{b}x{length} tokens, {dtype}, jitted, median of {repeats}, on "
+      f"{jax.devices()[0].device_kind}.\n\n"
       "| forward | time (ms) |\n|---|---|\n"
       f"| sorted ragged_dot dispatch | {1e3 * t_sparse:.1f} |\n"
       f"| dense all-experts reference | {1e3 * t_dense:.1f} |\n"
@@ -135,13 +144,17 @@ def dispatch_table(repeats: int) -> str:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--size", choices=sorted(DISPATCH_CONFIGS), default="small")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = parser.parse_args()
-  dispatch = dispatch_table(args.repeats)
+  dispatch = dispatch_table(args.repeats, args.size, args.dtype)
   print(dispatch)
   memory = memory_table()
   print(memory)
   command = "python benchmarks/bench_teachers.py"
-  write_section("MoE dispatch vs dense reference (CPU)", command, dispatch)
+  flags = "" if args.size == "small" else f" --size={args.size} --dtype={args.dtype}"
+  write_section(f"MoE dispatch vs dense reference ({jax.default_backend()}, {args.size})",
+                command + flags, dispatch)
   write_section("Parameter bytes per device (eval_shape, no weights)", command,
                 memory + "\n\nTEACHER_RULES: vocab/heads/mlp/expert_mlp -> tensor, embed -> "
                 "fsdp, expert -> expert; an axis that does not divide a dimension leaves it "
