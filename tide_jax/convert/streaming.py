@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
 from tide_jax.convert import name_map as nm
 from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
