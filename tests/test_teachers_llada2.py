@@ -159,6 +159,12 @@ def test_missing_config_keys_are_listed_together():
     assert key in str(err.value)
   with pytest.raises(ValueError, match="sigmoid"):
     llada2.llada2_config_from_hf(tf.tiny_llada2_config(score_function="softmax"))
+  with pytest.raises(ValueError, match="norm_head"):
+    llada2.llada2_config_from_hf(tf.tiny_llada2_config(norm_head=True))
+  # An explicit rotary_dim replaces the factor (head_dim 12 -> 4 rotating features).
+  hf = tf.tiny_llada2_config(rotary_dim=4)
+  hf.pop("partial_rotary_factor")
+  assert llada2.llada2_config_from_hf(hf).rotary_dim == 4
 
 
 def test_loading_an_unconverted_directory_is_a_clear_error(tmp_path):

@@ -33,8 +33,8 @@ REQUIRED_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "num_experts",
     "num_experts_per_tok", "num_shared_experts", "n_group", "topk_group",
-    "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace",
-    "partial_rotary_factor", "rms_norm_eps", "use_qk_norm",
+    "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "rms_norm_eps",
+    "use_qk_norm",
 )
 
 
@@ -107,6 +107,8 @@ def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32"
     raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected "
                      f"{MODEL_TYPE!r} for the LLaDA2 teacher.")
   missing = [k for k in REQUIRED_KEYS if k not in hf]
+  if hf.get("rotary_dim") is None and "partial_rotary_factor" not in hf:
+    missing.append("partial_rotary_factor")
   if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
     missing.append("rope_theta")
   if missing:
@@ -116,11 +118,19 @@ def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32"
   if score_function != "sigmoid":
     raise ValueError(f"Only the sigmoid router is implemented; config.json has "
                      f"score_function={score_function!r}.")
+  unsupported = [k for k in ("norm_head", "use_sliding_window") if hf.get(k)]
+  if unsupported:
+    raise ValueError(f"config.json enables {', '.join(unsupported)}, which the LLaDA2 module "
+                     "does not implement; set them to false only if the weights allow it.")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"Only SwiGLU (silu) MLPs are implemented; config.json has "
                      f"hidden_act={hf.get('hidden_act')!r}.")
   theta, _ = _rope_settings(hf)
   heads = int(hf["num_attention_heads"])
+  head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+  # An explicit rotary_dim (some configs carry one) wins over the factor.
+  partial = (int(hf["rotary_dim"]) / head_dim if hf.get("rotary_dim") is not None
+             else float(hf["partial_rotary_factor"]))
   eos = hf.get("eos_token_id")
   return LLaDA2Config(
       vocab_size=int(hf["vocab_size"]),
@@ -128,7 +138,7 @@ def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32"
       num_layers=int(hf["num_hidden_layers"]),
       num_heads=heads,
       num_kv_heads=int(hf["num_key_value_heads"]),
-      head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads),
+      head_dim=head_dim,
       intermediate_size=int(hf["intermediate_size"]),
       moe_intermediate_size=int(hf["moe_intermediate_size"]),
       num_experts=int(hf["num_experts"]),
@@ -139,7 +149,7 @@ def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32"
       routed_scaling_factor=float(hf["routed_scaling_factor"]),
       norm_topk_prob=bool(hf["norm_topk_prob"]),
       first_k_dense_replace=int(hf["first_k_dense_replace"]),
-      partial_rotary_factor=float(hf["partial_rotary_factor"]),
+      partial_rotary_factor=partial,
       rope_theta=theta,
       rms_norm_eps=float(hf["rms_norm_eps"]),
       qk_norm=bool(hf["use_qk_norm"]),
