@@ -160,9 +160,9 @@ def main():
         print(lines[-1], flush=True)
     lines += ["", "Shares: `encode` is rendering both chat templates and tokenizing; `alignment` is "
               "`chunk_alignment` / `position_pairs` alone; the rest is truncation and EOS padding. "
-              "With 2 processes each worker builds its own tokenizers first (spawn start), which is "
-              "the fixed cost the pool has to win back (forked workers share the parent's tokenizers when "
-              "JAX is not loaded; spawned ones build their own).\n"]
+              "A pool pays only where its workers get cores of their own: here (forked workers that "
+              "share the parent's tokenizers, as when JAX is not loaded) 2 workers on 2 busy cores "
+              "are no faster than one process, so `num_workers = 0` uses a pool only from 20,000 records.\n"]
     lines.append(f"Load average over the run's last minutes (1/5/15 min): {os.getloadavg()[0]:.1f} / "
                  f"{os.getloadavg()[1]:.1f} / {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores: above the core "
                  "count other processes shared the CPUs and the absolute rates are lower than on an idle machine.\n")
