@@ -152,3 +152,19 @@ def test_shared_vocabulary_pairs_do_not_shift(infos):
         shift = pt2[inside] - ps2[inside]
         assert inside.any() and (shift == shift[0]).all()
         assert ((other.starts[pt2[inside]] - ta) == (s.starts[ps2[inside]] - sa)).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(question=st.text(min_size=1, max_size=40).filter(str.strip),
+       answer=st.text(min_size=1, max_size=40).filter(str.strip))
+def test_random_contents_pairs_point_at_equal_ids(question, answer, infos):
+    question, answer = (unicodedata.normalize("NFC", t) for t in (question, answer))
+    chat = (("user", question), ("assistant", answer))
+    s = encode.encode_chat(infos["qwen3"], chat)
+    other = encode.encode_chat(infos["qwen3_other"], chat)
+    ps, pt = alignment.position_pairs(s, other)
+    assert (s.ids[ps] == other.ids[pt]).all()
+    for (sa, sb), (ta, tb) in alignment.matched_spans(s, other):
+        inside = (s.starts[ps] >= sa) & (s.ends[ps] <= sb)
+        assert ((other.starts[pt[inside]] - ta) == (s.starts[ps[inside]] - sa)).all()
+        assert ((other.ends[pt[inside]] - ta) == (s.ends[ps[inside]] - sa)).all()
