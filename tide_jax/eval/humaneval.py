@@ -263,15 +263,16 @@ def evaluate_humaneval(model, tokenizer, sampler_cfg, *, out_json: str, num_samp
     raise ValueError(f"pass@k with k={max(ks)} needs at least that many samples per problem; "
                      f"num_samples is {num_samples}.")
   problems = load_problems(task_ids)
-  jobs = [(task, chat_prompt(tokenizer, p)) for task, p in problems.items()
-          for _ in range(num_samples)]
+  jobs = [(task, tokenizer.encode(chat_prompt(tokenizer, p), add_special_tokens=False))
+          for task, p in problems.items() for _ in range(num_samples)]
+  # Similar lengths share a batch: less left padding and fewer padded lengths to compile.
+  jobs.sort(key=lambda job: len(job[1]))
   completions: dict[str, list[str]] = {task: [] for task in problems}
   key = jax.random.PRNGKey(seed)
   for start in range(0, len(jobs), batch_size):
     chunk = jobs[start:start + batch_size]
-    # The last batch is filled up with copies so every batch compiles to one program.
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    prompts = [tokenizer.encode(text, add_special_tokens=False) for _, text in padded]
+    # A short last batch is filled with copies so that batches share one shape.
+    prompts = [ids for _, ids in chunk] + [chunk[-1][1]] * (batch_size - len(chunk))
     _, new = sampler.generate(model, prompts, sampler_cfg, jax.random.fold_in(key, start))
     for (task, _), ids in zip(chunk, new):
       completions[task].append(tokenizer.decode(ids, skip_special_tokens=True))
