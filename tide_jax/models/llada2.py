@@ -71,7 +71,7 @@ class LLaDA2Config:
   model_type: str = MODEL_TYPE
   param_dtype: str = "float32"
   dtype: str = "float32"
-  moe_dispatch: str = "sparse"
+  moe_dispatch: str = "auto"
   remat: bool = False
 
   @property

@@ -14,11 +14,14 @@ to take the higher index, so on an exact tie the two can choose different (tied)
 Exact float32 ties need identical router rows and biases, which trained weights do not have;
 tests/test_teachers_moe.py pins down both behaviours with duplicated experts.
 
-Dispatch: the ``T * top_k`` (token, expert) pairs are sorted by expert and the expert
-MLPs run as three ``jax.lax.ragged_dot`` calls over the stacked weights ``[E, ...]``: each
-token row is multiplied only by its chosen experts, with no Python loop over experts and
-no capacity limit (nothing is dropped). :func:`dense_experts` runs every expert on every
-token and is the reference the tests and the benchmark compare against.
+Dispatch: the ``T * top_k`` (token, expert) pairs are sorted by expert and each row is
+multiplied only by its chosen experts' stacked weights ``[E, ...]``, with no Python loop over
+experts and no capacity limit (nothing is dropped). Two implementations of that:
+:func:`sparse_experts` ("ragged": three ``jax.lax.ragged_dot`` calls, a native grouped
+matmul on TPU) and :func:`tiled_experts` ("tiled": a loop over expert-pure row tiles, fast
+where XLA expands ``ragged_dot`` into all-expert work, i.e. CPU and GPU); "auto" picks by
+backend. :func:`dense_experts` runs every expert on every token and is the reference the
+tests and the benchmark compare against.
 
 Shapes: T tokens, H hidden, E experts, I expert width, k experts per token.
 """
@@ -121,19 +124,77 @@ def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: j
 
 def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
                   up: jax.Array, down: jax.Array) -> jax.Array:
-  """Reference: runs all E experts on every token and weights them by the routing."""
+  """Reference: runs all E experts on every token and weights them by the routing.
+
+  The routing weights scale the ``[T, E, I]`` activations before the down projection, so
+  the largest intermediate is ``[T, E, I]`` (never ``[T, E, H]``).
+  """
   t = x.shape[0]
   combine = jnp.zeros((t, gate.shape[0]), jnp.float32)
   combine = combine.at[jnp.arange(t)[:, None], experts].add(weights)  # [T, E]
   dtype = x.dtype
   g = jnp.einsum("th,ehi->tei", x, gate.astype(dtype))
   u = jnp.einsum("th,ehi->tei", x, up.astype(dtype))
-  h = (jax.nn.silu(g) * u).astype(dtype)
-  y = jnp.einsum("tei,eih->teh", h, down.astype(dtype), preferred_element_type=jnp.float32)
-  return jnp.einsum("te,teh->th", combine, y).astype(dtype)
+  h = (jax.nn.silu(g) * u * combine[:, :, None]).astype(dtype)
+  return jnp.einsum("tei,eih->th", h, down.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(dtype)
 
 
-DISPATCH = {"sparse": sparse_experts, "dense": dense_experts}
+def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
+                  up: jax.Array, down: jax.Array, tile: int = 128) -> jax.Array:
+  """Same result as :func:`sparse_experts`, as a loop over row tiles of one expert each.
+
+  The (token, expert) pairs are sorted by expert and every expert's run is padded to a
+  multiple of ``tile`` rows, so each tile belongs to one expert; a ``fori_loop`` over the
+  tiles actually used (a traced count: at most ``T*k/tile + E``) multiplies each tile by
+  its expert's weights. Work is the routed work plus at most ``tile - 1`` padding rows
+  per expert, and memory is one ``[rows, H]`` buffer. Backends without a native grouped
+  matmul (XLA on CPU and GPU expand ``ragged_dot`` into work over every expert) run this
+  many times faster; see docs/benchmarks/teachers.md.
+  """
+  t, k = experts.shape
+  num_experts, hidden = gate.shape[0], x.shape[1]
+  pairs = t * k
+  flat_experts = experts.reshape(-1)
+  order = jnp.argsort(flat_experts, stable=True)
+  sorted_experts = flat_experts[order]
+  sizes = jnp.bincount(flat_experts, length=num_experts)
+  padded = (sizes + tile - 1) // tile * tile
+  padded_end = jnp.cumsum(padded)
+  # Row of each sorted pair in the padded layout: its expert's padded start + rank inside.
+  rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
+  dest = (padded_end - padded)[sorted_experts] + rank
+  num_rows = -(-(pairs + num_experts * (tile - 1)) // tile) * tile      # static bound
+  rows = jnp.zeros((num_rows, hidden), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
+  tile_starts = jnp.arange(num_rows // tile) * tile
+  tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_starts, side="right"),
+                            num_experts - 1)
+  dtype = x.dtype
+
+  def one_tile(i, out):
+    e = tile_expert[i]
+    r = jax.lax.dynamic_slice_in_dim(rows, i * tile, tile)
+    h = (jax.nn.silu(r @ gate[e].astype(dtype)) * (r @ up[e].astype(dtype))).astype(dtype)
+    y = jnp.dot(h, down[e].astype(dtype), preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_slice_in_dim(out, y, i * tile, 0)
+
+  used_tiles = padded_end[-1] // tile
+  out = jax.lax.fori_loop(0, used_tiles, one_tile, jnp.zeros((num_rows, hidden), jnp.float32))
+  y = jnp.take(out, dest, axis=0) * jnp.take(weights.reshape(-1), order)[:, None]
+  unsorted = jnp.take(y, jnp.argsort(order), axis=0).reshape(t, k, -1)
+  return jnp.sum(unsorted, axis=1).astype(dtype)
+
+
+DISPATCH = {"ragged": sparse_experts, "tiled": tiled_experts, "dense": dense_experts}
+
+
+def resolve_dispatch(name: str) -> str:
+  """``"auto"`` -> ``"ragged"`` on TPU (native grouped matmul), ``"tiled"`` elsewhere."""
+  if name == "auto":
+    return "ragged" if jax.default_backend() == "tpu" else "tiled"
+  if name not in DISPATCH:
+    raise ValueError(f"Unknown MoE dispatch {name!r}; use auto, {', '.join(DISPATCH)}.")
+  return name
 
 
 class MoEBlock(nnx.Module):
@@ -147,12 +208,10 @@ class MoEBlock(nnx.Module):
 
   def __init__(self, hidden: int, expert_width: int, num_shared: int, router_cfg: RouterConfig,
                *, use_expert_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
-               dispatch: str = "sparse"):
-    if dispatch not in DISPATCH:
-      raise ValueError(f"Unknown MoE dispatch {dispatch!r}; use one of {', '.join(DISPATCH)}.")
+               dispatch: str = "auto"):
     e, i = router_cfg.num_experts, expert_width
     self.router_cfg = router_cfg
-    self.dispatch = dispatch
+    self.dispatch = resolve_dispatch(dispatch)
     self.router = layers.make_param(rngs, (hidden, e), ("embed", None), jnp.float32)
     self.expert_bias = (layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
                         if use_expert_bias else None)

@@ -145,12 +145,12 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
   manifest yet; also the tokenizer source of "hf_dir" families), ``tokenizer`` /
   ``chat_template`` / ``mask_token_id`` (overrides; empty or -1 = the family's),
   ``param_dtype`` (storage dtype when converting), ``dtype`` (compute dtype),
-  ``moe_dispatch`` ("sparse" or "dense", MoE teachers only) and ``remat``.
+  ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only) and ``remat``.
   """
   section = ml_collections.ConfigDict({
       "name": name, "checkpoint": "", "hf_dir": "", "tokenizer": "", "chat_template": "",
       "mask_token_id": -1, "param_dtype": "bfloat16", "dtype": "bfloat16",
-      "moe_dispatch": "sparse", "remat": False,
+      "moe_dispatch": "auto", "remat": False,
   })
   section.update(overrides)
   return section
