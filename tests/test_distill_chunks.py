@@ -157,7 +157,7 @@ def test_consistent_masking_example():
   np.testing.assert_array_equal(t_out, [[False, False, False, True, True, True, False]])
 
 
-@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.settings(max_examples=20, deadline=None)
 @hypothesis.given(seed=st.integers(0, 2 ** 16), b=st.integers(1, 3), ls=st.integers(1, 24),
                   lt=st.integers(1, 30), rate=st.floats(0, 1), prompt=st.integers(0, 5))
 def test_property_chunk_consistent_masking(seed, b, ls, lt, rate, prompt):
