@@ -145,6 +145,23 @@ def test_sparse_dispatch_equals_dense_reference(tokens, top_k, seed):
   assert all(len(set(row // (E // GROUPS))) <= TOPK_GROUPS for row in ex)
 
 
+@pytest.mark.parametrize("fn", [moe.sparse_experts, moe.tiled_experts])
+def test_expert_id_past_the_end_is_skipped(fn):
+  """Expert parallelism marks other devices' experts with id E and weight 0."""
+  key = jax.random.PRNGKey(7)
+  kx, kg, ku, kd, kw = jax.random.split(key, 5)
+  x = jax.random.normal(kx, (9, H))
+  gate, up = (0.3 * jax.random.normal(k, (E, H, I)) for k in (kg, ku))
+  down = 0.3 * jax.random.normal(kd, (E, I, H))
+  experts = jnp.array([[0, 5], [7, 1], [2, 3], [4, 6], [0, 1], [3, 7], [5, 6], [1, 2],
+                       [6, 0]])
+  weights = jax.random.uniform(kw, (9, 2))
+  skipped = experts >= 5
+  got = fn(x, jnp.where(skipped, 0.0, weights), jnp.where(skipped, E, experts), gate, up, down)
+  ref = moe.dense_experts(x, jnp.where(skipped, 0.0, weights), experts, gate, up, down)
+  assert np.max(np.abs(np.asarray(got) - np.asarray(ref))) < TOL
+
+
 def test_router_config_errors_are_clear():
   with pytest.raises(ValueError, match="Unknown MoE dispatch"):
     moe.resolve_dispatch("fast")

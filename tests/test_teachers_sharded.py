@@ -14,13 +14,15 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tests import teachers_fixtures as tf
 from tests.hf_fixtures import tiny_qwen
 from tide_jax.diffusion.masks import bd3lm_attention_mask
-from tide_jax.models import teachers
+from tide_jax.models import moe, teachers
 from tide_jax.parallel import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,6 +51,7 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   shard_shapes = {s.data.shape for s in mlp.gate[...].addressable_shards}
   assert shard_shapes == {(2, 32, 8)}                 # 8 experts / 4, width 16 / 2
   assert sharded.model(sharded.params).layers[0].attn.q[...].sharding.spec == P(None, "tensor", None)
+  assert sharded.config.expert_mesh is mesh           # MoE layers run expert-parallel
   rng = np.random.default_rng(0)
   x_t = jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)
   valid = jnp.asarray(np.arange(8) < np.array([[8], [5]]))
@@ -56,6 +59,29 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   assert inputs.predict_start == 0 and inputs.attention_mask.shape == (2, 1, 8, 8)
   diff = np.abs(_logits(sharded, inputs) - _logits(plain, inputs))
   assert diff.max() < 1e-5
+  lowered = jax.jit(sharded.apply).lower(sharded.params, inputs.input_ids, inputs.positions,
+                                         inputs.attention_mask).as_text()
+  assert "reduce_scatter" in lowered                  # tokens moved, not expert weights
+
+
+@pytest.mark.parametrize("dispatch", ["tiled", "ragged"])
+def test_expert_parallel_moe_block_equals_single_device(dispatch):
+  """shard_map over the expert axis (fsdp=2 x expert=4) gives the single-device output."""
+  mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
+  router = moe.RouterConfig(8, 2, 4, 2, 2.5)
+  make = lambda m: moe.MoEBlock(32, 16, 1, router, use_expert_bias=True,
+                                param_dtype=jnp.float32, rngs=nnx.Rngs(params=3),
+                                dispatch=dispatch, mesh=m)
+  plain, parallel = make(None), make(mesh)
+  state = jax.device_put(nnx.state(parallel),
+                         sharding.state_shardings(nnx.state(parallel), mesh,
+                                                  sharding.TEACHER_RULES))
+  nnx.update(parallel, state)
+  assert parallel.gate[...].sharding.spec[0] == "expert"
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 32))
+  assert moe.expert_parallel_axes(mesh, 24, 8, parallel.batch_axes) == ("fsdp", "expert")
+  got = nnx.jit(lambda m, v: m(v))(parallel, x)
+  assert np.max(np.abs(np.asarray(got) - np.asarray(plain(x)))) < 1e-5
 
 
 def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):

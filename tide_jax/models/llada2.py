@@ -72,6 +72,8 @@ class LLaDA2Config:
   param_dtype: str = "float32"
   dtype: str = "float32"
   moe_dispatch: str = "auto"
+  # A mesh with an expert axis > 1 makes the MoE layers expert-parallel (tokens move).
+  expert_mesh: Any = None
   remat: bool = False
 
   @property
@@ -179,7 +181,7 @@ class LLaDA2Layer(nnx.Module):
       self.mlp = moe.MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size,
                               cfg.num_shared_experts, cfg.router,
                               use_expert_bias=cfg.use_expert_bias, param_dtype=pd, rngs=rngs,
-                              dispatch=cfg.moe_dispatch)
+                              dispatch=cfg.moe_dispatch, mesh=cfg.expert_mesh)
     else:
       self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd,
                                rngs=rngs)

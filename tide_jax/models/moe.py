@@ -29,11 +29,13 @@ Shapes: T tokens, H hidden, E experts, I expert width, k experts per token.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from tide_jax.models import layers
 
@@ -97,7 +99,9 @@ def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: j
 
   Args:
     x: ``[T, H]`` in the compute dtype.
-    weights, experts: ``[T, k]`` from :func:`route`.
+    weights, experts: ``[T, k]`` from :func:`route`. An id equal to E (one past the last
+      expert) is skipped; its weight must be 0 (expert parallelism marks the experts held
+      by other devices this way).
     gate, up: ``[E, H, I]``; down: ``[E, I, H]``.
 
   Returns:
@@ -109,7 +113,9 @@ def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: j
   order = jnp.argsort(flat_experts, stable=True)                   # [T*k] sorted by expert
   token_of = order // k
   rows = jnp.take(x, token_of, axis=0)
-  group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
+  # Ids equal to num_experts (experts held elsewhere) sort last and fall outside every group.
+  group_sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts]
+  group_sizes = group_sizes.astype(jnp.int32)
   dtype = x.dtype
   g = jax.lax.ragged_dot(rows, gate.astype(dtype), group_sizes)
   u = jax.lax.ragged_dot(rows, up.astype(dtype), group_sizes)
@@ -142,7 +148,8 @@ def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
 
 def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
                   up: jax.Array, down: jax.Array, tile: int = 128) -> jax.Array:
-  """Same result as :func:`sparse_experts`, as a loop over row tiles of one expert each.
+  """Same result (and arguments) as :func:`sparse_experts`, as a loop over row tiles of
+  one expert each.
 
   The (token, expert) pairs are sorted by expert and every expert's run is padded to a
   multiple of ``tile`` rows, so each tile belongs to one expert; a ``fori_loop`` over the
@@ -158,13 +165,17 @@ def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
   flat_experts = experts.reshape(-1)
   order = jnp.argsort(flat_experts, stable=True)
   sorted_experts = flat_experts[order]
-  sizes = jnp.bincount(flat_experts, length=num_experts)
+  sizes = jnp.bincount(flat_experts, length=num_experts + 1)[:num_experts]
   padded = (sizes + tile - 1) // tile * tile
   padded_end = jnp.cumsum(padded)
+  # Static bound on the padded rows, plus one spare tile that is never computed: skipped
+  # pairs (id == E) point into it and read back zeros.
+  num_rows = -(-(pairs + num_experts * (tile - 1)) // tile) * tile + tile
   # Row of each sorted pair in the padded layout: its expert's padded start + rank inside.
-  rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
-  dest = (padded_end - padded)[sorted_experts] + rank
-  num_rows = -(-(pairs + num_experts * (tile - 1)) // tile) * tile      # static bound
+  owned = sorted_experts < num_experts
+  safe = jnp.minimum(sorted_experts, num_experts - 1)
+  rank = jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[safe]
+  dest = jnp.where(owned, (padded_end - padded)[safe] + rank, num_rows - 1)
   rows = jnp.zeros((num_rows, hidden), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
   tile_starts = jnp.arange(num_rows // tile) * tile
   tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_starts, side="right"),
@@ -188,6 +199,61 @@ def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
 DISPATCH = {"ragged": sparse_experts, "tiled": tiled_experts, "dense": dense_experts}
 
 
+def expert_parallel(dispatch: str, mesh: Mesh, token_axes: tuple[str, ...], x: jax.Array,
+                    weights: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
+                    down: jax.Array) -> jax.Array:
+  """Expert parallelism over the mesh axis ``expert``: tokens move, expert weights stay.
+
+  Each device holds ``E / n`` experts (``n`` = size of the expert axis). Inside
+  ``shard_map`` the devices of one expert group all-gather their tokens (and routing),
+  run only their own experts on every gathered token (other experts' pairs are skipped),
+  and ``psum_scatter`` the partial sums back to the tokens' owners. Weight dimensions
+  sharded over other axes are gathered for the local experts only.
+
+  Args:
+    dispatch: "ragged" or "tiled" (the local computation).
+    mesh: the device mesh; ``mesh.shape["expert"]`` divides E.
+    token_axes: mesh axes the token dimension is split over; must include "expert".
+    x ``[T, H]``, weights/experts ``[T, k]``, gate/up ``[E, H, I]``, down ``[E, I, H]``.
+
+  Returns:
+    ``[T, H]`` in x's dtype.
+  """
+  groups = mesh.shape["expert"]
+  local_experts = gate.shape[0] // groups
+  tokens, stacked = P(token_axes), P("expert")
+
+  def local(x, weights, experts, gate, up, down):
+    xs = jax.lax.all_gather(x, "expert", tiled=True)
+    ws = jax.lax.all_gather(weights, "expert", tiled=True)
+    es = jax.lax.all_gather(experts, "expert", tiled=True)
+    first = jax.lax.axis_index("expert") * local_experts
+    mine = (es >= first) & (es < first + local_experts)
+    ids = jnp.where(mine, es - first, local_experts)
+    y = DISPATCH[dispatch](xs, jnp.where(mine, ws, 0.0), ids, gate, up, down)
+    out = jax.lax.psum_scatter(y.astype(jnp.float32), "expert", scatter_dimension=0,
+                               tiled=True)
+    return out.astype(x.dtype)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, stacked, stacked,
+                                                   stacked),
+                       out_specs=tokens, check_vma=False)(x, weights, experts, gate, up, down)
+
+
+def expert_parallel_axes(mesh: Mesh | None, num_tokens: int, num_experts: int,
+                         batch_axes: tuple[str, ...]) -> tuple[str, ...] | None:
+  """The token axes for :func:`expert_parallel`, or None when it does not apply (no mesh,
+  an expert axis of size 1, or sizes that do not divide)."""
+  if mesh is None or mesh.shape.get("expert", 1) == 1 or num_experts % mesh.shape["expert"]:
+    return None
+  axes = tuple(a for a in batch_axes if mesh.shape.get(a, 1) > 1)
+  if "expert" not in axes:
+    axes += ("expert",)
+  if num_tokens % math.prod(mesh.shape[a] for a in axes):
+    return None
+  return axes
+
+
 def resolve_dispatch(name: str) -> str:
   """``"auto"`` -> ``"ragged"`` on TPU (native grouped matmul), ``"tiled"`` elsewhere."""
   if name == "auto":
@@ -208,10 +274,14 @@ class MoEBlock(nnx.Module):
 
   def __init__(self, hidden: int, expert_width: int, num_shared: int, router_cfg: RouterConfig,
                *, use_expert_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
-               dispatch: str = "auto"):
+               dispatch: str = "auto", mesh: Mesh | None = None,
+               batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")):
     e, i = router_cfg.num_experts, expert_width
     self.router_cfg = router_cfg
     self.dispatch = resolve_dispatch(dispatch)
+    # With a mesh whose expert axis is > 1, ragged/tiled run expert-parallel.
+    self.mesh = mesh
+    self.batch_axes = tuple(batch_axes)
     self.router = layers.make_param(rngs, (hidden, e), ("embed", None), jnp.float32)
     self.expert_bias = (layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
                         if use_expert_bias else None)
@@ -234,8 +304,13 @@ class MoEBlock(nnx.Module):
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, experts = self.routing(flat)
-    out = DISPATCH[self.dispatch](flat, weights, experts, self.gate[...], self.up[...],
-                                  self.down[...])
+    stacked = (self.gate[...], self.up[...], self.down[...])
+    axes = (None if self.dispatch == "dense" else
+            expert_parallel_axes(self.mesh, flat.shape[0], stacked[0].shape[0], self.batch_axes))
+    if axes is None:
+      out = DISPATCH[self.dispatch](flat, weights, experts, *stacked)
+    else:
+      out = expert_parallel(self.dispatch, self.mesh, axes, flat, weights, experts, *stacked)
     if self.shared is not None:
       out = out + self.shared(flat)
     return out.reshape(shape)

@@ -250,7 +250,7 @@ def load_teacher(section: ml_collections.ConfigDict, mesh: Mesh | None = None,
                             dtype=section.dtype)
   cfg = cfg.replace(remat=bool(section.remat))
   if hasattr(cfg, "moe_dispatch"):
-    cfg = cfg.replace(moe_dispatch=section.moe_dispatch)
+    cfg = cfg.replace(moe_dispatch=section.moe_dispatch, expert_mesh=mesh)
   abstract = arch.abstract_model(cfg)
   model = streaming.load_converted(section.checkpoint, abstract,
                                    _shardings(abstract, mesh, rules))
