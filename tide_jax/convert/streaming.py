@@ -193,8 +193,8 @@ class _GroupWriter:
     self.values.setdefault(group, {})[path] = value
     self.remaining[group].discard(path)
     if not self.remaining[group]:
-      # One save in flight at a time: the previous group's arrays are released first.
-      self.checkpointer.wait_until_finished()
+      # Saved synchronously: overlapping the next layer's reading with this save measured no
+      # faster here and holds one more layer in memory.
       self.checkpointer.save(self.out / group_dir(group), _nest(self.values.pop(group)))
       self.checkpointer.wait_until_finished()
       self.saved.append(group_dir(group))
