@@ -123,9 +123,10 @@ def test_masked_fill_note():
 def sparse_and_dense(key, tokens: int, top_k: int):
   kx, kr, kg, ku, kd, kb = jax.random.split(key, 6)
   x = jax.random.normal(kx, (tokens, H))
-  gate = 0.3 * jax.random.normal(kg, (E, H, I))
-  up = 0.3 * jax.random.normal(ku, (E, H, I))
-  down = 0.3 * jax.random.normal(kd, (E, I, H))
+  # Weights of scale 0.2 keep outputs O(1-10), where 1e-5 is above float32 rounding.
+  gate = 0.2 * jax.random.normal(kg, (E, H, I))
+  up = 0.2 * jax.random.normal(ku, (E, H, I))
+  down = 0.2 * jax.random.normal(kd, (E, I, H))
   weights, experts = moe.route(x @ (0.3 * jax.random.normal(kr, (H, E))),
                                0.1 * jax.random.normal(kb, (E,)), router_cfg(top_k=top_k))
   args = (x, weights, experts, gate, up, down)
@@ -133,7 +134,7 @@ def sparse_and_dense(key, tokens: int, top_k: int):
           moe.tiled_experts(*args), moe.dense_experts(*args), experts)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10, deadline=None, derandomize=True)
 @given(tokens=st.sampled_from([1, 33]), top_k=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
 def test_sparse_dispatch_equals_dense_reference(tokens, top_k, seed):
   *sparse, dense, experts = sparse_and_dense(jax.random.PRNGKey(seed), tokens, top_k)
