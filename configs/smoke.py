@@ -62,11 +62,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   t = config.train
   t.batch_size = 4
-  t.num_steps = 120
+  t.num_steps = 100
   t.log_every = 10
-  t.eval_every = 60
+  t.eval_every = 50
   t.eval_batches = 4
-  t.checkpoint_every = 60
+  t.checkpoint_every = 50
   if variant == "bd3lm":
     return config
 

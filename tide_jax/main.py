@@ -1,6 +1,7 @@
 """Entrypoint: ``python -m tide_jax.main --config=configs/<name>.py[:arg] --workdir=DIR``.
 
-Modes: ``train`` (default; resumes from the latest checkpoint in the workdir).
+Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``eval``,
+``sample`` and ``export`` (see ``tide_jax.eval.modes``).
 Config fields are overridden with ``--config.<field>=value``. All logic lives in
 importable functions (``tide_jax.train.loop.train_and_evaluate``) so tests and notebooks
 call the same code.
@@ -18,7 +19,14 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, "
                                "metrics and the resolved config.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to run.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "export"],
+    "train (resumes from the workdir), eval (bits per byte, optional HumanEval), sample "
+    "(generate for --prompt or --chat), export (HF directory for transformers).")
+_PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt for --mode=sample (repeatable).")
+_CHAT = flags.DEFINE_bool("chat", False, "Interactive chat in --mode=sample.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None,
+                                  "Output of --mode=export (default <workdir>/hf_export).")
 
 
 class UserError(Exception):
@@ -35,6 +43,13 @@ def run(config, workdir: str, mode: str):
     if runner:
       raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
     return loop.train_and_evaluate(config, workdir)
+  from tide_jax.eval import modes
+  if mode == "eval":
+    return modes.run_eval(config, workdir)
+  if mode == "sample":
+    return modes.run_sample(config, workdir, _PROMPTS.value, _CHAT.value)
+  if mode == "export":
+    return modes.run_export(config, workdir, _EXPORT_DIR.value)
   raise UserError(f"Unknown mode {mode!r}.")
 
 

@@ -1,0 +1,140 @@
+"""The entrypoint's non-training modes: eval, sample, chat and export.
+
+Each loads the trained student from the workdir's latest checkpoint (or, without one,
+``config.model.init_from``), so ``--mode=eval --workdir=DIR`` evaluates exactly what
+``--mode=train --workdir=DIR`` produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+from etils import epath
+from flax import nnx
+
+from tide_jax import configs_lib
+from tide_jax.data import records
+from tide_jax.diffusion import sampler
+from tide_jax.train import checkpoint, optimizer, step as step_lib
+
+
+def load_trained_student(config, workdir: str):
+  """The student at the latest checkpoint of ``workdir`` (or its initial weights).
+
+  Returns ``(model, step)``; step is None when no checkpoint exists.
+  """
+  from tide_jax.train import loop
+  workdir = loop.absolute_workdir(workdir)
+  configs_lib.validate(config)
+  model_cfg = configs_lib.student_model_config(config)
+  latest = checkpoint.find_latest_step(workdir)
+  if latest is None:
+    if not config.model.get("init_from", ""):
+      raise FileNotFoundError(f"{workdir} holds no checkpoint and model.init_from is empty; "
+                              "train first (--mode=train) or set model.init_from.")
+    return loop.build_model(config, model_cfg), None
+  saved = checkpoint.read_model_meta(workdir, latest)
+  if saved is not None:
+    checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
+  from tide_jax.models import dense
+  abstract = dense.abstract_decoder(model_cfg)
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
+  abstract_state = jax.eval_shape(
+      lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params)
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+  try:
+    state, _ = ckpt.restore(latest, abstract_state)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params), latest
+
+
+def student_tokenizer(config):
+  from tide_jax.data import tokenizers
+  return tokenizers.get_tokenizer(config.data.tokenizer, config.data.get("chat_template") or None)
+
+
+def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
+  s = config.get("sampler", {})
+  return sampler.SamplerConfig(
+      block_size=int(config.block_size),
+      steps_per_block=int(s.get("steps_per_block", config.block_size)),
+      max_new_tokens=int(s.get("max_new_tokens", 256)),
+      mask_token_id=int(config.objective.mask_token_id),
+      eos_token_id=int(tokenizer.eos_token_id),
+      temperature=float(s.get("temperature", 0.0)),
+      order=s.get("order", "low_confidence"),
+      schedule=config.objective.schedule,
+      context_len=int(s.get("context_len", 4096)))
+
+
+def held_out_texts(config, limit: int) -> list[str]:
+  """Texts for bits-per-byte: ``eval.bpb_files`` or the data's eval files (plain text)."""
+  patterns = list(config.get("eval", {}).get("bpb_files", []) or config.data.eval_files or [])
+  if not patterns:
+    raise ValueError("No held-out texts: set eval.bpb_files or data.eval_files.")
+  texts = []
+  for path in records.expand_files(patterns):
+    for item in records.read_text_file(path):
+      if isinstance(item, records.TextRecord):
+        texts.append(item.text)
+    if len(texts) >= limit:
+      break
+  return texts[:limit]
+
+
+def run_eval(config, workdir: str) -> dict[str, Any]:
+  """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
+  from tide_jax.eval import bpb
+  model, step = load_trained_student(config, workdir)
+  tokenizer = student_tokenizer(config)
+  ev = config.get("eval", {})
+  texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
+  result = bpb.bits_per_byte(model, tokenizer, texts, block_size=int(config.block_size),
+                             max_len=int(config.data.max_len),
+                             mask_token_id=int(config.objective.mask_token_id),
+                             grid=int(ev.get("bpb_grid", 8)), schedule=config.objective.schedule)
+  out = {"step": step, "bits_per_byte": result.bits_per_byte,
+         "bits_per_token": result.bits_per_token, "num_texts": len(texts),
+         "num_bytes": result.num_bytes, "num_tokens": result.num_tokens}
+  print(f"step {step}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
+        f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)", flush=True)
+  if ev.get("humaneval", False):
+    from tide_jax.eval import humaneval
+    report = os.path.join(workdir, "humaneval.json")
+    he = humaneval.evaluate_humaneval(
+        model, tokenizer, sampler_config(config, tokenizer), out_json=report,
+        num_samples=int(ev.get("humaneval_samples", 1)),
+        task_ids=list(ev.get("humaneval_tasks", [])) or None)
+    out["humaneval"] = he["summary"]
+    print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+  epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
+  return out
+
+
+def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
+  from tide_jax.eval import sample_cli
+  model, _ = load_trained_student(config, workdir)
+  tokenizer = student_tokenizer(config)
+  cfg = sampler_config(config, tokenizer)
+  if chat:
+    return sample_cli.interactive_chat(model, tokenizer, cfg)
+  if not prompts:
+    raise ValueError("No prompts given; pass --prompt=TEXT (repeatable) or --chat.")
+  return sample_cli.run_sample(model, tokenizer, list(prompts), cfg)
+
+
+def run_export(config, workdir: str, out_dir: str | None) -> str:
+  from tide_jax.eval import export
+  model, step = load_trained_student(config, workdir)
+  tokenizer = student_tokenizer(config)
+  out_dir = out_dir or os.path.join(workdir, "hf_export")
+  path = export.export_student(model, tokenizer, out_dir, block_size=int(config.block_size),
+                               mask_token_id=int(config.objective.mask_token_id),
+                               schedule=config.objective.schedule)
+  print(f"exported the student (step {step}) to {path}", flush=True)
+  return path
