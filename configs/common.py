@@ -71,4 +71,30 @@ def base_config() -> config_dict.ConfigDict:
   t.keep_checkpoints = 3
   t.async_checkpoint = False
   t.stop_at_step = 0             # > 0: checkpoint and stop after this step (time-sliced jobs)
+  t.preemption_check_every = 1   # multi-host: combine the hosts' SIGTERM flags every n steps
+
+  # Device mesh (tide_jax.parallel.sharding): -1 = the remaining devices. The student's
+  # parameters and optimizer state spread over fsdp x tensor, the teacher's over
+  # tensor x expert x fsdp, the batch over data x fsdp x expert.
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.expert = 1
+  c.mesh.num_devices = 0         # 0 = every device; n = the first n (single process only)
+
+  c.sampler = config_dict.ConfigDict()      # --mode=sample and HumanEval
+  c.sampler.steps_per_block = c.get_ref("block_size")   # one token per step (the paper)
+  c.sampler.max_new_tokens = 256
+  c.sampler.temperature = 0.0
+  c.sampler.order = "low_confidence"
+  c.sampler.context_len = 4096
+
+  c.eval = config_dict.ConfigDict()         # --mode=eval and the periodic eval
+  c.eval.bpb_files = config_dict.placeholder(list)   # default: data.eval_files
+  c.eval.bpb_max_texts = 16
+  c.eval.bpb_grid = 8
+  c.eval.humaneval = False
+  c.eval.humaneval_samples = 1
+  c.eval.humaneval_tasks = config_dict.placeholder(list)
   return c
