@@ -61,8 +61,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (a local directory or a gs:// URL).")
+  from tide_jax.parallel import distributed, preemption
   try:
+    distributed.maybe_initialize()   # several hosts: before anything touches a device
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except preemption.Preempted as stop:   # SIGTERM: the checkpoint is written; resumable
+    print(stop, flush=True)
+    sys.exit(0)
   except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
     print(f"error: {err}", file=sys.stderr, flush=True)
     sys.exit(2)

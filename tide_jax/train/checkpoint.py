@@ -81,8 +81,11 @@ def find_latest_step(workdir: str) -> int | None:
   directory = epath.Path(workdir) / "checkpoints"
   if not directory.exists():
     return None
+  # Finalised only: a local step directory is renamed into place when complete; on GCS,
+  # where there is no rename, orbax writes commit_success.txt last. A save cut short by a
+  # kill leaves neither and is ignored.
   steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
-           and (p / "_CHECKPOINT_METADATA").exists()]
+           and ocp.path.step.is_path_finalized(p)]
   return max(steps) if steps else None
 
 

@@ -1,8 +1,13 @@
 """``train_and_evaluate(config, workdir)``: the training loop behind the entrypoint.
 
 Order of work, chosen so that a bad input fails before anything is written:
-validate the config -> resolve the model shape -> refuse an incompatible checkpoint ->
-build data -> build or load the model -> restore -> write the resolved config -> train.
+validate the config -> resolve the model shape and the mesh -> refuse an incompatible
+checkpoint -> build data -> create the state sharded (or restore it onto the shardings,
+whatever mesh wrote it) -> load the teacher sharded -> compile the step once -> train.
+
+Every process of a multi-host run executes this same function (SPMD): each reads its own
+share of the data, the global batch is assembled from the hosts' rows, and only process 0
+writes metrics, the config and the summary (orbax coordinates the checkpoint writes).
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ from tide_jax import configs_lib
 from tide_jax.data import pipeline
 from tide_jax.models import dense
 from tide_jax.models.config import DecoderConfig
+from tide_jax.parallel import host_data, memory, placement, preemption, sharding
 from tide_jax.train import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
+
+Preempted = preemption.Preempted
 
 
 def _say(msg: str) -> None:
-  """Progress for people: stdout, visible in terminals, notebooks and job logs."""
-  print(msg, flush=True)
+  """Progress for people: stdout of process 0, visible in terminals, notebooks and job logs."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def absolute_workdir(workdir: str) -> str:
@@ -34,23 +43,60 @@ def absolute_workdir(workdir: str) -> str:
   return workdir if "://" in workdir else os.path.abspath(workdir)
 
 
-def build_model(config, model_cfg: DecoderConfig) -> dense.DenseDecoder:
-  """Random init from the config, or the weights of ``config.model.init_from``."""
-  init_from = config.model.get("init_from", "")
-  if init_from:
-    from tide_jax.convert import hf_checkpoint
-    _say(f"Loading student weights from {init_from}")
-    return hf_checkpoint.load_dense_from_hf(init_from, param_dtype=model_cfg.param_dtype,
-                                            dtype=model_cfg.dtype)
-  return dense.build_decoder(model_cfg, seed=int(config.seed))
+def load_hf_params(config, model_cfg: DecoderConfig) -> nnx.State:
+  """The parameters of the HF directory ``config.model.init_from`` (host memory)."""
+  from tide_jax.convert import hf_checkpoint
+  _say(f"Loading student weights from {config.model.init_from}")
+  model = hf_checkpoint.load_dense_from_hf(config.model.init_from,
+                                           param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
+  return nnx.split(model, nnx.Param)[1]
 
 
-def evaluate(eval_step, params, eval_batches, seed: int) -> dict[str, float]:
-  """Mean held-out metrics over fixed batches with fixed noise keys (reproducible)."""
-  base = jax.random.key(seed + 1_000_003)
+def student_state_plan(config, model_cfg: DecoderConfig, tx, mesh):
+  """GraphDef, abstract train state and its shardings (STUDENT_RULES), nothing allocated."""
+  seed = int(config.seed)
+  graphdef, abstract_params = nnx.split(dense.abstract_decoder(model_cfg), nnx.Param)
+  abstract_state = jax.eval_shape(lambda p: step_lib.create_train_state(p, tx, seed),
+                                  abstract_params)
+  shardings = placement.state_shardings(abstract_state, mesh, sharding.STUDENT_RULES)
+  return graphdef, abstract_state, shardings
+
+
+def init_student_state(config, model_cfg: DecoderConfig, tx, shardings) -> step_lib.TrainState:
+  """A fresh train state, every leaf created on its shards (random init or ``init_from``)."""
+  seed = int(config.seed)
+  if config.model.get("init_from", ""):
+    params = placement.put_sharded(load_hf_params(config, model_cfg), shardings.params)
+    return jax.jit(lambda p: step_lib.create_train_state(p, tx, seed),
+                   out_shardings=shardings)(params)
+
+  def create():
+    params = nnx.split(dense.build_decoder(model_cfg, seed=seed), nnx.Param)[1]
+    return step_lib.create_train_state(params, tx, seed)
+
+  return placement.init_sharded(create, shardings)
+
+
+def make_sharded_eval(graphdef, config, mesh, params_shardings, batch_shardings):
+  """``eval_fn(params, batch, index) -> metrics`` jitted on the mesh; the noise key of batch
+  ``index`` is ``fold_in(key(seed + 1_000_003), index)`` (fixed, reproducible)."""
+  eval_step = step_lib.make_eval_step(graphdef, config)
+  base = jax.random.key(int(config.seed) + 1_000_003)
+
+  def eval_fn(params, batch, index):
+    return eval_step(params, batch, jax.random.fold_in(base, index))
+
+  rep = sharding.replicated(mesh)
+  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings, rep),
+                 out_shardings=rep)
+
+
+def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
+  """Mean held-out metrics over fixed (global) batches with fixed noise keys."""
   totals: dict[str, float] = {}
   for i, batch in enumerate(eval_batches):
-    out = jax.device_get(eval_step(params, batch, jax.random.fold_in(base, i)))
+    index = jax.device_put(np.int32(i), sharding.replicated(mesh))
+    out = jax.device_get(eval_fn(params, batch, index))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return {k: v / max(len(eval_batches), 1) for k, v in totals.items()}
@@ -97,20 +143,43 @@ def _validate_distillation(config, model_cfg):
   return config.teacher if needs_teacher else None
 
 
-def _load_distillation(config, model_cfg, teacher_section):
-  """Loads the frozen teacher and builds the step's distillation pieces."""
+def _load_distillation(config, model_cfg, teacher_section, mesh):
+  """Loads the frozen teacher sharded by TEACHER_RULES and builds the distillation pieces."""
   from tide_jax.models import teachers
   from tide_jax.train import distillation
   if teacher_section is None:
     return None, None
   _say(f"Loading teacher {teacher_section.name!r} from "
        f"{teacher_section.checkpoint or teacher_section.hf_dir}")
-  teacher = teachers.load_teacher(teacher_section)
+  teacher = teachers.load_teacher(teacher_section, mesh, sharding.TEACHER_RULES)
   plan = distillation.make_distillation(
       config, model_cfg, teacher_graphdef=teacher.graphdef,
       teacher_vocab=teacher.config.vocab_size, teacher_mask_token_id=teacher.mask_token_id,
       teacher_input_builder=teacher.family.input_builder)
   return plan, teacher.params
+
+
+def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_params, mesh):
+  """Jits the step once with explicit in/out shardings and donated state (AOT compiled).
+
+  A ``Compiled`` object never retraces: a batch of another shape or sharding is an error
+  instead of a silent second compilation.
+  """
+  batch_sh = placement.batch_shardings(example_batch, mesh, sharding.STUDENT_RULES)
+  jitted = jax.jit(step_fn,
+                   in_shardings=(state_shardings, batch_sh, placement.shardings_of(teacher_params)),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=(0,))
+  compiled = jitted.lower(state, example_batch, teacher_params).compile()
+  return compiled, batch_sh
+
+
+def _peek(iterator) -> dict[str, np.ndarray]:
+  """The next batch without consuming it (shapes and keys for compilation)."""
+  position = iterator.get_state()
+  batch = next(iterator)
+  iterator.set_state(position)
+  return batch
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -119,58 +188,80 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   Args:
     config: an ml_collections ConfigDict (see ``configs/smoke.py`` for every field). With a
       ``distill`` section whose recipe needs a teacher, the frozen teacher of
-      ``config.teacher`` is loaded and its term added to the one train step.
+      ``config.teacher`` is loaded and its term added to the one train step. ``config.mesh``
+      gives the device mesh (``tide_jax.parallel.sharding.mesh_from_config``).
     workdir: local directory or ``gs://`` URL for checkpoints, metrics and the config.
 
   Returns:
-    A summary: final step, last train metrics and the final held-out evaluation.
+    A summary: final step, last train metrics, the final held-out evaluation, the mesh,
+    the step's compiled memory statistics, plus the final ``state`` and ``graphdef``.
+
+  Raises:
+    Preempted: after SIGTERM, once the checkpoint of the current step is written.
   """
   workdir = absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   teacher_section = _validate_distillation(config, model_cfg)
-  latest = _check_resume(workdir, model_cfg)
-
   num_steps = int(config.train.num_steps)
   batch_size = int(config.train.batch_size)
+  mesh, mesh_notice = sharding.mesh_from_config(config.get("mesh"), batch_size)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  host_rows, batch_notice = sharding.check_batch_size(batch_size, mesh, sharding.STUDENT_RULES,
+                                                      process_count)
+  latest = _check_resume(workdir, model_cfg)
+  primary = process_index == 0
+
   train_iter = pipeline.make_iterator(
-      config.data, split="train", batch_size=batch_size, seed=int(config.seed),
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workdir_cache=workdir)
+      config.data, split="train", batch_size=host_rows, seed=int(config.seed),
+      process_index=process_index, process_count=process_count, workdir_cache=workdir)
   eval_iter = pipeline.make_iterator(
-      config.data, split="eval", batch_size=batch_size, seed=0,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      workdir_cache=workdir)
-  eval_batches = [next(eval_iter) for _ in range(int(config.train.eval_batches))]
+      config.data, split="eval", batch_size=host_rows, seed=0,
+      process_index=process_index, process_count=process_count, workdir_cache=workdir)
+  to_global = host_data.make_global_batch_fn(mesh, sharding.STUDENT_RULES, process_count)
+  eval_batches = [to_global(next(eval_iter)) for _ in range(int(config.train.eval_batches))]
 
-  model = build_model(config, model_cfg)
-  graphdef, params = nnx.split(model, nnx.Param)
-  del model
   tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps)
-  state = step_lib.create_train_state(params, tx, int(config.seed))
-
-  plan, teacher_params = _load_distillation(config, model_cfg, teacher_section)
-  extra_loss = plan.extra_loss if plan is not None else None
-  mask_fn = plan.mask_fn if plan is not None else None
-
+  graphdef, abstract_state, state_sh = student_state_plan(config, model_cfg, tx, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
                                  async_save=bool(config.train.get("async_checkpoint", False)))
   start_step = 0
   if latest is not None:
-    state, data_state = ckpt.restore(latest, checkpoint.abstract_like(state))
-    train_iter.set_state(data_state)
+    state, data_state = ckpt.restore(latest, placement.abstract_with_shardings(abstract_state,
+                                                                              state_sh))
+    train_iter.set_state(host_data.local_iterator_state(data_state, process_index,
+                                                        process_count))
     start_step = int(state.step)
     _say(f"Resuming from checkpoint at step {start_step} in {workdir}")
+  else:
+    state = init_student_state(config, model_cfg, tx, state_sh)
+
+  plan, teacher_params = _load_distillation(config, model_cfg, teacher_section, mesh)
+  extra_loss = plan.extra_loss if plan is not None else None
+  mask_fn = plan.mask_fn if plan is not None else None
 
   wd = epath.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
-  (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if latest is not None else None)
+  if primary:
+    (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if latest is not None else None,
+                                     active=primary)
 
   step_fn = step_lib.make_train_step(graphdef, tx, lr_schedule, config, num_steps, extra_loss,
                                     mask_fn)
-  train_step = jax.jit(step_fn, donate_argnums=(0,))
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, config))
+  example = to_global(_peek(train_iter))
+  train_step, batch_sh = _compile_train_step(step_fn, state, state_sh, example, teacher_params,
+                                             mesh)
+  del example
+  mem = memory.memory_stats(train_step)
+  _say(f"mesh {dict(mesh.shape)} over {mesh.size} devices, {process_count} process(es); "
+       f"global batch {batch_size} ({host_rows} rows per host)")
+  for notice in (mesh_notice, batch_notice):
+    if notice:
+      _say(notice)
+  _say(memory.describe(mem))
+  eval_fn = make_sharded_eval(graphdef, config, mesh, state_sh.params, batch_sh)
+
   meta = checkpoint.model_meta(model_cfg)
   log_every = int(config.train.log_every)
   eval_every = int(config.train.eval_every)
@@ -179,35 +270,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tokens_per_step = batch_size * train_iter.seq_len
   history: list[dict[str, float]] = []
   if start_step == 0 and eval_every > 0:
-    initial = evaluate(eval_step, state.params, eval_batches, int(config.seed))
+    initial = evaluate(eval_fn, state.params, eval_batches, mesh)
     writer.write(0, initial, prefix="eval/")
     _say(f"step 0  eval masked_nll {initial['masked_nll']:.4f}")
 
+  def save(step: int) -> None:
+    writer.flush()   # metrics up to this step are durable before the checkpoint claims it
+    ckpt.save(step, state, host_data.gather_iterator_states(train_iter.get_state()), meta,
+              force=True)
+
   last_metrics: dict[str, float] = {}
   stop_at = int(config.train.get("stop_at_step", 0)) or num_steps
-  for step in range(start_step + 1, min(stop_at, num_steps) + 1):
-    batch = next(train_iter)
-    state, step_metrics = train_step(state, batch, teacher_params)
-    host = metrics_lib.to_python(jax.device_get(step_metrics))
-    step_lib.check_finite(step, host)
-    progress.add_tokens(tokens_per_step)
-    last_metrics = host
-    history.append({"step": step, **host})
-    writer.write(step, host, prefix="train/")
-    if step % log_every == 0 or step == num_steps:
-      _say(progress.line(step, host["loss"]))
-    if eval_every > 0 and (step % eval_every == 0 or step == num_steps):
-      ev = evaluate(eval_step, state.params, eval_batches, int(config.seed))
-      writer.write(step, ev, prefix="eval/")
-      _say(f"step {step}  eval masked_nll {ev['masked_nll']:.4f}  ce_loss {ev['ce_loss']:.4f}")
-    if step % ckpt_every == 0 or step in (num_steps, stop_at):
-      ckpt.save(step, state, train_iter.get_state(), meta, force=True)
+  check_every = int(config.train.get("preemption_check_every", 1))
+  with preemption.PreemptionGuard(check_every) as guard:
+    for step in range(start_step + 1, min(stop_at, num_steps) + 1):
+      batch = to_global(next(train_iter))
+      state, step_metrics = train_step(state, batch, teacher_params)
+      host = metrics_lib.to_python(jax.device_get(step_metrics))
+      step_lib.check_finite(step, host)
+      progress.add_tokens(tokens_per_step)
+      last_metrics = host
+      history.append({"step": step, **host})
+      writer.write(step, host, prefix="train/")
+      if step % log_every == 0 or step == num_steps:
+        _say(progress.line(step, host["loss"]))
+        writer.flush()
+      if eval_every > 0 and (step % eval_every == 0 or step == num_steps):
+        ev = evaluate(eval_fn, state.params, eval_batches, mesh)
+        writer.write(step, ev, prefix="eval/")
+        _say(f"step {step}  eval masked_nll {ev['masked_nll']:.4f}  ce_loss {ev['ce_loss']:.4f}")
+      stop = guard.should_stop(step)    # the same answer on every host
+      if stop or step % ckpt_every == 0 or step in (num_steps, stop_at):
+        save(step)
+      if stop and step < min(stop_at, num_steps):
+        ckpt.close()
+        writer.close()
+        _say(f"SIGTERM received: checkpoint of step {step} written; exiting.")
+        raise Preempted(step, workdir)
 
   ckpt.close()
   writer.close()
-  final_eval = evaluate(eval_step, state.params, eval_batches, int(config.seed))
+  final_eval = evaluate(eval_fn, state.params, eval_batches, mesh)
   summary = {"step": int(state.step), "train": last_metrics, "eval": final_eval,
-             "train_step_compilations": step_fn.traces, "history": history}
-  (wd / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
-                                               if k != "history"}, indent=2))
-  return {**summary, "state": state, "graphdef": graphdef}
+             "train_step_compilations": step_fn.traces, "mesh": dict(mesh.shape),
+             "process_count": process_count, "memory": mem, "history": history}
+  if primary:
+    (wd / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                 if k != "history"}, indent=2))
+  return {**summary, "state": state, "graphdef": graphdef, "teacher_params": teacher_params}

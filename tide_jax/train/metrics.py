@@ -1,13 +1,18 @@
 """Metrics as JSON lines and TensorBoard event files, plus the console progress line.
 
-``metrics.jsonl`` is written through ``etils.epath``; on object stores (no append) the
-file is rewritten whole at each flush, which is cheap at the logging rates used here.
-TensorBoard events are written with tensorboardX under ``<workdir>/tensorboard``.
+``metrics.jsonl`` is written through ``etils.epath``. Locally each row is appended at once;
+on object stores (``gs://``: no append) rows are buffered and the file is rewritten whole
+at each ``flush`` (the loop flushes at log steps and before every checkpoint, so every row
+a checkpoint covers is durable). TensorBoard events are written with tensorboardX under
+``<workdir>/tensorboard``; for an object-store workdir they are written to a local
+directory and copied up at each flush. In a multi-host run only process 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -24,23 +29,59 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step; keeps TensorBoard in sync."""
+class _TensorBoard:
+  """tensorboardX writer; for remote workdirs a local mirror uploaded by ``sync``."""
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None):
+  def __init__(self, tb_dir: epath.Path):
+    self.remote = None if _is_local(tb_dir) else tb_dir
+    self.local = tempfile.mkdtemp(prefix="tide_tb_") if self.remote else str(tb_dir)
+    from tensorboardX import SummaryWriter
+    self.writer = SummaryWriter(self.local)
+
+  def add(self, values: Mapping[str, float], step: int) -> None:
+    for k, v in values.items():
+      self.writer.add_scalar(k, v, step)
+
+  def sync(self) -> None:
+    self.writer.flush()
+    if self.remote is None:
+      return
+    self.remote.mkdir(parents=True, exist_ok=True)
+    for f in epath.Path(self.local).iterdir():
+      (self.remote / f.name).write_bytes(f.read_bytes())
+
+  def close(self) -> None:
+    self.sync()
+    self.writer.close()
+    if self.remote is not None:
+      shutil.rmtree(self.local, ignore_errors=True)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step; keeps TensorBoard in sync.
+
+  Args:
+    workdir: local directory or URL.
+    resume_step: the restored step; rows after it (written by the interrupted run) are
+      dropped so that a resumed run's file equals an uninterrupted one's.
+    active: False on every process but the first of a multi-host run (writes nothing).
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, active: bool = True):
     self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.active = active
     self.rows: list[dict[str, Any]] = []
+    self.tb = None
+    if not active:
+      return
     if self.path.exists():
       existing = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
       # Rows past the restored step belong to the interrupted run and are replaced.
       keep_until = -1 if resume_step is None else resume_step
       self.rows = [r for r in existing if r.get("step", 0) <= keep_until]
     self._write_all()
-    self.tb = None
-    tb_dir = epath.Path(workdir) / "tensorboard"
     try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(tb_dir))
+      self.tb = _TensorBoard(epath.Path(workdir) / "tensorboard")
     except Exception as err:  # pragma: no cover - tensorboard is optional at run time
       logging.warning("TensorBoard logging disabled: %s", err)
 
@@ -48,25 +89,32 @@ class MetricsWriter:
     self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+    if not self.active:
+      return
     values = {f"{prefix}{k}": v for k, v in to_python(metrics).items()}
     row = {"step": int(step), **values}
     self.rows.append(row)
     if _is_local(self.path):
       with self.path.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    else:
-      self._write_all()
     if self.tb is not None:
-      for k, v in values.items():
-        self.tb.add_scalar(k, v, int(step))
+      self.tb.add(values, int(step))
 
   def flush(self) -> None:
+    if not self.active:
+      return
+    if not _is_local(self.path):
+      self._write_all()
     if self.tb is not None:
-      self.tb.flush()
+      self.tb.sync()
 
   def close(self) -> None:
+    if not self.active:
+      return
+    self.flush()
     if self.tb is not None:
       self.tb.close()
+      self.tb = None
 
 
 class Progress:
