@@ -103,7 +103,7 @@ class DecoderLayer(nnx.Module):
     return x, new_kv
 
 
-class DenseDecoder(nnx.Module):
+class DenseDecoder(layers.LanguageModelHead, nnx.Module):
   """Qwen2/Qwen3-family decoder; see the module docstring for the parameter layout."""
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
@@ -144,23 +144,6 @@ class DenseDecoder(nnx.Module):
     x = self.final_norm(x)
     return (x, tuple(new_kvs)) if return_kv else x
 
-  def output_kernel(self) -> jax.Array:
-    """The ``[E, V]`` output projection (the transposed embedding when tied)."""
-    if self.cfg.tie_word_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
-
-  def logits(self, hidden: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
-    """Output projection of hidden states ``[..., E] -> [..., V]``."""
-    kernel = self.output_kernel().astype(hidden.dtype)
-    return jnp.einsum("...e,ev->...v", hidden, kernel,
-                      preferred_element_type=jnp.float32).astype(out_dtype)
-
-  def __call__(self, input_ids, positions, attention_mask, return_hidden: bool = False):
-    """Logits ``[b, L, V]`` (float32), and the hidden states when ``return_hidden``."""
-    hidden = self.hidden_states(input_ids, positions, attention_mask)
-    out = self.logits(hidden)
-    return (out, hidden) if return_hidden else out
 
 
 def build_decoder(cfg: DecoderConfig, seed: int = 0) -> DenseDecoder:

@@ -125,3 +125,26 @@ class SwiGLU(nnx.Module):
     g = x @ self.gate[...].astype(dtype)
     u = x @ self.up[...].astype(dtype)
     return (jax.nn.silu(g) * u) @ self.down[...].astype(dtype)
+
+
+class LanguageModelHead:
+  """Mixin for decoders with ``cfg.tie_word_embeddings``, ``embed [V, E]``, optional
+  ``lm_head [E, V]`` and a ``hidden_states(ids, positions, mask)`` method."""
+
+  def output_kernel(self) -> jax.Array:
+    """The ``[E, V]`` output projection (the transposed embedding when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
+    """Output projection of hidden states ``[..., E] -> [..., V]`` (float32 accumulation)."""
+    kernel = self.output_kernel().astype(hidden.dtype)
+    return jnp.einsum("...e,ev->...v", hidden, kernel,
+                      preferred_element_type=jnp.float32).astype(out_dtype)
+
+  def __call__(self, input_ids, positions, attention_mask, return_hidden: bool = False):
+    """Logits ``[b, L, V]`` (float32), and the hidden states when ``return_hidden``."""
+    hidden = self.hidden_states(input_ids, positions, attention_mask)
+    out = self.logits(hidden)
+    return (out, hidden) if return_hidden else out

@@ -192,7 +192,7 @@ class LLaDA2Layer(nnx.Module):
     return x + self.mlp(self.post_attn_norm(x))
 
 
-class LLaDA2Model(nnx.Module):
+class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
   """LLaDA2 MoE: ``embed [V, E]``, ``layers``, ``final_norm``, ``lm_head [E, V]``."""
 
   def __init__(self, cfg: LLaDA2Config, *, rngs: nnx.Rngs):
@@ -229,24 +229,6 @@ class LLaDA2Model(nnx.Module):
       else:
         x = layer(x, cos, sin, mask)
     return self.final_norm(x)
-
-  def output_kernel(self) -> jax.Array:
-    """The ``[E, V]`` output projection (the transposed embedding when tied)."""
-    if self.cfg.tie_word_embeddings:
-      return self.embed[...].T
-    return self.lm_head[...]
-
-  def logits(self, hidden: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
-    """Output projection ``[..., E] -> [..., V]`` (float32 accumulation)."""
-    kernel = self.output_kernel().astype(hidden.dtype)
-    return jnp.einsum("...e,ev->...v", hidden, kernel,
-                      preferred_element_type=jnp.float32).astype(out_dtype)
-
-  def __call__(self, input_ids, positions, attention_mask, return_hidden: bool = False):
-    """Logits ``[b, L, V]`` (float32), and the hidden states when ``return_hidden``."""
-    hidden = self.hidden_states(input_ids, positions, attention_mask)
-    out = self.logits(hidden)
-    return (out, hidden) if return_hidden else out
 
 
 def abstract_llada2(cfg: LLaDA2Config) -> LLaDA2Model:
