@@ -124,3 +124,14 @@ def test_cli_trains_with_a_relative_workdir_and_resumes(tmp_path):
   again = run_main(*args[:1], "--config.train.num_steps=3", *args[2:])
   assert again.returncode == 0, again.stderr[-2000:]
   assert "Resuming from checkpoint at step 2" in again.stdout
+
+
+def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
+  from tide_jax.train.step import NonFiniteError, check_finite
+  with pytest.raises(NonFiniteError, match="Training stopped at step 7: grad_norm is inf"):
+    check_finite(7, {"loss": 1.0, "grad_norm": float("inf")})
+  c = short_config(tmp_path, num_steps=4)
+  c.optim.learning_rate = 1e30      # the first update overflows the parameters
+  c.optim.warmup_steps = 0
+  with pytest.raises(NonFiniteError, match=r"Training stopped at step [23]: (loss|grad_norm) is"):
+    loop.train_and_evaluate(c, str(tmp_path / "nan"))
