@@ -139,3 +139,9 @@ def tiny_config(*, recipe: str, tokenizer: str, teacher_tokenizer: str | None,
                                       tokenizer=teacher_tokenizer, mask_token_id=teacher_mask_id,
                                       param_dtype="float32", dtype="float32")
   return c
+
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+  """``--config=tests/parallel_fixtures.py:ARGS.json``: ``tiny_config(**json)`` for CLI tests."""
+  with open(arg) as f:
+    return tiny_config(**json.load(f))

@@ -25,6 +25,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = False):
     self.directory = epath.Path(workdir) / "checkpoints"
+    self.async_save = async_save
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -278,6 +278,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.flush()   # metrics up to this step are durable before the checkpoint claims it
     ckpt.save(step, state, host_data.gather_iterator_states(train_iter.get_state()), meta,
               force=True)
+    _say(f"checkpoint of step {step} {'queued' if ckpt.async_save else 'written'}")
 
   last_metrics: dict[str, float] = {}
   stop_at = int(config.train.get("stop_at_step", 0)) or num_steps
