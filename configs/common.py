@@ -64,6 +64,7 @@ def base_config() -> config_dict.ConfigDict:
   t = c.train
   t.batch_size = 32
   t.num_steps = 1000
+  t.epochs = 0                   # > 0: num_steps = ceil(epochs * train records / batch_size)
   t.log_every = 50
   t.eval_every = 500
   t.eval_batches = 8

@@ -13,6 +13,7 @@ writes metrics, the config and the summary (orbax coordinates the checkpoint wri
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -174,6 +175,14 @@ def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_
   return compiled, batch_sh
 
 
+def resolve_num_steps(config, num_records: int) -> int:
+  """``train.num_steps``, or ``ceil(train.epochs * records / batch_size)`` when epochs > 0."""
+  epochs = float(config.train.get("epochs", 0) or 0)
+  if epochs <= 0:
+    return int(config.train.num_steps)
+  return max(1, math.ceil(epochs * num_records / int(config.train.batch_size)))
+
+
 def _peek(iterator) -> dict[str, np.ndarray]:
   """The next batch without consuming it (shapes and keys for compilation)."""
   position = iterator.get_state()
@@ -218,6 +227,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_iter = pipeline.make_iterator(
       config.data, split="eval", batch_size=host_rows, seed=0,
       process_index=process_index, process_count=process_count, workdir_cache=workdir)
+  num_steps = resolve_num_steps(config, train_iter.num_records)
   to_global = host_data.make_global_batch_fn(mesh, sharding.STUDENT_RULES, process_count)
   eval_batches = [to_global(next(eval_iter)) for _ in range(int(config.train.eval_batches))]
 
