@@ -78,6 +78,7 @@ def test_distributed_layout_from_environment():
   assert distributed.detected_cluster({"SLURM_NTASKS": "2"}) == "slurm"
   assert distributed.detected_cluster({"TPU_WORKER_HOSTNAMES": "a,b"}) == "tpu"
   assert distributed.detected_cluster({"SLURM_NTASKS": "1"}) is None
+  assert distributed.detected_cluster({"TIDE_DISTRIBUTED": "auto"}) == "auto"
 
 
 def test_sigterm_sets_the_flag_and_the_handler_is_restored():

@@ -7,7 +7,8 @@ Where the process layout comes from, first match wins:
   1. explicit values (arguments, or the environment variables
      ``TIDE_COORDINATOR_ADDRESS`` host:port, ``TIDE_NUM_PROCESSES``, ``TIDE_PROCESS_ID``);
   2. a cluster that JAX detects by itself, when it reports several processes: a TPU VM
-     slice with more than one worker, a SLURM step with more than one task, Open MPI;
+     slice with more than one worker, a SLURM step with more than one task, Open MPI, or
+     ``TIDE_DISTRIBUTED=auto`` (set by launch/tpu_vm.sh for multi-worker slices);
   3. otherwise a single process, and nothing is initialised.
 """
 
@@ -35,6 +36,8 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
 def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
   """The multi-process cluster this process runs in, or None (single process)."""
   env = os.environ if env is None else env
+  if env.get("TIDE_DISTRIBUTED", "").strip().lower() == "auto":
+    return "auto"
   if "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
   for name in ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
