@@ -95,6 +95,7 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.bpb_files = config_dict.placeholder(list)   # default: data.eval_files
   c.eval.bpb_max_texts = 16
   c.eval.bpb_grid = 8
+  c.eval.bpb_during_training = False   # also report bits per byte at every train.eval_every
   c.eval.humaneval = False
   c.eval.humaneval_samples = 1
   c.eval.humaneval_tasks = config_dict.placeholder(list)

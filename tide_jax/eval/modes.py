@@ -87,6 +87,29 @@ def held_out_texts(config, limit: int) -> list[str]:
   return texts[:limit]
 
 
+def make_periodic_bpb(config):
+  """A ``model -> bits per byte`` callable for the periodic eval, or None when disabled.
+
+  The held-out texts are tokenized once; each call evaluates the fixed t grid and the
+  fixed masks, so successive values are comparable (``eval.bpb_during_training``).
+  """
+  ev = config.get("eval", {})
+  if not ev.get("bpb_during_training", False):
+    return None
+  from tide_jax.eval import bpb
+  texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
+  data = bpb.prepare_texts(student_tokenizer(config), texts, max_len=int(config.data.max_len),
+                           block_size=int(config.block_size))
+
+  def evaluate(model) -> float:
+    return bpb.bits_per_byte_from_data(
+        model, data, block_size=int(config.block_size),
+        mask_token_id=int(config.objective.mask_token_id), grid=int(ev.get("bpb_grid", 8)),
+        schedule=config.objective.schedule).bits_per_byte
+
+  return evaluate
+
+
 def run_eval(config, workdir: str) -> dict[str, Any]:
   """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
   from tide_jax.eval import bpb

@@ -52,6 +52,7 @@ def teacher_training_config(config, root: str | None = None) -> config_dict.Conf
   t.train.eval_every = int(smoke.teacher_steps)
   t.train.checkpoint_every = int(smoke.teacher_steps)
   t.optim.learning_rate = float(smoke.teacher_learning_rate)
+  t.eval.bpb_during_training = False   # the bound is the BD3LM student's, not an MDLM's
   del t["distill"], t["teacher"], t["smoke"], t["runner"]
   return t
 
