@@ -110,3 +110,14 @@ def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
   assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   for a, b in zip(full["history"][3:], resumed["history"]):
     assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+
+
+def test_constrain_pins_activations_under_a_mesh_and_is_a_no_op_without():
+  x = jnp.ones((8, 4, 6))
+  assert sharding.constrain(x, ("batch", "length", "embed")) is x
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  f = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", "length", "vocab")))
+  with jax.set_mesh(mesh):
+    out = f(jnp.ones((8, 4, 6)))
+  assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  np.testing.assert_array_equal(np.asarray(out), 2.0)

@@ -253,3 +253,19 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules: Mapping[str, Any],
               f"{ways} batch shards of mesh {dict(mesh.shape)}, so {ways // used} devices "
               f"compute each row; use a multiple of {ways} to use every device.")
   return global_batch // process_count, notice
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None],
+              rules: Mapping[str, Any] = STUDENT_RULES) -> jax.Array:
+  """Pins an activation's layout by logical names, e.g. ``("batch", "length", "embed")``.
+
+  Uses the mesh set with ``jax.set_mesh(mesh)`` around tracing; without one (single
+  device, tests, notebooks) it returns ``x`` unchanged. Without such constraints XLA's
+  propagation may keep large activations (``[b, L, V]`` logits) replicated over the batch
+  axes.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+    return x
+  spec = logical_to_spec(logical_axes, rules, mesh, x.shape)
+  return jax.lax.with_sharding_constraint(x, spec)
