@@ -44,6 +44,8 @@ def test_smoke_trains_and_resume_is_exact(tmp_path):
   # Random init scores ~log(151936) = 11.9 nats; 40 steps on real text must get well below.
   assert first > 11.0
   assert last < first - 2.0, (first, last)
+  # The periodic bits-per-byte eval runs on the same fixed grid: it must fall too.
+  assert eval_rows[-1]["eval/bits_per_byte"] < eval_rows[0]["eval/bits_per_byte"]
   train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert sum(train_losses[-5:]) / 5 < sum(train_losses[:5]) / 5 - 1.0
   for name in ("config.json", "summary.json", "checkpoints"):

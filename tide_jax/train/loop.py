@@ -191,6 +191,13 @@ def _peek(iterator) -> dict[str, np.ndarray]:
   return batch
 
 
+def _eval_line(ev: dict[str, float]) -> str:
+  line = f"masked_nll {ev['masked_nll']:.4f}  ce_loss {ev['ce_loss']:.4f}"
+  if "bits_per_byte" in ev:
+    line += f"  bits/byte {ev['bits_per_byte']:.4f}"
+  return line
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains the student described by ``config``; resumes from the latest checkpoint.
 
@@ -271,6 +278,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       _say(notice)
   _say(memory.describe(mem))
   eval_fn = make_sharded_eval(graphdef, config, mesh, state_sh.params, batch_sh)
+  from tide_jax.eval import modes   # imported here: eval modules import the train package
+  periodic_bpb = modes.make_periodic_bpb(config)
+
+  def held_out(params) -> dict[str, float]:
+    out = evaluate(eval_fn, params, eval_batches, mesh)
+    if periodic_bpb is not None:
+      out["bits_per_byte"] = periodic_bpb(nnx.merge(graphdef, params))
+    return out
 
   meta = checkpoint.model_meta(model_cfg)
   log_every = int(config.train.log_every)
@@ -280,9 +295,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   tokens_per_step = batch_size * train_iter.seq_len
   history: list[dict[str, float]] = []
   if start_step == 0 and eval_every > 0:
-    initial = evaluate(eval_fn, state.params, eval_batches, mesh)
+    initial = held_out(state.params)
     writer.write(0, initial, prefix="eval/")
-    _say(f"step 0  eval masked_nll {initial['masked_nll']:.4f}")
+    _say(f"step 0  eval {_eval_line(initial)}")
 
   def save(step: int) -> None:
     writer.flush()   # metrics up to this step are durable before the checkpoint claims it
@@ -307,9 +322,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         _say(progress.line(step, host["loss"]))
         writer.flush()
       if eval_every > 0 and (step % eval_every == 0 or step == num_steps):
-        ev = evaluate(eval_fn, state.params, eval_batches, mesh)
+        ev = held_out(state.params)
         writer.write(step, ev, prefix="eval/")
-        _say(f"step {step}  eval masked_nll {ev['masked_nll']:.4f}  ce_loss {ev['ce_loss']:.4f}")
+        _say(f"step {step}  eval {_eval_line(ev)}")
       stop = guard.should_stop(step)    # the same answer on every host
       if stop or step % ckpt_every == 0 or step in (num_steps, stop_at):
         save(step)
