@@ -97,7 +97,8 @@ def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
   totals: dict[str, float] = {}
   for i, batch in enumerate(eval_batches):
     index = jax.device_put(np.int32(i), sharding.replicated(mesh))
-    out = jax.device_get(eval_fn(params, batch, index))
+    with jax.set_mesh(mesh):     # traced on the first call; see _compile_train_step
+      out = jax.device_get(eval_fn(params, batch, index))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   return {k: v / max(len(eval_batches), 1) for k, v in totals.items()}
@@ -171,7 +172,9 @@ def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_
                    in_shardings=(state_shardings, batch_sh, placement.shardings_of(teacher_params)),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=(0,))
-  compiled = jitted.lower(state, example_batch, teacher_params).compile()
+  # The mesh context lets sharding.constrain pin activation layouts inside the step.
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(state, example_batch, teacher_params).compile()
   return compiled, batch_sh
 
 
