@@ -21,9 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tide_jax.models import layers
+from tide_jax.parallel import sharding
 from tide_jax.models.config import DecoderConfig, resolve_dtype
 
 KVPair = tuple[jax.Array, jax.Array]
+# Logical layout of the residual stream; a no-op without a mesh (see parallel.sharding).
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 class Attention(nnx.Module):
@@ -131,6 +134,7 @@ class DenseDecoder(layers.LanguageModelHead, nnx.Module):
     """
     dtype = resolve_dtype(self.cfg.dtype)
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+    x = sharding.constrain(x, ACTIVATION_AXES)
     cos, sin = layers.rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
     mask = layers.as_4d_mask(attention_mask)
     new_kvs = []
@@ -140,6 +144,7 @@ class DenseDecoder(layers.LanguageModelHead, nnx.Module):
         x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask, prefix)
       else:
         x, kv = layer(x, cos, sin, mask, prefix)
+      x = sharding.constrain(x, ACTIVATION_AXES)
       new_kvs.append(kv)
     x = self.final_norm(x)
     return (x, tuple(new_kvs)) if return_kv else x

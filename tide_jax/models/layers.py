@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tide_jax.parallel import sharding
+
 NEG_INF = -1e30
 
 
@@ -140,8 +142,12 @@ class LanguageModelHead:
   def logits(self, hidden: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
     """Output projection of hidden states ``[..., E] -> [..., V]`` (float32 accumulation)."""
     kernel = self.output_kernel().astype(hidden.dtype)
-    return jnp.einsum("...e,ev->...v", hidden, kernel,
-                      preferred_element_type=jnp.float32).astype(out_dtype)
+    out = jnp.einsum("...e,ev->...v", hidden, kernel,
+                     preferred_element_type=jnp.float32).astype(out_dtype)
+    if out.ndim == 3:
+      # Keep [b, L, V] logits split over the batch axes (and vocab over tensor) on a mesh.
+      out = sharding.constrain(out, ("batch", "length", "vocab"))
+    return out
 
   def __call__(self, input_ids, positions, attention_mask, return_hidden: bool = False):
     """Logits ``[b, L, V]`` (float32), and the hidden states when ``return_hidden``."""

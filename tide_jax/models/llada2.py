@@ -25,6 +25,7 @@ from flax import nnx
 
 from tide_jax.models import dense, layers, moe
 from tide_jax.models.config import _rope_settings, resolve_dtype
+from tide_jax.parallel import sharding
 
 MODEL_TYPE = "llada2_moe"
 
@@ -220,7 +221,8 @@ class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
       attention_mask: bool ``[L, L]``, ``[b, L, L]`` or ``[b, 1|H, L, L]`` (True = attend).
     """
     dtype = resolve_dtype(self.cfg.dtype)
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
+    x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dtype),
+                           dense.ACTIVATION_AXES)
     cos, sin = layers.rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
     mask = layers.as_4d_mask(attention_mask)
     for layer in self.layers:
@@ -228,6 +230,7 @@ class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
         x = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
       else:
         x = layer(x, cos, sin, mask)
+      x = sharding.constrain(x, dense.ACTIVATION_AXES)
     return self.final_norm(x)
 
 
