@@ -180,10 +180,12 @@ def write_table(rows, out: str) -> None:
             "replicated over the expert axis (STUDENT_RULES use fsdp and tensor only): "
             "`--config.mesh.fsdp=2 --config.mesh.expert=8` on v5e-16 halves its 6.7 GiB.",
             "- Activations dominate, and in pipeline B they barely shrink from 16 rows per device "
-            "(v5p-8) to 4 (v5e-16): XLA keeps the large `[rows, length, vocab]` logits "
-            "replicated over the batch axes because the model and the distillation term carry "
-            "no activation sharding constraints yet (`tide_jax.parallel.sharding.constrain` "
-            "is the helper for that). For scale: one row's float32 logits are 297 MiB for the "
+            "(v5p-8) to 4 (v5e-16): the large `[rows, length, vocab]` logits are not split "
+            "over the batch axes everywhere. The residual stream and the `[b, L, V]` logits "
+            "carry layout constraints (`tide_jax.parallel.sharding.constrain`), which did not "
+            "change this table; the flattened `[rows, vocab]` views inside the chunked loss "
+            "and distillation terms are the next place to constrain. For scale: one row's "
+            "float32 logits are 297 MiB for the "
             "student (512 x 151,936) and, with CompDemo's doubled pass, 1.2 GiB for the "
             "pipeline-A teacher (2 x 1024 x 157,184); a device holding 4 rows needs about 6 "
             "GiB for them, before gradients.",
