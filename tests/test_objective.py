@@ -44,8 +44,8 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("kind", ["bd3lm", "mdlm"])
-@pytest.mark.parametrize("loss_chunk", [0, 5])
-def test_diffusion_loss_matches_numpy(kind, loss_chunk):
+@pytest.mark.parametrize("loss_chunk,keep_logits", [(0, False), (5, False), (5, True)])
+def test_diffusion_loss_matches_numpy(kind, loss_chunk, keep_logits):
   model = tiny_model()
   b, length, block = 3, 8, 4
   rng = np.random.default_rng(1)
@@ -60,7 +60,9 @@ def test_diffusion_loss_matches_numpy(kind, loss_chunk):
   cfg = config_dict.ConfigDict(dict(kind=kind, schedule="linear", t_eps=1e-3,
                                     mask_token_id=39, block_size=block, loss_chunk=loss_chunk))
   key = jax.random.key(0)
-  loss, metrics, noised = objective.diffusion_loss(model, batch, key, cfg)
+  loss, metrics, noised = objective.diffusion_loss(model, batch, key, cfg,
+                                                   keep_logits=keep_logits)
+  assert (noised.logits is not None) == (keep_logits or loss_chunk == 0)
   x_t, masked, t = (np.asarray(a) for a in (noised.x_t, noised.masked, noised.t))
   assert not masked[~maskable].any()
   # Re-derive: logits from the full model call with the objective's own mask layout.

@@ -125,7 +125,7 @@ def make_distillation(config, student_cfg, *, teacher_graphdef=None, teacher_voc
                                          build(clean_t, teacher_masked, valid_t))  # [b, Lt, V]
       rows = teacher_inputs.position_rows(b, lt)
     flat_teacher = logits.reshape(-1, logits.shape[-1])
-    student_logits = noised.logits if noised.logits is not None else student.logits(noised.hidden)
+    student_logits = noised.logits    # projected once, in the cross-entropy (keep_logits)
     if chunked:
       aux = {
           "student_targets": student_ids, "student_chunk_ids": batch["student_chunk"],

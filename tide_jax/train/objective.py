@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tide_jax.diffusion import masks, noising, schedules
+from tide_jax.distill import terms
 
 OBJECTIVES = ("bd3lm", "mdlm")
 MaskFn = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
@@ -107,8 +108,13 @@ def student_hidden(model, batch: dict[str, jax.Array], x_t: jax.Array, obj_cfg) 
 
 
 def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array, obj_cfg,
-                   mask_fn: MaskFn | None = None) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
+                   mask_fn: MaskFn | None = None, keep_logits: bool = False
+                   ) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
   """Weighted masked-token cross-entropy with token normalisation.
+
+  ``keep_logits`` (set when a distillation term needs the student's logits anyway) projects
+  the x_t half once and takes the cross-entropy from those logits, so the output
+  projection is never computed twice.
 
   Returns:
     ``(loss, metrics, noised)``; ``noised`` lets distillation terms reuse the forward pass.
@@ -118,11 +124,14 @@ def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array, obj_cfg,
   b, length, width = hidden.shape
   loss_chunk = int(obj_cfg.get("loss_chunk", 256))
   logits = None
-  if loss_chunk <= 0:
-    # Small vocabularies or batches: one float32 [b, L, V] block, no recomputation.
+  if keep_logits or loss_chunk <= 0:
+    # One [b, L, V] projection, shared with the distillation term; the log-softmax statistics
+    # still run a block of rows at a time (one block when loss_chunk <= 0).
     logits = model.logits(hidden)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
-                               batch["input_ids"][..., None], axis=-1)[..., 0]
+    rows = b * length
+    logp = terms.target_log_probs(logits.reshape(rows, -1), batch["input_ids"].reshape(rows),
+                                  chunk_size=loss_chunk if loss_chunk > 0 else rows
+                                  ).reshape(b, length)
   else:
     logp = chunked_target_logprob(hidden.reshape(-1, width),
                                   model.output_kernel().astype(hidden.dtype),

@@ -57,7 +57,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   def loss_fn(params, batch, key, progress, teacher_params):
     model = nnx.merge(graphdef, params)
     key_student, key_extra = jax.random.split(key)
-    loss, metrics, noised = objective.diffusion_loss(model, batch, key_student, obj_cfg, mask_fn)
+    loss, metrics, noised = objective.diffusion_loss(model, batch, key_student, obj_cfg, mask_fn,
+                                                     keep_logits=extra_loss is not None)
     if extra_loss is not None:
       extra, extra_metrics = extra_loss(model, batch, noised, key_extra, progress, teacher_params)
       loss = loss + extra
