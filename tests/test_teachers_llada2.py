@@ -79,8 +79,8 @@ def convert_and_load(tmp_path, hf, tensors, param_dtype="float32", num_shards=3)
 
 
 def forward(teacher, ids, valid):
-  inputs = teacher.build_inputs(jnp.asarray(ids), jnp.asarray(ids), jnp.asarray(valid), 4)
-  logits = jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.positions,
+  inputs = teacher.build_inputs(jnp.asarray(ids), jnp.zeros(ids.shape, bool), jnp.asarray(valid), 4)
+  logits = jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.position_ids,
                                   inputs.attention_mask)
   return np.asarray(logits), inputs
 
@@ -101,7 +101,7 @@ def test_synthetic_checkpoint_converts_to_numpy_logits(tmp_path):
                                               "model-00003-of-00003.safetensors"}
   ids, valid = batch(hf["vocab_size"])
   got, inputs = forward(teacher, ids, valid)
-  ref = tf.np_llada2_logits(hf, tensors, ids, np.asarray(inputs.positions),
+  ref = tf.np_llada2_logits(hf, tensors, ids, np.asarray(inputs.position_ids),
                             np.asarray(inputs.attention_mask)[:, 0])
   assert got.shape == (2, 10, hf["vocab_size"])
   assert np.max(np.abs(got[valid] - ref[valid])) < 1e-4
@@ -121,7 +121,7 @@ def test_bf16_conversion_keeps_router_in_float32(tmp_path):
     rounded[name] = tensors[name]
   ids, valid = batch(hf["vocab_size"], seed=1)
   got, inputs = forward(teacher, ids, valid)
-  ref = tf.np_llada2_logits(hf, rounded, ids, np.asarray(inputs.positions),
+  ref = tf.np_llada2_logits(hf, rounded, ids, np.asarray(inputs.position_ids),
                             np.asarray(inputs.attention_mask)[:, 0])
   assert np.max(np.abs(got - ref)) < 1e-4
 

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _logits(teacher, inputs):
-  return np.asarray(jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.positions,
+  return np.asarray(jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.position_ids,
                                            inputs.attention_mask))
 
 
@@ -55,11 +55,11 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   rng = np.random.default_rng(0)
   x_t = jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)
   valid = jnp.asarray(np.arange(8) < np.array([[8], [5]]))
-  inputs = sharded.build_inputs(x_t, x_t, valid, 4)
-  assert inputs.predict_start == 0 and inputs.attention_mask.shape == (2, 1, 8, 8)
+  inputs = sharded.build_inputs(x_t, jnp.zeros_like(valid), valid, 4)
+  assert inputs.prediction_offset == 0 and inputs.attention_mask.shape == (2, 1, 8, 8)
   diff = np.abs(_logits(sharded, inputs) - _logits(plain, inputs))
   assert diff.max() < 1e-5
-  lowered = jax.jit(sharded.apply).lower(sharded.params, inputs.input_ids, inputs.positions,
+  lowered = jax.jit(sharded.apply).lower(sharded.params, inputs.input_ids, inputs.position_ids,
                                          inputs.attention_mask).as_text()
   assert "reduce_scatter" in lowered                  # tokens moved, not expert weights
 
@@ -98,16 +98,16 @@ def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
   b, length, block = 2, 8, 4
   x0 = rng.integers(0, 96, (b, length)).astype(np.int32)
   x_t = np.where(rng.random((b, length)) < 0.5, 96, x0).astype(np.int32)
-  inputs = teacher.build_inputs(jnp.asarray(x_t), jnp.asarray(x0), jnp.ones((b, length), bool),
-                                block)
+  inputs = teacher.build_inputs(jnp.asarray(x0), jnp.asarray(x_t == 96),
+                                jnp.ones((b, length), bool), block)
   np.testing.assert_array_equal(np.asarray(inputs.input_ids), np.concatenate([x0, x_t], 1))
-  assert inputs.predict_start == length
+  assert inputs.prediction_offset == length
   got = _logits(teacher, inputs)
   mask = bd3lm_attention_mask(length, block, x0_first=True)
   mask4 = torch.from_numpy(np.broadcast_to(mask, (b, 1, 2 * length, 2 * length)).copy())
   with torch.no_grad():
     ref = hf_model(input_ids=torch.from_numpy(np.array(inputs.input_ids)).long(),
-                   position_ids=torch.from_numpy(np.array(inputs.positions)).long(),
+                   position_ids=torch.from_numpy(np.array(inputs.position_ids)).long(),
                    attention_mask=mask4).logits.numpy()
   assert np.max(np.abs(got - ref)) < 1e-4
 

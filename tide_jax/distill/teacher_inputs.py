@@ -76,6 +76,19 @@ def x0_xt_inputs(clean_ids: Array, masked: Array, *, block_size: int, mask_token
   return TeacherInputs(ids, attention, positions, length, 2 * length)
 
 
+BUILDERS = ("bidirectional", "bd3lm_x0_first")
+
+
+def build(name: str, clean_ids: Array, masked: Array, valid: Array, *, block_size: int,
+          mask_token_id: int) -> TeacherInputs:
+  """The registered builder ``name``: "bidirectional" is (a), "bd3lm_x0_first" is (b)."""
+  if name == "bidirectional":
+    return bidirectional_inputs(clean_ids, masked, valid, mask_token_id=mask_token_id)
+  if name == "bd3lm_x0_first":
+    return x0_xt_inputs(clean_ids, masked, block_size=block_size, mask_token_id=mask_token_id)
+  raise ValueError(f"Unknown teacher input builder {name!r}; use one of {', '.join(BUILDERS)}.")
+
+
 def prediction_logits(inputs: TeacherInputs, logits: Array) -> Array:
   """The teacher's predictions ``[B, Lt, V]`` from its output ``[B, S, V]`` (x_t half for (b))."""
   length = inputs.rows_per_sequence - inputs.prediction_offset

@@ -10,10 +10,10 @@ Training code::
 
   section = teacher_config("llada2", checkpoint="gs://bucket/llada2_orbax")
   teacher = load_teacher(section, mesh)              # sharded, frozen, bf16
-  inputs = teacher.build_inputs(x_t, x0, valid, block_size)
-  logits = teacher.apply(teacher.params, inputs.input_ids, inputs.positions,
+  inputs = teacher.build_inputs(x0, masked, valid, block_size)
+  logits = teacher.apply(teacher.params, inputs.input_ids, inputs.position_ids,
                          inputs.attention_mask)       # [b, L', V] float32
-  predictions = logits[:, inputs.predict_start:inputs.predict_start + L]
+  predictions = logits[:, inputs.prediction_offset:inputs.prediction_offset + L]
 
 ``apply`` is a pure function of ``params`` (jit it, or call it inside the jitted step with
 the params as an argument under ``jax.lax.stop_gradient``).
@@ -22,7 +22,7 @@ the params as an argument under ``jax.lax.stop_gradient``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from tide_jax.convert import llada2 as llada2_map
 from tide_jax.convert import qwen as qwen_map
 from tide_jax.convert import streaming
 from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
-from tide_jax.diffusion import masks
+from tide_jax.distill import teacher_inputs
 from tide_jax.models import config as mcfg
 from tide_jax.models import dense, llada2
 from tide_jax.parallel import sharding
@@ -69,47 +69,6 @@ def architecture_for(hf_config: Mapping[str, Any]) -> Architecture:
     raise ValueError(f"No teacher architecture for model_type={model_type!r}; supported: "
                      f"{', '.join(ARCHITECTURES)}.")
   return ARCHITECTURES[model_type]
-
-
-# --------------------------------------------------------------------------- input builders
-
-class TeacherInputs(NamedTuple):
-  """What a teacher is fed; ``logits[:, predict_start:predict_start + L]`` predict x_t."""
-
-  input_ids: jax.Array       # int [b, L']
-  positions: jax.Array       # int [b, L']
-  attention_mask: jax.Array  # bool [L', L'] or [b, 1, L', L']
-  predict_start: int
-
-
-def bidirectional_inputs(x_t: jax.Array, x0: jax.Array, valid: jax.Array,
-                         block_size: int) -> TeacherInputs:
-  """The noised sequence alone ``[b, L]``, full attention among valid (non-padding) keys."""
-  del x0, block_size
-  b, length = x_t.shape
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-  return TeacherInputs(x_t, positions, masks.padding_attention_mask(valid), 0)
-
-
-def bd3lm_x0_first_inputs(x_t: jax.Array, x0: jax.Array, valid: jax.Array,
-                          block_size: int) -> TeacherInputs:
-  """``[x0 ; x_t]`` (length 2L) with the swapped BD3LM mask; positions 0..L-1 twice.
-
-  EOS padding is content in BD3LM training, so ``valid`` is not used here.
-  """
-  del valid
-  b, length = x_t.shape
-  ids = jnp.concatenate([x0, x_t], axis=1)
-  one = jnp.arange(length, dtype=jnp.int32)
-  positions = jnp.broadcast_to(jnp.concatenate([one, one]), (b, 2 * length))
-  mask = jnp.asarray(masks.bd3lm_attention_mask(length, block_size, x0_first=True))
-  return TeacherInputs(ids, positions, mask, length)
-
-
-INPUT_BUILDERS: dict[str, Callable[..., TeacherInputs]] = {
-    "bidirectional": bidirectional_inputs,
-    "bd3lm_x0_first": bd3lm_x0_first_inputs,
-}
 
 
 # --------------------------------------------------------------------------- families
@@ -185,8 +144,11 @@ class Teacher:
     """Output projection of (a slice of) hidden states ``[..., E] -> [..., V]``."""
     return self.model(params).logits(hidden)
 
-  def build_inputs(self, x_t, x0, valid, block_size: int) -> TeacherInputs:
-    return INPUT_BUILDERS[self.family.input_builder](x_t, x0, valid, block_size)
+  def build_inputs(self, clean_ids, masked, valid, block_size: int) -> teacher_inputs.TeacherInputs:
+    """This family's input: ``clean_ids`` with ``masked`` positions set to the mask token
+    (see ``tide_jax.distill.teacher_inputs``); predictions start at ``prediction_offset``."""
+    return teacher_inputs.build(self.family.input_builder, clean_ids, masked, valid,
+                                block_size=block_size, mask_token_id=self.mask_token_id)
 
   def tokenizer(self):
     from tide_jax.data import tokenizers  # imported lazily: heavy and not needed for logits
@@ -197,7 +159,7 @@ def _family(name: str) -> TeacherFamily:
   if name not in TEACHERS:
     raise ValueError(f"Unknown teacher {name!r}; registered teachers: {', '.join(TEACHERS)}.")
   family = TEACHERS[name]
-  if family.input_builder not in INPUT_BUILDERS:
+  if family.input_builder not in teacher_inputs.BUILDERS:
     raise ValueError(f"Teacher {name!r} names an unknown input builder {family.input_builder!r}.")
   return family
 

@@ -25,9 +25,6 @@ from tide_jax.distill import compdemo
 from tide_jax.distill import recipes
 from tide_jax.distill import teacher_inputs
 
-INPUT_BUILDERS = ("bidirectional", "bd3lm_x0_first")
-
-
 @dataclasses.dataclass(frozen=True)
 class Distillation:
   recipe: recipes.Recipe
@@ -43,17 +40,6 @@ def pair_teacher_positions(batch: dict[str, jax.Array], student_len: int) -> jax
   target = jnp.where(pair_s >= 0, pair_s, student_len)          # padding entries are dropped
   out = jnp.full((b, student_len), -1, jnp.int32)
   return out.at[rows, target].set(pair_t.astype(jnp.int32), mode="drop")
-
-
-def _build_teacher_inputs(builder: str, clean, masked, valid, *, block_size: int,
-                          mask_token_id: int) -> teacher_inputs.TeacherInputs:
-  if builder == "bidirectional":
-    return teacher_inputs.bidirectional_inputs(clean, masked, valid, mask_token_id=mask_token_id)
-  if builder == "bd3lm_x0_first":
-    return teacher_inputs.x0_xt_inputs(clean, masked, block_size=block_size,
-                                       mask_token_id=mask_token_id)
-  raise ValueError(f"Unknown teacher input builder {builder!r}; use one of "
-                   f"{', '.join(INPUT_BUILDERS)}.")
 
 
 def teacher_prediction_logits(teacher_graphdef, teacher_params, inputs: teacher_inputs.TeacherInputs
@@ -78,9 +64,9 @@ def make_distillation(config, student_cfg, *, teacher_graphdef=None, teacher_voc
                                            teacher_vocab=teacher_vocab)
   if not recipe.uses_teacher:
     return Distillation(recipe, None, None)
-  if teacher_input_builder not in INPUT_BUILDERS:
+  if teacher_input_builder not in teacher_inputs.BUILDERS:
     raise ValueError(f"Unknown teacher input builder {teacher_input_builder!r}; use one of "
-                     f"{', '.join(INPUT_BUILDERS)}.")
+                     f"{', '.join(teacher_inputs.BUILDERS)}.")
   block_size = int(config.block_size)
   max_chunks = recipe.max_chunks
   chunked = recipe.alignment == "chunks"
@@ -104,7 +90,7 @@ def make_distillation(config, student_cfg, *, teacher_graphdef=None, teacher_voc
       pair_pos = pair_teacher_positions(batch, ls)
       teacher_masked = compdemo.flags_to_teacher(noised.masked, pair_pos, clean_t.shape[1])
     teacher_masked &= batch["teacher_maskable"]
-    build = lambda clean, masked, valid: _build_teacher_inputs(
+    build = lambda clean, masked, valid: teacher_inputs.build(
         teacher_input_builder, clean, masked, valid, block_size=block_size,
         mask_token_id=int(teacher_mask_token_id))
 
