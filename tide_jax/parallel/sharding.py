@@ -32,19 +32,9 @@ STUDENT_RULES: dict[str, Any] = {
     "length": None,
 }
 
-TEACHER_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp", "expert"),
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "expert_mlp": "tensor",
-    "norm": None,
-    "expert": "expert",
-    "length": None,
-}
+# The frozen teacher differs only in its experts: stacked expert weights split over the
+# `expert` axis and their hidden width over `tensor` (the student has no experts).
+TEACHER_RULES: dict[str, Any] = {**STUDENT_RULES, "expert": "expert", "expert_mlp": "tensor"}
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
