@@ -37,140 +37,192 @@ TEACHER_TEMPLATE = (  # a different template on the teacher side: injected syste
 
 
 def build_corpus(n: int) -> list[dict]:
-    chats = corpora.humaneval_chats()
-    return chats + corpora.stdlib_chats(max(0, n - len(chats)))
+  chats = corpora.humaneval_chats()
+  return chats + corpora.stdlib_chats(max(0, n - len(chats)))
 
 
 def time_kind(records, kind: str, max_len: int) -> dict:
-    """Per-stage seconds for encoding both sides, aligning and building the stored features."""
-    s_info = encode.tokenizer_info("qwen3")
-    t_info = {"none": None, "positions": encode.tokenizer_info("qwen3", TEACHER_TEMPLATE),
-              "chunks": encode.tokenizer_info("llama3")}[kind]
-    shapes = features.Shapes(max_len, 32) if t_info is None else features.Shapes(max_len, 32, max_len, 32, kind, max_len)
-    seconds = {"encode": 0.0, "align": 0.0, "total": 0.0}
-    kept, units = 0, []
-    start_all = time.perf_counter()
-    for record in records:
-        t0 = time.perf_counter()
-        student = encode.encode_chat(s_info, record.messages)
-        teacher = encode.encode_chat(t_info, record.messages) if t_info else None
-        t1 = time.perf_counter()
-        if kind == "chunks":
-            alignment.chunk_alignment(student, teacher, s_info.special, t_info.special)
-        elif kind == "positions":
-            alignment.position_pairs(student, teacher)
-        t2 = time.perf_counter()
-        feats, _ = features.build_example(student, s_info, shapes, teacher, t_info)
-        seconds["encode"] += t1 - t0
-        seconds["align"] += t2 - t1
-        if feats is not None:
-            kept += 1
-            if kind == "chunks":
-                units.append(int(feats["num_chunks"]))
-            elif kind == "positions":
-                units.append(len(feats["pair_student"]))
-    seconds["total"] = time.perf_counter() - start_all
-    # build_example aligns again (on the truncated example); count the standalone alignment once.
-    seconds["total"] -= seconds["align"]
-    return {"kind": kind, "records": len(records), "kept": kept, "seconds": seconds, "units": units}
+  """Per-stage seconds for encoding both sides, aligning and building the stored features."""
+  s_info = encode.tokenizer_info("qwen3")
+  t_info = {
+      "none": None,
+      "positions": encode.tokenizer_info("qwen3", TEACHER_TEMPLATE),
+      "chunks": encode.tokenizer_info("llama3"),
+  }[kind]
+  shapes = (
+      features.Shapes(max_len, 32)
+      if t_info is None
+      else features.Shapes(max_len, 32, max_len, 32, kind, max_len)
+  )
+  seconds = {"encode": 0.0, "align": 0.0, "total": 0.0}
+  kept, units = 0, []
+  start_all = time.perf_counter()
+  for record in records:
+    t0 = time.perf_counter()
+    student = encode.encode_chat(s_info, record.messages)
+    teacher = encode.encode_chat(t_info, record.messages) if t_info else None
+    t1 = time.perf_counter()
+    if kind == "chunks":
+      alignment.chunk_alignment(student, teacher, s_info.special, t_info.special)
+    elif kind == "positions":
+      alignment.position_pairs(student, teacher)
+    t2 = time.perf_counter()
+    feats, _ = features.build_example(student, s_info, shapes, teacher, t_info)
+    seconds["encode"] += t1 - t0
+    seconds["align"] += t2 - t1
+    if feats is not None:
+      kept += 1
+      if kind == "chunks":
+        units.append(int(feats["num_chunks"]))
+      elif kind == "positions":
+        units.append(len(feats["pair_student"]))
+  seconds["total"] = time.perf_counter() - start_all
+  # build_example aligns again (on the truncated example); count the standalone alignment once.
+  seconds["total"] -= seconds["align"]
+  return {"kind": kind, "records": len(records), "kept": kept, "seconds": seconds, "units": units}
 
 
 def time_prepare(path: str, cache: str, kind: str, workers: int, max_len: int) -> float:
-    cfg = {"format": "chat", "train_files": [path], "tokenizer": "qwen3", "max_len": max_len, "block_size": 32,
-           "cache_dir": cache, "num_workers": workers}
-    if kind == "chunks":
-        cfg.update(teacher_tokenizer="llama3", alignment="chunks")
-    options = parse_options(cfg)
-    start = time.perf_counter()
-    b = builder.make_builder(options)
-    b.download_and_prepare()
-    return time.perf_counter() - start
+  cfg = {
+      "format": "chat",
+      "train_files": [path],
+      "tokenizer": "qwen3",
+      "max_len": max_len,
+      "block_size": 32,
+      "cache_dir": cache,
+      "num_workers": workers,
+  }
+  if kind == "chunks":
+    cfg.update(teacher_tokenizer="llama3", alignment="chunks")
+  options = parse_options(cfg)
+  start = time.perf_counter()
+  b = builder.make_builder(options)
+  b.download_and_prepare()
+  return time.perf_counter() - start
 
 
 def memory_rows(records, batch_size: int) -> list[tuple]:
-    """Alignment bytes per batch: chunk ids vs dense matrices, at L = Lt = 512 and 1024."""
-    s_info, t_info = encode.tokenizer_info("qwen3"), encode.tokenizer_info("llama3")
-    rows = []
-    for length in (512, 1024):
-        shapes = features.Shapes(length, 32, length, 32, "chunks", length)
-        counts = []
-        for record in records[: batch_size * 8]:
-            s = encode.encode_chat(s_info, record.messages)
-            t = encode.encode_chat(t_info, record.messages)
-            feats, _ = features.build_example(s, s_info, shapes, t, t_info)
-            if feats is not None:
-                counts.append(int(feats["num_chunks"]))
-        counts = np.array(counts)
-        batches = counts[: len(counts) // batch_size * batch_size].reshape(-1, batch_size)
-        ids_bytes = batch_size * (4 * length + 4 * length + 4)  # student_chunk, teacher_chunk, num_chunks
-        dense_batch_max = np.mean([batch_size * 2 * length * b.max() for b in batches])  # bool [L, n_max] x 2 sides
-        dense_static = batch_size * 2 * length * length  # n_chunks padded to L for one static shape
-        rows.append((length, float(counts.mean()), int(counts.max()), ids_bytes, dense_batch_max, dense_static))
-    return rows
+  """Alignment bytes per batch: chunk ids vs dense matrices, at L = Lt = 512 and 1024."""
+  s_info, t_info = encode.tokenizer_info("qwen3"), encode.tokenizer_info("llama3")
+  rows = []
+  for length in (512, 1024):
+    shapes = features.Shapes(length, 32, length, 32, "chunks", length)
+    counts = []
+    for record in records[: batch_size * 8]:
+      s = encode.encode_chat(s_info, record.messages)
+      t = encode.encode_chat(t_info, record.messages)
+      feats, _ = features.build_example(s, s_info, shapes, t, t_info)
+      if feats is not None:
+        counts.append(int(feats["num_chunks"]))
+    counts = np.array(counts)
+    batches = counts[: len(counts) // batch_size * batch_size].reshape(-1, batch_size)
+    ids_bytes = batch_size * (
+        4 * length + 4 * length + 4
+    )  # student_chunk, teacher_chunk, num_chunks
+    dense_batch_max = np.mean(
+        [batch_size * 2 * length * b.max() for b in batches]
+    )  # bool [L, n_max] x 2 sides
+    dense_static = batch_size * 2 * length * length  # n_chunks padded to L for one static shape
+    rows.append(
+        (length, float(counts.mean()), int(counts.max()), ids_bytes, dense_batch_max, dense_static)
+    )
+  return rows
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--max_len", type=int, default=1024)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--out", default="docs/benchmarks/data.md")
-    args = parser.parse_args()
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--records", type=int, default=2000)
+  parser.add_argument("--max_len", type=int, default=1024)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--out", default="docs/benchmarks/data.md")
+  args = parser.parse_args()
 
-    chats = build_corpus(args.records)
-    records = [parse_messages(c, f"bench:{i + 1}") for i, c in enumerate(chats)]
-    for info in (encode.tokenizer_info("qwen3"), encode.tokenizer_info("qwen3", TEACHER_TEMPLATE), encode.tokenizer_info("llama3")):
-        del info  # built once here so that no timing below includes tokenizer construction
+  chats = build_corpus(args.records)
+  records = [parse_messages(c, f"bench:{i + 1}") for i, c in enumerate(chats)]
+  for info in (
+      encode.tokenizer_info("qwen3"),
+      encode.tokenizer_info("qwen3", TEACHER_TEMPLATE),
+      encode.tokenizer_info("llama3"),
+  ):
+    del info  # built once here so that no timing below includes tokenizer construction
 
-    lines = [f"# Data pipeline benchmark\n",
-             f"Command: `python benchmarks/bench_data.py --records {args.records} --max_len {args.max_len}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}.  ",
-             f"Corpus: {len(records)} chat records (164 HumanEval problems + standard-library functions/docstrings), "
-             f"max_len = teacher_max_len = {args.max_len}, block 32.\n",
-             "## Preprocessing throughput, one process\n",
-             "| alignment | examples/s (1 core) | ms/example | encode share | alignment share | mean chunks/pairs per example |",
-             "|---|---|---|---|---|---|"]
-    for kind in ("none", "positions", "chunks"):
-        result = time_kind(records, kind, args.max_len)
-        sec = result["seconds"]
-        units = f"{np.mean(result['units']):.0f}" if result["units"] else "-"
-        lines.append(f"| {kind} | {result['kept'] / sec['total']:.0f} | {1000 * sec['total'] / result['records']:.2f} | "
-                     f"{100 * sec['encode'] / sec['total']:.0f}% | {100 * sec['align'] / sec['total']:.0f}% | {units} |")
-        print(lines[-1], flush=True)
+  lines = [
+      f"# Data pipeline benchmark\n",
+      f"Command: `python benchmarks/bench_data.py --records {args.records} --max_len {args.max_len}`  ",
+      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}.  ",
+      f"Corpus: {len(records)} chat records (164 HumanEval problems + standard-library functions/docstrings), "
+      f"max_len = teacher_max_len = {args.max_len}, block 32.\n",
+      "## Preprocessing throughput, one process\n",
+      "| alignment | examples/s (1 core) | ms/example | encode share | alignment share | mean chunks/pairs per example |",
+      "|---|---|---|---|---|---|",
+  ]
+  for kind in ("none", "positions", "chunks"):
+    result = time_kind(records, kind, args.max_len)
+    sec = result["seconds"]
+    units = f"{np.mean(result['units']):.0f}" if result["units"] else "-"
+    lines.append(
+        f"| {kind} | {result['kept'] / sec['total']:.0f} | {1000 * sec['total'] / result['records']:.2f} | "
+        f"{100 * sec['encode'] / sec['total']:.0f}% | {100 * sec['align'] / sec['total']:.0f}% | {units} |"
+    )
+    print(lines[-1], flush=True)
 
-    lines += ["", "## Full prepare (TFDS array_record writing included)\n",
-              "| alignment | records | processes | seconds | examples/s |", "|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = corpora.write_jsonl(os.path.join(tmp, "bench.jsonl"), chats)
-        # The corpus repeated 5 times: where a pool's start-up cost is won back, if at all.
-        big = corpora.write_jsonl(os.path.join(tmp, "bench5.jsonl"), chats * 5)
-        plan = [("none", path, len(chats), 1), ("none", path, len(chats), 2), ("chunks", path, len(chats), 1),
-                ("chunks", path, len(chats), 2), ("chunks", big, 5 * len(chats), 1), ("chunks", big, 5 * len(chats), 2)]
-        for number, (kind, source, count, workers) in enumerate(plan):
-            seconds = time_prepare(source, os.path.join(tmp, f"cache{number}"), kind, workers, args.max_len)
-            lines.append(f"| {kind} | {count} | {workers} | {seconds:.1f} | {count / seconds:.0f} |")
-            print(lines[-1], flush=True)
+  lines += [
+      "",
+      "## Full prepare (TFDS array_record writing included)\n",
+      "| alignment | records | processes | seconds | examples/s |",
+      "|---|---|---|---|---|",
+  ]
+  with tempfile.TemporaryDirectory() as tmp:
+    path = corpora.write_jsonl(os.path.join(tmp, "bench.jsonl"), chats)
+    # The corpus repeated 5 times: where a pool's start-up cost is won back, if at all.
+    big = corpora.write_jsonl(os.path.join(tmp, "bench5.jsonl"), chats * 5)
+    plan = [
+        ("none", path, len(chats), 1),
+        ("none", path, len(chats), 2),
+        ("chunks", path, len(chats), 1),
+        ("chunks", path, len(chats), 2),
+        ("chunks", big, 5 * len(chats), 1),
+        ("chunks", big, 5 * len(chats), 2),
+    ]
+    for number, (kind, source, count, workers) in enumerate(plan):
+      seconds = time_prepare(
+          source, os.path.join(tmp, f"cache{number}"), kind, workers, args.max_len
+      )
+      lines.append(f"| {kind} | {count} | {workers} | {seconds:.1f} | {count / seconds:.0f} |")
+      print(lines[-1], flush=True)
 
-    lines += ["", f"## Alignment memory per batch (batch {args.batch_size}, Qwen3 vs Llama-3 chunks, Lt = L)\n",
-              "| L | mean chunks | max chunks | chunk ids (int32 [b,L] + [b,Lt] + [b]) | dense bool [b,L,n] + [b,Lt,n], n = batch max | dense, n = L (static) | ratio (static) |",
-              "|---|---|---|---|---|---|---|"]
-    for length, mean, most, ids_bytes, dense_max, dense_static in memory_rows(records, args.batch_size):
-        lines.append(f"| {length} | {mean:.0f} | {most} | {ids_bytes / 2**10:.0f} KiB | {dense_max / 2**20:.1f} MiB | "
-                     f"{dense_static / 2**20:.1f} MiB | {dense_static / ids_bytes:.0f}x |")
-        print(lines[-1], flush=True)
-    lines += ["", "Shares: `encode` is rendering both chat templates and tokenizing; `alignment` is "
-              "`chunk_alignment` / `position_pairs` alone; the rest is truncation and EOS padding. "
-              "A pool pays only where its workers get cores of their own: here (forked workers that "
-              "share the parent's tokenizers, as when JAX is not loaded) 2 workers on 2 busy cores "
-              "are no faster than one process, so `num_workers = 0` uses a pool only from 20,000 records.\n"]
-    lines.append(f"Load average over the run's last minutes (1/5/15 min): {os.getloadavg()[0]:.1f} / "
-                 f"{os.getloadavg()[1]:.1f} / {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores: above the core "
-                 "count other processes shared the CPUs and the absolute rates are lower than on an idle machine.\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print(f"wrote {args.out}")
+  lines += [
+      "",
+      f"## Alignment memory per batch (batch {args.batch_size}, Qwen3 vs Llama-3 chunks, Lt = L)\n",
+      "| L | mean chunks | max chunks | chunk ids (int32 [b,L] + [b,Lt] + [b]) | dense bool [b,L,n] + [b,Lt,n], n = batch max | dense, n = L (static) | ratio (static) |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for length, mean, most, ids_bytes, dense_max, dense_static in memory_rows(
+      records, args.batch_size
+  ):
+    lines.append(
+        f"| {length} | {mean:.0f} | {most} | {ids_bytes / 2**10:.0f} KiB | {dense_max / 2**20:.1f} MiB | "
+        f"{dense_static / 2**20:.1f} MiB | {dense_static / ids_bytes:.0f}x |"
+    )
+    print(lines[-1], flush=True)
+  lines += [
+      "",
+      "Shares: `encode` is rendering both chat templates and tokenizing; `alignment` is "
+      "`chunk_alignment` / `position_pairs` alone; the rest is truncation and EOS padding. "
+      "A pool pays only where its workers get cores of their own: here (forked workers that "
+      "share the parent's tokenizers, as when JAX is not loaded) 2 workers on 2 busy cores "
+      "are no faster than one process, so `num_workers = 0` uses a pool only from 20,000 records.\n",
+  ]
+  lines.append(
+      f"Load average over the run's last minutes (1/5/15 min): {os.getloadavg()[0]:.1f} / "
+      f"{os.getloadavg()[1]:.1f} / {os.getloadavg()[2]:.1f} on {os.cpu_count()} cores: above the core "
+      "count other processes shared the CPUs and the absolute rates are lower than on an idle machine.\n"
+  )
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write("\n".join(lines))
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

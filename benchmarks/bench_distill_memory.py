@@ -60,11 +60,14 @@ def _naive(objective):
       per = jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
     else:  # tidal, lambda = 0.5 (1 - t), midrange weight
       lam = (0.5 * (1 - t))[:, None]
-      lr = jax.lax.stop_gradient(jax.nn.log_softmax(
-          ((1 - lam) * zs.astype(jnp.float32) + lam * zt.astype(jnp.float32)) / TEMPERATURE,
-          axis=-1))
-      per = jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1) * jnp.exp(-(t - 0.5) ** 2 / 0.045)
-    return TEMPERATURE ** 2 * jnp.sum(w * per)
+      lr = jax.lax.stop_gradient(
+          jax.nn.log_softmax(
+              ((1 - lam) * zs.astype(jnp.float32) + lam * zt.astype(jnp.float32)) / TEMPERATURE,
+              axis=-1,
+          )
+      )
+      per = jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1) * jnp.exp(-((t - 0.5) ** 2) / 0.045)
+    return TEMPERATURE**2 * jnp.sum(w * per)
 
   return loss
 
@@ -76,8 +79,9 @@ def _chunked(objective, chunk_size):
     if objective == "target_logp":
       return (w * terms.target_log_probs(zs, targets, chunk_size=chunk_size)).sum()
     if objective == "tidal":
-      return terms.tidal(zs, zt, w, t=t, progress=0.5, temperature=TEMPERATURE,
-                         chunk_size=chunk_size)[0]
+      return terms.tidal(
+          zs, zt, w, t=t, progress=0.5, temperature=TEMPERATURE, chunk_size=chunk_size
+      )[0]
     fn = terms.forward_kl if objective == "forward_kl" else terms.reverse_kl
     return fn(zs, zt, w, temperature=TEMPERATURE, chunk_size=chunk_size)[0]
 
@@ -99,6 +103,7 @@ def run_one(objective, formulation, chunk_size, positions, vocab, force_bits="")
 
   if force_bits:  # compare the uint16 carry with native 16-bit slicing on one backend
     from tide_jax.distill import rows
+
     rows.carry_as_bits = lambda: force_bits == "on"
 
   import numpy as np
@@ -110,7 +115,7 @@ def run_one(objective, formulation, chunk_size, positions, vocab, force_bits="")
     out = np.empty((positions, vocab), jnp.bfloat16)
     for start in range(0, positions, 128):
       rows = min(128, positions - start)
-      out[start:start + rows] = rng.uniform(-20, 20, (rows, vocab)).astype(jnp.bfloat16)
+      out[start : start + rows] = rng.uniform(-20, 20, (rows, vocab)).astype(jnp.bfloat16)
     device = jax.device_put(out)
     del out
     return device
@@ -155,8 +160,12 @@ def main():
   parser.add_argument("--vocab", type=int, default=151936)
   parser.add_argument("--only", default="", help="semicolon-separated labels to run")
   parser.add_argument("--write", default="", help="markdown file for the table")
-  parser.add_argument("--force-bits", default="", choices=["", "on", "off"],
-                      help="override rows.carry_as_bits (default: backend's choice)")
+  parser.add_argument(
+      "--force-bits",
+      default="",
+      choices=["", "on", "off"],
+      help="override rows.carry_as_bits (default: backend's choice)",
+  )
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -167,10 +176,20 @@ def main():
   rows = []
   wanted = [c for c in CONFIGS if not args.only or c[0] in args.only.split(";")]
   for label, objective, formulation, chunk in wanted:
-    spec = dict(objective=objective, formulation=formulation, chunk_size=chunk,
-                positions=args.positions, vocab=args.vocab, force_bits=args.force_bits)
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=dict(os.environ))
+    spec = dict(
+        objective=objective,
+        formulation=formulation,
+        chunk_size=chunk,
+        positions=args.positions,
+        vocab=args.vocab,
+        force_bits=args.force_bits,
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
       raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
@@ -179,34 +198,44 @@ def main():
 
   naive = {obj: r["peak_extra_bytes"] for _, obj, form, r in rows if form == "naive"}
   if args.force_bits:
-    rows = [(f"{label} (uint16 carry {args.force_bits})" if form != "naive" else label,
-             obj, form, r) for label, obj, form, r in rows]
+    rows = [
+        (f"{label} (uint16 carry {args.force_bits})" if form != "naive" else label, obj, form, r)
+        for label, obj, form, r in rows
+    ]
   backend = rows[0][3]["backend"]
-  gib = 2.0 ** 30
-  header = ("| configuration | peak above inputs (GiB) | vs naive | one call (s) | value |\n"
-            "|---|---|---|---|---|")
+  gib = 2.0**30
+  header = (
+      "| configuration | peak above inputs (GiB) | vs naive | one call (s) | value |\n"
+      "|---|---|---|---|---|"
+  )
   lines = [header]
   for label, objective, formulation, r in rows:
     ratio = r["peak_extra_bytes"] / naive[objective] if objective in naive else float("nan")
-    lines.append(f"| {label} | {r['peak_extra_bytes'] / gib:.3f} | {ratio:.2f} | "
-                 f"{r['seconds']:.3g} | {r['value']:.6g} |")
+    lines.append(
+        f"| {label} | {r['peak_extra_bytes'] / gib:.3f} | {ratio:.2f} | "
+        f"{r['seconds']:.3g} | {r['value']:.6g} |"
+    )
   table = "\n".join(lines)
   inputs_gib = rows[0][3]["inputs_bytes"] / gib
-  summary = (f"value + gradient, {args.positions} positions x {args.vocab} vocabulary, "
-             f"bfloat16 logits (inputs {inputs_gib:.2f} GiB), backend {backend}; "
-             "the bfloat16 gradient alone is "
-             f"{args.positions * args.vocab * 2 / gib:.3f} GiB; measured as "
-             + ("peak RSS during the call minus RSS before it (inputs allocated, program "
-                "compiled)" if backend == "cpu" else
-                "the compiled program's temporaries plus outputs (memory_analysis)"))
+  summary = (
+      f"value + gradient, {args.positions} positions x {args.vocab} vocabulary, "
+      f"bfloat16 logits (inputs {inputs_gib:.2f} GiB), backend {backend}; "
+      "the bfloat16 gradient alone is "
+      f"{args.positions * args.vocab * 2 / gib:.3f} GiB; measured as "
+      + (
+          "peak RSS during the call minus RSS before it (inputs allocated, program " "compiled)"
+          if backend == "cpu"
+          else "the compiled program's temporaries plus outputs (memory_analysis)"
+      )
+  )
   print(summary)
   print(table)
   if args.write:
-    command = "python benchmarks/bench_distill_memory.py " + " ".join(
-        a for a in sys.argv[1:])
+    command = "python benchmarks/bench_distill_memory.py " + " ".join(a for a in sys.argv[1:])
     with open(args.write, "w") as f:
-      f.write(f"# Distillation objective memory\n\nCommand: `{command}`\n\n{summary}.\n\n"
-              f"{table}\n")
+      f.write(
+          f"# Distillation objective memory\n\nCommand: `{command}`\n\n{summary}.\n\n" f"{table}\n"
+      )
 
 
 if __name__ == "__main__":

@@ -59,10 +59,23 @@ repeats is reported)."""
 
 
 def smoke_student(vocab: int) -> dense.DenseDecoder:
-  cfg = DecoderConfig(model_type="qwen3", vocab_size=vocab, hidden_size=128, num_layers=4,
-                      num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384,
-                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                      qk_norm=True, qkv_bias=False, o_bias=False, max_position_embeddings=4096)
+  cfg = DecoderConfig(
+      model_type="qwen3",
+      vocab_size=vocab,
+      hidden_size=128,
+      num_layers=4,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=32,
+      intermediate_size=384,
+      rope_theta=1e6,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=True,
+      qk_norm=True,
+      qkv_bias=False,
+      o_bias=False,
+      max_position_embeddings=4096,
+  )
   return dense.build_decoder(cfg, seed=0)
 
 
@@ -78,8 +91,9 @@ def _recompute(graphdef, state, ids, valid, lengths, key, cfg: sampler.SamplerCo
     blk = np.arange(length) // BLOCK
     block_causal = jnp.asarray(blk[None, :] <= blk[:, None])
     positions = jnp.concatenate([seq_pos, lengths[:, None] + j * BLOCK + jnp.arange(BLOCK)], 1)
-    mask = block_causal[None] & jnp.concatenate([seq_valid, jnp.ones((b, BLOCK), bool)],
-                                                1)[:, None, :]
+    mask = (
+        block_causal[None] & jnp.concatenate([seq_valid, jnp.ones((b, BLOCK), bool)], 1)[:, None, :]
+    )
     block_key = jax.random.fold_in(key, j)
 
     def step(s, block, seq=seq, positions=positions, mask=mask, block_key=block_key):
@@ -87,8 +101,9 @@ def _recompute(graphdef, state, ids, valid, lengths, key, cfg: sampler.SamplerCo
       logits = model.logits(hidden[:, -BLOCK:])
       return sampler.denoise_step(logits, block, jax.random.fold_in(block_key, s), ks[s], cfg)[0]
 
-    block = jax.lax.fori_loop(0, cfg.steps_per_block, step,
-                              jnp.full((b, BLOCK), cfg.mask_token_id, jnp.int32))
+    block = jax.lax.fori_loop(
+        0, cfg.steps_per_block, step, jnp.full((b, BLOCK), cfg.mask_token_id, jnp.int32)
+    )
     seq = jnp.concatenate([seq, block], 1)
     seq_valid = jnp.concatenate([seq_valid, jnp.ones((b, BLOCK), bool)], 1)
     seq_pos = positions
@@ -117,32 +132,52 @@ def run(prompt_len: int, repeats: int, vocab: int, batch: int) -> list[dict]:
   key = jax.random.PRNGKey(0)
   rows = []
   for blocks in (1, 2, 4, 8):
-    cfg = sampler.SamplerConfig(block_size=BLOCK, steps_per_block=BLOCK,
-                                max_new_tokens=blocks * BLOCK, mask_token_id=mask_id,
-                                eos_token_id=mask_id, context_len=4096)
+    cfg = sampler.SamplerConfig(
+        block_size=BLOCK,
+        steps_per_block=BLOCK,
+        max_new_tokens=blocks * BLOCK,
+        mask_token_id=mask_id,
+        eos_token_id=mask_id,
+        context_len=4096,
+    )
     ids, valid, lengths = sampler.pad_prompts(prompts, cfg)
     args = (jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(lengths), key)
     cached = sampler.compile_generate(model, *args, cfg)
-    recompute = jax.jit(functools.partial(_recompute, graphdef, cfg=cfg)).lower(
-        state, *args).compile()
+    recompute = (
+        jax.jit(functools.partial(_recompute, graphdef, cfg=cfg)).lower(state, *args).compile()
+    )
     (t_cached, t_recompute), (tok_cached, tok_recompute) = best_times(
-        [lambda: cached(*args), lambda: recompute(state, *args)], repeats)
+        [lambda: cached(*args), lambda: recompute(state, *args)], repeats
+    )
     new = blocks * BLOCK * batch
-    rows.append({"blocks": blocks, "new_tokens": new, "cached_s": t_cached,
-                 "cached_tps": new / t_cached, "recompute_s": t_recompute,
-                 "recompute_tps": new / t_recompute, "speedup": t_recompute / t_cached,
-                 "identical": bool(np.array_equal(tok_cached, tok_recompute))})
+    rows.append(
+        {
+            "blocks": blocks,
+            "new_tokens": new,
+            "cached_s": t_cached,
+            "cached_tps": new / t_cached,
+            "recompute_s": t_recompute,
+            "recompute_tps": new / t_recompute,
+            "speedup": t_recompute / t_cached,
+            "identical": bool(np.array_equal(tok_cached, tok_recompute)),
+        }
+    )
     print(rows[-1], flush=True)
   return rows
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| blocks | new tokens | cached s | cached tok/s | recompute s | recompute tok/s "
-           "| recompute / cached | same tokens |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+      "| blocks | new tokens | cached s | cached tok/s | recompute s | recompute tok/s "
+      "| recompute / cached | same tokens |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['blocks']} | {r['new_tokens']} | {r['cached_s']:.3f} | "
-                 f"{r['cached_tps']:.1f} | {r['recompute_s']:.3f} | {r['recompute_tps']:.1f} | "
-                 f"{r['speedup']:.2f}x | {r['identical']} |")
+    lines.append(
+        f"| {r['blocks']} | {r['new_tokens']} | {r['cached_s']:.3f} | "
+        f"{r['cached_tps']:.1f} | {r['recompute_s']:.3f} | {r['recompute_tps']:.1f} | "
+        f"{r['speedup']:.2f}x | {r['identical']} |"
+    )
   return "\n".join(lines)
 
 
@@ -159,24 +194,30 @@ def main():
     for prompt_len in args.prompt_lens:
       rows = run(prompt_len, args.repeats, vocab, args.batch)
       padded = -(-prompt_len // BLOCK) * BLOCK
-      sections.append(f"### Vocabulary {vocab:,}, prompt of {prompt_len} tokens "
-                      f"(left-padded to {padded})\n\n" + table(rows))
+      sections.append(
+          f"### Vocabulary {vocab:,}, prompt of {prompt_len} tokens "
+          f"(left-padded to {padded})\n\n" + table(rows)
+      )
     print(sections[-1], flush=True)
   if args.write:
     command = ("python benchmarks/bench_sampler.py " + " ".join(sys.argv[1:])).strip()
-    device = f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}, " \
-             f"{os.cpu_count()} cores visible)"
+    device = (
+        f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores visible)"
+    )
     with open(args.write, "w") as f:
-      f.write(f"# Block sampler speed\n\nCommand: `{command}`\n\nDevice: {device}; "
-              f"jax {jax.__version__}.\n\nSmoke student: Qwen3 layout, hidden 128, 4 layers, "
-              f"4 heads x 32, 2 kv heads, MLP 384, random weights; vocabulary as in each "
-              f"heading (the real Qwen size, and a small one where the transformer body "
-              f"rather than the vocabulary projection dominates a step, as it does for the "
-              f"0.6B student). "
-              f"Batch {args.batch}, block {BLOCK}, one token per step (32 steps per block), "
-              f"greedy, EOS disabled. Best of {args.repeats} runs (the variants alternating) "
-              f"after ahead-of-time compilation. \"same tokens\": the two variants generated identical "
-              f"tokens.\n\n" + "\n\n".join(sections) + "\n\n" + NOTES + "\n")
+      f.write(
+          f"# Block sampler speed\n\nCommand: `{command}`\n\nDevice: {device}; "
+          f"jax {jax.__version__}.\n\nSmoke student: Qwen3 layout, hidden 128, 4 layers, "
+          f"4 heads x 32, 2 kv heads, MLP 384, random weights; vocabulary as in each "
+          f"heading (the real Qwen size, and a small one where the transformer body "
+          f"rather than the vocabulary projection dominates a step, as it does for the "
+          f"0.6B student). "
+          f"Batch {args.batch}, block {BLOCK}, one token per step (32 steps per block), "
+          f"greedy, EOS disabled. Best of {args.repeats} runs (the variants alternating) "
+          f'after ahead-of-time compilation. "same tokens": the two variants generated identical '
+          f"tokens.\n\n" + "\n\n".join(sections) + "\n\n" + NOTES + "\n"
+      )
 
 
 if __name__ == "__main__":

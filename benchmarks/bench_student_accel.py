@@ -28,24 +28,42 @@ from flax import nnx  # noqa: E402
 from tide_jax.models import config as mcfg, dense  # noqa: E402
 from tide_jax.train import objective, step as step_lib  # noqa: E402
 
-QWEN3_0_6B = dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                  intermediate_size=3072, rope_theta=1e6, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True)
+QWEN3_0_6B = dict(
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 class Cfg(dict):
   """Attribute access over a dict: the fields the objective and step read."""
+
   __getattr__ = dict.__getitem__
 
 
 def step_flops(cfg, batch: int, length: int) -> float:
-  e, h, k, d, i, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                      cfg.intermediate_size, cfg.vocab_size)
+  e, h, k, d, i, v = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+      cfg.vocab_size,
+  )
   per_token = 2 * (e * h * d + 2 * e * k * d + h * d * e + 3 * e * i)
   attention = 2 * 2 * (2 * length) * h * d
-  forward = cfg.num_layers * batch * 2 * length * (per_token + attention) + batch * length * 2 * e * v
+  forward = (
+      cfg.num_layers * batch * 2 * length * (per_token + attention) + batch * length * 2 * e * v
+  )
   return 3.0 * forward
 
 
@@ -75,14 +93,24 @@ def main():
   model = dense.build_decoder(cfg)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
-  config = Cfg(objective=Cfg(kind="bd3lm", schedule="linear", t_eps=1e-3, mask_token_id=151669,
-                             block_size=32, loss_chunk=1024))
+  config = Cfg(
+      objective=Cfg(
+          kind="bd3lm",
+          schedule="linear",
+          t_eps=1e-3,
+          mask_token_id=151669,
+          block_size=32,
+          loss_chunk=1024,
+      )
+  )
   fn = step_lib.make_train_step(graphdef, tx, lambda s: 5e-5, config, 1000)
   state = step_lib.create_train_state(params, tx, 0)
   rng = np.random.default_rng(0)
-  batch = {"input_ids": jnp.asarray(rng.integers(0, 151643, (args.batch, args.length)), jnp.int32),
-           "maskable": jnp.ones((args.batch, args.length), bool),
-           "valid": jnp.ones((args.batch, args.length), bool)}
+  batch = {
+      "input_ids": jnp.asarray(rng.integers(0, 151643, (args.batch, args.length)), jnp.int32),
+      "maskable": jnp.ones((args.batch, args.length), bool),
+      "valid": jnp.ones((args.batch, args.length), bool),
+  }
   jitted = jax.jit(fn, donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
@@ -102,14 +130,18 @@ def main():
   mm = matmul_tflops(8192 if not args.tiny else 512)
   params_n = dense.count_params(model)
   lines = [
-      f"# BD3LM student step on {kind}", "",
+      f"# BD3LM student step on {kind}",
+      "",
       f"Command: `python benchmarks/bench_student_accel.py --batch {args.batch} "
-      f"--length {args.length} --steps {args.steps}{' --tiny' if args.tiny else ''}`", "",
+      f"--length {args.length} --steps {args.steps}{' --tiny' if args.tiny else ''}`",
+      "",
       f"Model: Qwen3-0.6B architecture ({params_n / 1e6:.0f}M parameters), float32 parameters, "
       f"bfloat16 compute, batch {args.batch} x {args.length} (`[x_t ; x_0]` = "
       f"{2 * args.length} tokens per sequence), chunked CE (1024 rows), AdamW; JAX "
-      f"{jax.__version__}.", "",
-      "| quantity | value |", "|---|---|",
+      f"{jax.__version__}.",
+      "",
+      "| quantity | value |",
+      "|---|---|",
       f"| step time (mean of {args.steps}) | {dt * 1e3:.1f} ms |",
       f"| tokens/s (x_0 tokens) | {args.batch * args.length / dt:,.0f} |",
       f"| model FLOPs per step | {flops / 1e12:.2f} TFLOP |",
@@ -118,12 +150,16 @@ def main():
       f"| MFU vs that matmul | {flops / dt / 1e12 / mm:.1%} |",
   ]
   if peak:
-    lines.append(f"| MFU vs nominal dense bf16 peak ({peak:.0f} TFLOP/s) | {flops / dt / 1e12 / peak:.1%} |")
+    lines.append(
+        f"| MFU vs nominal dense bf16 peak ({peak:.0f} TFLOP/s) | {flops / dt / 1e12 / peak:.1%} |"
+    )
   if mem is not None:
     gib = 1024**3
-    lines += [f"| compiled: arguments | {mem.argument_size_in_bytes / gib:.2f} GiB |",
-              f"| compiled: temporaries | {mem.temp_size_in_bytes / gib:.2f} GiB |",
-              f"| compiled: outputs | {mem.output_size_in_bytes / gib:.2f} GiB |"]
+    lines += [
+        f"| compiled: arguments | {mem.argument_size_in_bytes / gib:.2f} GiB |",
+        f"| compiled: temporaries | {mem.temp_size_in_bytes / gib:.2f} GiB |",
+        f"| compiled: outputs | {mem.output_size_in_bytes / gib:.2f} GiB |",
+    ]
   lines.append(f"| compile time | {compile_s:.1f} s |")
   lines.append(f"| loss after {args.steps + 1} steps (random tokens) | {float(m['loss']):.3f} |")
   text = "\n".join(lines) + "\n"

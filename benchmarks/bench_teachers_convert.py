@@ -53,9 +53,18 @@ print(json.dumps(stats))
 def bench_config(target_gb: float) -> dict:
   """LLaDA2-shaped config whose bf16 size is about ``target_gb`` (layers of ~110 MB)."""
   base = tf.tiny_llada2_config(
-      vocab_size=32768, hidden_size=1024, num_attention_heads=8, num_key_value_heads=2,
-      head_dim=128, intermediate_size=2816, moe_intermediate_size=512, num_experts=32,
-      n_group=8, topk_group=4, num_experts_per_tok=4)
+      vocab_size=32768,
+      hidden_size=1024,
+      num_attention_heads=8,
+      num_key_value_heads=2,
+      head_dim=128,
+      intermediate_size=2816,
+      moe_intermediate_size=512,
+      num_experts=32,
+      n_group=8,
+      topk_group=4,
+      num_experts_per_tok=4,
+  )
   per_layer = 2 * (3 * 32 * 1024 * 512 + 3 * 1024 * 512 + 12 * 128 * 1024 + 1024 * 1024)
   base["num_hidden_layers"] = int(np.ceil((target_gb * 1e9 - 2 * 32768 * 1024 * 2) / per_layer))
   return base
@@ -64,6 +73,7 @@ def bench_config(target_gb: float) -> dict:
 def write_random_checkpoint(out_dir: str, cfg: dict, shard_bytes: float = 250e6) -> int:
   """Writes random bf16 tensors layer by layer into ~shard_bytes shards; returns bytes."""
   from safetensors.numpy import save_file  # noqa: PLC0415
+
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
@@ -107,10 +117,19 @@ def main():
     shutil.rmtree(out_dir, ignore_errors=True)
     size = write_random_checkpoint(hf_dir, cfg)
     shards = len([f for f in os.listdir(hf_dir) if f.endswith(".safetensors")])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", CHILD, hf_dir, out_dir], env=env,
-                          capture_output=True, text=True, check=False)
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, hf_dir, out_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
       sys.exit(f"conversion failed:\n{done.stderr}")
     stats = json.loads(done.stdout.strip().splitlines()[-1])
@@ -119,26 +138,39 @@ def main():
       shutil.rmtree(work, ignore_errors=True)
   growth = stats["peak_rss"] - stats["rss_after_imports"]
   rows = [
-      ("checkpoint (bf16 safetensors)", f"{size / 1e9:.2f} GB in {shards} shards, "
-       f"{cfg['num_hidden_layers']} layers x {cfg['num_experts']} experts"),
-      ("converted (bf16 orbax, router f32)", f"{stats['param_bytes'] / 1e9:.2f} GB, "
-       f"{stats['groups']} groups"),
+      (
+          "checkpoint (bf16 safetensors)",
+          f"{size / 1e9:.2f} GB in {shards} shards, "
+          f"{cfg['num_hidden_layers']} layers x {cfg['num_experts']} experts",
+      ),
+      (
+          "converted (bf16 orbax, router f32)",
+          f"{stats['param_bytes'] / 1e9:.2f} GB, " f"{stats['groups']} groups",
+      ),
       ("mesh", "8 CPU devices: fsdp=8 (every large tensor split, nothing replicated)"),
       ("wall time", f"{stats['wall']:.1f} s"),
       ("throughput", f"{size / 1e9 / stats['wall']:.2f} GB/s"),
       ("RSS after imports", f"{stats['rss_after_imports'] / 1e9:.2f} GB"),
-      ("peak RSS", f"{stats['peak_rss'] / 1e9:.2f} GB "
-       f"({100 * stats['peak_rss'] / size:.0f}% of the checkpoint)"),
-      ("peak RSS growth during conversion", f"{growth / 1e9:.2f} GB "
-       f"({100 * growth / size:.0f}% of the checkpoint)"),
+      (
+          "peak RSS",
+          f"{stats['peak_rss'] / 1e9:.2f} GB "
+          f"({100 * stats['peak_rss'] / size:.0f}% of the checkpoint)",
+      ),
+      (
+          "peak RSS growth during conversion",
+          f"{growth / 1e9:.2f} GB " f"({100 * growth / size:.0f}% of the checkpoint)",
+      ),
   ]
   table = "| quantity | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
   print(table)
   verdict = "below" if stats["peak_rss"] < size / 2 else "NOT below"
   print(f"peak RSS is {verdict} half the checkpoint size")
-  write_section("Conversion", "python benchmarks/bench_teachers_convert.py",
-                table + f"\n\nPeak RSS of the whole converting process is {verdict} half the "
-                "checkpoint size. Source files were in the page cache (just written).")
+  write_section(
+      "Conversion",
+      "python benchmarks/bench_teachers_convert.py",
+      table + f"\n\nPeak RSS of the whole converting process is {verdict} half the "
+      "checkpoint size. Source files were in the page cache (just written).",
+  )
 
 
 if __name__ == "__main__":

@@ -51,10 +51,16 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
 def student_step_flops(cfg, batch: int, length: int) -> float:
   """Forward+backward FLOPs (x3 of forward) of one BD3LM step: layers see 2L tokens, the
   output projection only L (the x_t half); attention scores counted dense over 2L keys."""
-  e, h, k, d, i, v = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                      cfg.intermediate_size, cfg.vocab_size)
+  e, h, k, d, i, v = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.intermediate_size,
+      cfg.vocab_size,
+  )
   per_token_layer = 2 * (e * h * d + 2 * e * k * d + h * d * e + 3 * e * i)
-  attention = 2 * 2 * (2 * length) * h * d      # QK^T and PV per query token
+  attention = 2 * 2 * (2 * length) * h * d  # QK^T and PV per query token
   tokens2 = batch * 2 * length
   forward = cfg.num_layers * tokens2 * (per_token_layer + attention) + batch * length * 2 * e * v
   return 3.0 * forward
@@ -75,8 +81,13 @@ def build(config, teacher_cfg, teacher_state, data_cfg_variant_batches):
   graphdef, params = nnx.split(model, nnx.Param)
   tx, sched = optimizer.make_optimizer(config.optim, 1000)
   plan = distillation.make_distillation(
-      config, student_cfg, teacher_graphdef=teacher_state[0], teacher_vocab=teacher_cfg.vocab_size,
-      teacher_mask_token_id=int(config.teacher.mask_token_id), teacher_input_builder="bidirectional")
+      config,
+      student_cfg,
+      teacher_graphdef=teacher_state[0],
+      teacher_vocab=teacher_cfg.vocab_size,
+      teacher_mask_token_id=int(config.teacher.mask_token_id),
+      teacher_input_builder="bidirectional",
+  )
   fn = step_lib.make_train_step(graphdef, tx, sched, config, 1000, plan.extra_loss, plan.mask_fn)
   state = step_lib.create_train_state(params, tx, 0)
   return jax.jit(fn, donate_argnums=(0,)), state, student_cfg
@@ -93,31 +104,48 @@ def main():
   peak = matmul_peak_gflops()
   print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({jax.device_count()} CPU device(s))")
 
-  rows = [("bd3lm", "shared", "bd3lm", None), ("kl", "shared", "kl", None),
-          ("reverse_kl", "shared", "reverse_kl", None),
-          ("tide_shared (CompDemo 0.5)", "shared", "tide_shared", 0.5),
-          ("tide_shared, CompDemo off", "shared", "tide_shared", 0.0),
-          ("calm", "cross", "calm", None), ("tide_cross", "cross", "tide_cross", None)]
+  rows = [
+      ("bd3lm", "shared", "bd3lm", None),
+      ("kl", "shared", "kl", None),
+      ("reverse_kl", "shared", "reverse_kl", None),
+      ("tide_shared (CompDemo 0.5)", "shared", "tide_shared", 0.5),
+      ("tide_shared, CompDemo off", "shared", "tide_shared", 0.0),
+      ("calm", "cross", "calm", None),
+      ("tide_cross", "cross", "tide_cross", None),
+  ]
   batches = {}
   runners = {}
   for name, variant, recipe, ratio in rows:
     config = smoke_variant(variant, recipe, ratio)
     config.data.cache_dir = args.cache
     if variant not in batches:
-      it = pipeline.make_iterator(config.data, split="train", batch_size=config.train.batch_size,
-                                  seed=0, workdir_cache=args.cache)
+      it = pipeline.make_iterator(
+          config.data,
+          split="train",
+          batch_size=config.train.batch_size,
+          seed=0,
+          workdir_cache=args.cache,
+      )
       batches[variant] = [next(it) for _ in range(args.steps)]
     t = config.smoke.teacher_model
-    teacher_cfg = decoder_config_from_hf(dict(
-        model_type="qwen3", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-        num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-        intermediate_size=t.intermediate_size, rope_theta=1e6,
-        tie_word_embeddings=t.tie_word_embeddings))
+    teacher_cfg = decoder_config_from_hf(
+        dict(
+            model_type="qwen3",
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            head_dim=t.head_dim,
+            intermediate_size=t.intermediate_size,
+            rope_theta=1e6,
+            tie_word_embeddings=t.tie_word_embeddings,
+        )
+    )
     teacher = dense.build_decoder(teacher_cfg, seed=1)
     tg, tp = nnx.split(teacher)
     fn, state, student_cfg = build(config, teacher_cfg, (tg, tp), None)
-    for b in batches[variant]:          # compile + warm up
+    for b in batches[variant]:  # compile + warm up
       state, m = fn(state, b, tp)
     jax.block_until_ready(state)
     runners[name] = [fn, state, tp, variant]
@@ -141,31 +169,42 @@ def main():
   flops = student_step_flops(cfg, bsz, length)
   tok_s = bsz * length / base
   lines = [
-      "# Train step on CPU (smoke shapes)", "",
+      "# Train step on CPU (smoke shapes)",
+      "",
       "Command: `python benchmarks/bench_train_step.py "
-      f"--reps {args.reps} --steps {args.steps}`", "",
+      f"--reps {args.reps} --steps {args.steps}`",
+      "",
       f"Machine: {os.cpu_count()} CPU cores, JAX {jax.__version__}, backend "
       f"{jax.default_backend()}; float32 matmul peak measured in the same run: "
-      f"**{peak:.1f} GFLOP/s** (2048^3 matmul, best of 5).", "",
+      f"**{peak:.1f} GFLOP/s** (2048^3 matmul, best of 5).",
+      "",
       f"Student: smoke config (hidden {cfg.hidden_size}, {cfg.num_layers} layers, vocab "
       f"{cfg.vocab_size}), batch {bsz} x {length} tokens, `[x_t ; x_0]` of length "
-      f"{2 * length}, float32.", "",
+      f"{2 * length}, float32.",
+      "",
       f"- BD3LM step: {base * 1e3:.0f} ms median = **{tok_s:,.0f} tokens/s**; model FLOPs "
       f"{flops / 1e9:.1f} GFLOP per step -> {flops / base / 1e9:.1f} GFLOP/s = "
-      f"**{flops / base / 1e9 / peak:.0%} of the measured matmul peak**.", "",
-      "| recipe | step time (median of reps) | vs bd3lm |", "|---|---|---|"]
+      f"**{flops / base / 1e9 / peak:.0%} of the measured matmul peak**.",
+      "",
+      "| recipe | step time (median of reps) | vs bd3lm |",
+      "|---|---|---|",
+  ]
   for name, *_ in rows:
     med = statistics.median(times[name])
     lines.append(f"| {name} | {med * 1e3:.0f} ms | {med / base:.2f}x |")
   shared_on = statistics.median(times["tide_shared (CompDemo 0.5)"])
   shared_off = statistics.median(times["tide_shared, CompDemo off"])
-  lines += ["", f"CompDemo's extra cost (one teacher call on the doubled batch vs a single "
-            f"pass): {shared_on / shared_off:.2f}x the tide_shared step without it.", "",
-            "Teacher: random weights of the smoke teacher's shape (hidden 128, 3 layers; "
-            "Qwen3 vocabulary for the shared variant, Llama-3 for the cross variant), "
-            "bidirectional input. Rows were timed interleaved, "
-            f"{args.reps} reps x {args.steps} steps each, on a shared machine: read the "
-            "ratios, not the absolute times."]
+  lines += [
+      "",
+      f"CompDemo's extra cost (one teacher call on the doubled batch vs a single "
+      f"pass): {shared_on / shared_off:.2f}x the tide_shared step without it.",
+      "",
+      "Teacher: random weights of the smoke teacher's shape (hidden 128, 3 layers; "
+      "Qwen3 vocabulary for the shared variant, Llama-3 for the cross variant), "
+      "bidirectional input. Rows were timed interleaved, "
+      f"{args.reps} reps x {args.steps} steps each, on a shared machine: read the "
+      "ratios, not the absolute times.",
+  ]
   text = "\n".join(lines) + "\n"
   print(text)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -10,7 +10,7 @@ def base_config() -> config_dict.ConfigDict:
 
   c.model = config_dict.ConfigDict()
   m = c.model
-  m.init_from = ""              # HF directory of the initial student; empty = random init
+  m.init_from = ""  # HF directory of the initial student; empty = random init
   m.model_type = "qwen3"
   m.vocab_size = 151936
   m.hidden_size = 1024
@@ -29,12 +29,12 @@ def base_config() -> config_dict.ConfigDict:
 
   c.objective = config_dict.ConfigDict()
   ob = c.objective
-  ob.kind = "bd3lm"             # bd3lm (student) or mdlm (bidirectional, e.g. a teacher)
+  ob.kind = "bd3lm"  # bd3lm (student) or mdlm (bidirectional, e.g. a teacher)
   ob.schedule = "linear"
   ob.t_eps = 1e-3
   ob.mask_token_id = 151669
   ob.block_size = c.get_ref("block_size")
-  ob.loss_chunk = 256            # rows per block of the memory-bounded CE; 0 = one block
+  ob.loss_chunk = 256  # rows per block of the memory-bounded CE; 0 = one block
 
   c.data = config_dict.ConfigDict()
   d = c.data
@@ -64,15 +64,15 @@ def base_config() -> config_dict.ConfigDict:
   t = c.train
   t.batch_size = 32
   t.num_steps = 1000
-  t.epochs = 0                   # > 0: num_steps = ceil(epochs * train records / batch_size)
+  t.epochs = 0  # > 0: num_steps = ceil(epochs * train records / batch_size)
   t.log_every = 50
   t.eval_every = 500
   t.eval_batches = 8
   t.checkpoint_every = 500
   t.keep_checkpoints = 3
   t.async_checkpoint = False
-  t.stop_at_step = 0             # > 0: checkpoint and stop after this step (time-sliced jobs)
-  t.preemption_check_every = 1   # multi-host: combine the hosts' SIGTERM flags every n steps
+  t.stop_at_step = 0  # > 0: checkpoint and stop after this step (time-sliced jobs)
+  t.preemption_check_every = 1  # multi-host: combine the hosts' SIGTERM flags every n steps
 
   # Device mesh (tide_jax.parallel.sharding): -1 = the remaining devices. The student's
   # parameters and optimizer state spread over fsdp x tensor, the teacher's over
@@ -82,20 +82,20 @@ def base_config() -> config_dict.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.expert = 1
-  c.mesh.num_devices = 0         # 0 = every device; n = the first n (single process only)
+  c.mesh.num_devices = 0  # 0 = every device; n = the first n (single process only)
 
-  c.sampler = config_dict.ConfigDict()      # --mode=sample and HumanEval
-  c.sampler.steps_per_block = c.get_ref("block_size")   # one token per step (the paper)
+  c.sampler = config_dict.ConfigDict()  # --mode=sample and HumanEval
+  c.sampler.steps_per_block = c.get_ref("block_size")  # one token per step (the paper)
   c.sampler.max_new_tokens = 256
   c.sampler.temperature = 0.0
   c.sampler.order = "low_confidence"
   c.sampler.context_len = 4096
 
-  c.eval = config_dict.ConfigDict()         # --mode=eval and the periodic eval
-  c.eval.bpb_files = config_dict.placeholder(list)   # default: data.eval_files
+  c.eval = config_dict.ConfigDict()  # --mode=eval and the periodic eval
+  c.eval.bpb_files = config_dict.placeholder(list)  # default: data.eval_files
   c.eval.bpb_max_texts = 16
   c.eval.bpb_grid = 8
-  c.eval.bpb_during_training = False   # also report bits per byte at every train.eval_every
+  c.eval.bpb_during_training = False  # also report bits per byte at every train.eval_every
   c.eval.humaneval = False
   c.eval.humaneval_samples = 1
   c.eval.humaneval_tasks = config_dict.placeholder(list)

@@ -24,8 +24,12 @@ ROOT = "gs://YOUR_BUCKET/tide"
 # Real model identifiers (HuggingFace hub) and the facts the run depends on.
 STUDENT_HF_ID = "Qwen/Qwen3-0.6B"
 TEACHER_HF_ID = "inclusionAI/LLaDA2.0-mini"
-DATA_SOURCES = ("allenai/tulu-3-sft-mixture", "HuggingFaceTB/smoltalk",
-                "OpenCoder-LLM/opc-sft-stage1", "OpenCoder-LLM/opc-sft-stage2")
+DATA_SOURCES = (
+    "allenai/tulu-3-sft-mixture",
+    "HuggingFaceTB/smoltalk",
+    "OpenCoder-LLM/opc-sft-stage1",
+    "OpenCoder-LLM/opc-sft-stage2",
+)
 
 
 def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: int) -> None:
@@ -33,19 +37,23 @@ def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: 
   config.seed = 0
   config.block_size = 32
   m = config.model
-  m.init_from = f"{ROOT}/models/qwen3-0.6b"      # HF directory of Qwen3-0.6B
-  m.param_dtype = "float32"                       # master weights
-  m.dtype = "bfloat16"                            # bf16 compute
-  m.remat = True                                  # recompute each layer in the backward pass
-  config.objective.mask_token_id = 151669         # first free Qwen3 slot (SPEC)
+  m.init_from = f"{ROOT}/models/qwen3-0.6b"  # HF directory of Qwen3-0.6B
+  m.param_dtype = "float32"  # master weights
+  m.dtype = "bfloat16"  # bf16 compute
+  m.remat = True  # recompute each layer in the backward pass
+  config.objective.mask_token_id = 151669  # first free Qwen3 slot (SPEC)
   config.objective.loss_chunk = 256
   d = config.data
   d.format = "chat"
   d.tokenizer = "qwen3"
   d.max_len = student_len
   d.teacher_max_len = teacher_len
-  d.train_files = [f"{ROOT}/data/tulu-3-sft-mixture/*.parquet", f"{ROOT}/data/smoltalk/*.parquet",
-                   f"{ROOT}/data/opc-sft-stage1/*.parquet", f"{ROOT}/data/opc-sft-stage2/*.parquet"]
+  d.train_files = [
+      f"{ROOT}/data/tulu-3-sft-mixture/*.parquet",
+      f"{ROOT}/data/smoltalk/*.parquet",
+      f"{ROOT}/data/opc-sft-stage1/*.parquet",
+      f"{ROOT}/data/opc-sft-stage2/*.parquet",
+  ]
   d.eval_files = []
   d.eval_fraction = 0.002
   d.cache_dir = f"{ROOT}/data_cache"
@@ -53,8 +61,8 @@ def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: 
   o.learning_rate = 5e-5
   o.warmup_steps = 500
   t = config.train
-  t.epochs = 10                 # num_steps = ceil(epochs * train records / batch_size)
-  t.batch_size = 64             # global; not stated in the paper (assumption)
+  t.epochs = 10  # num_steps = ceil(epochs * train records / batch_size)
+  t.batch_size = 64  # global; not stated in the paper (assumption)
   t.log_every = 50
   t.eval_every = 2000
   t.eval_batches = 16
@@ -74,7 +82,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   paper_common(config, student_len=512, teacher_len=1024)
   config.models.teacher_hf_id = TEACHER_HF_ID
   d = config.data
-  d.teacher_tokenizer = f"{ROOT}/models/llada2.0-mini"   # tokenizer files of the HF directory
+  d.teacher_tokenizer = f"{ROOT}/models/llada2.0-mini"  # tokenizer files of the HF directory
   d.alignment = "chunks"
   config.distill = recipes.default_config()
   config.distill.recipe = recipe
@@ -85,9 +93,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.distill.tidal.l0, config.distill.tidal.l1 = 0.1, 0.9
   config.distill.compdemo.ratio = 0.5
   config.teacher = teachers.teacher_config(
-      "llada2", checkpoint=f"{ROOT}/teachers/llada2.0-mini-orbax",
-      hf_dir=f"{ROOT}/models/llada2.0-mini", param_dtype="bfloat16", dtype="bfloat16",
-      remat=False)
+      "llada2",
+      checkpoint=f"{ROOT}/teachers/llada2.0-mini-orbax",
+      hf_dir=f"{ROOT}/models/llada2.0-mini",
+      param_dtype="bfloat16",
+      dtype="bfloat16",
+      remat=False,
+  )
   # The 16B MoE teacher's 256 experts spread over the expert axis; the batch is split over
   # it too (rules: batch -> data x fsdp x expert), so no device idles.
   config.mesh.data = 1

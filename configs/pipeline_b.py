@@ -16,7 +16,7 @@ from tide_jax.models import teachers
 
 RECIPES = ("tide_shared", "tide_cross", "kl", "bd3lm")
 TEACHER_HF_ID = "tencent/WeDLM-8B-Instruct"
-SHARED_VOCAB = 151646           # SPEC 3.4: both logits cut to the shared vocabulary
+SHARED_VOCAB = 151646  # SPEC 3.4: both logits cut to the shared vocabulary
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -39,9 +39,13 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.distill.tidal.timestep_weight = "midrange"
   config.distill.compdemo.ratio = 0.5
   config.teacher = teachers.teacher_config(
-      "wedlm", checkpoint=f"{ROOT}/teachers/wedlm-8b-instruct-orbax",
-      hf_dir=f"{ROOT}/models/wedlm-8b-instruct", param_dtype="bfloat16", dtype="bfloat16",
-      remat=False)
+      "wedlm",
+      checkpoint=f"{ROOT}/teachers/wedlm-8b-instruct-orbax",
+      hf_dir=f"{ROOT}/models/wedlm-8b-instruct",
+      param_dtype="bfloat16",
+      dtype="bfloat16",
+      remat=False,
+  )
   # The dense 8B teacher (16 GB in bf16) and the student spread over fsdp; the batch too.
   config.mesh.data = 1
   config.mesh.fsdp = -1

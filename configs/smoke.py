@@ -32,17 +32,17 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   m = config.model
   m.model_type = "qwen3"
-  m.vocab_size = 151936          # the real Qwen3 embedding size
+  m.vocab_size = 151936  # the real Qwen3 embedding size
   m.hidden_size = 64
   m.num_layers = 2
   m.num_heads = 4
   m.num_kv_heads = 2
-  m.head_dim = 32                # != hidden / heads, as in the real Qwen3 configs
+  m.head_dim = 32  # != hidden / heads, as in the real Qwen3 configs
   m.intermediate_size = 192
   m.rope_theta = 1e6
   m.tie_word_embeddings = True
 
-  config.objective.mask_token_id = 151669   # first free slot after the Qwen3 special tokens
+  config.objective.mask_token_id = 151669  # first free slot after the Qwen3 special tokens
   # 512 tokens x 151,936 float32 logits = 311 MB: small enough for one block, which saves
   # the recomputation of the chunked loss and lets the distillation reuse the logits.
   config.objective.loss_chunk = 0
@@ -50,9 +50,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   d = config.data
   d.format = "text"
   d.tokenizer = "qwen3"
-  d.train_files = ["pystdlib://json/*.py", "pystdlib://email/*.py", "pystdlib://asyncio/*.py",
-                   "pystdlib://collections/*.py", "pystdlib://importlib/*.py",
-                   "pystdlib://logging/*.py", "pystdlib://concurrent/futures/*.py"]
+  d.train_files = [
+      "pystdlib://json/*.py",
+      "pystdlib://email/*.py",
+      "pystdlib://asyncio/*.py",
+      "pystdlib://collections/*.py",
+      "pystdlib://importlib/*.py",
+      "pystdlib://logging/*.py",
+      "pystdlib://concurrent/futures/*.py",
+  ]
   d.eval_files = ["pystdlib://http/*.py"]
   d.max_len = 128
 
@@ -60,7 +66,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   o.learning_rate = 3e-3
   o.warmup_steps = 20
 
-  config.eval.bpb_files = ["pystdlib://json/tool.py"]   # 3.3 kB of held-out source
+  config.eval.bpb_files = ["pystdlib://json/tool.py"]  # 3.3 kB of held-out source
   config.eval.bpb_during_training = True
 
   t = config.train
@@ -82,20 +88,32 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.distill = recipes.default_config()
   config.distill.recipe = "tide_cross" if cross else "tide_shared"
   config.distill.alignment = d.alignment
-  config.distill.max_chunks = 128           # at most one chunk per student token
+  config.distill.max_chunks = 128  # at most one chunk per student token
   config.distill.chunk_temperature = 2.0
 
   # The teacher is trained by the smoke run itself (stage 1) and registered like a real one.
   config.teacher = teachers.teacher_config(
-      "qwen_bidirectional", tokenizer=d.teacher_tokenizer,
-      mask_token_id=128002 if cross else 151669,   # Llama-3: <|reserved_special_token_0|>
-      param_dtype="float32", dtype="float32")
+      "qwen_bidirectional",
+      tokenizer=d.teacher_tokenizer,
+      mask_token_id=128002 if cross else 151669,  # Llama-3: <|reserved_special_token_0|>
+      param_dtype="float32",
+      dtype="float32",
+  )
 
   config.smoke = config_dict.ConfigDict()
   config.smoke.variant = variant
   config.smoke.teacher_steps = 100
   config.smoke.teacher_learning_rate = 3e-3
-  config.smoke.teacher_model = config_dict.ConfigDict(dict(
-      vocab_size=128256 if cross else 151936, hidden_size=128, num_layers=3, num_heads=4,
-      num_kv_heads=2, head_dim=32, intermediate_size=384, tie_word_embeddings=True))
+  config.smoke.teacher_model = config_dict.ConfigDict(
+      dict(
+          vocab_size=128256 if cross else 151936,
+          hidden_size=128,
+          num_layers=3,
+          num_heads=4,
+          num_kv_heads=2,
+          head_dim=32,
+          intermediate_size=384,
+          tie_word_embeddings=True,
+      )
+  )
   return config

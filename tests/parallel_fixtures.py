@@ -25,8 +25,8 @@ SPECIALS = ["<|endoftext|>", "<|mask|>"]
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
 CORPUS = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py"]
 EVAL = ["json/tool.py"]
-STUDENT_VOCAB = 264      # 258 tokens, padded to a multiple of 8 (tensor-shardable)
-CROSS_VOCAB = 328        # BPE teacher: 320 tokens, padded
+STUDENT_VOCAB = 264  # 258 tokens, padded to a multiple of 8 (tensor-shardable)
+CROSS_VOCAB = 328  # BPE teacher: 320 tokens, padded
 
 
 def corpus_files(root: str) -> tuple[list[str], list[str]]:
@@ -51,8 +51,15 @@ def _save(backend: Tokenizer, path: str) -> str:
   os.makedirs(path, exist_ok=True)
   backend.save(os.path.join(path, "tokenizer.json"))
   with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIALS[0],
-               "pad_token": SPECIALS[0], "chat_template": TEMPLATE}, f)
+    json.dump(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": SPECIALS[0],
+            "pad_token": SPECIALS[0],
+            "chat_template": TEMPLATE,
+        },
+        f,
+    )
   return path
 
 
@@ -71,8 +78,12 @@ def bpe_tokenizer(path: str, files: list[str]) -> str:
   backend = Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   backend.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+      vocab_size=320,
+      special_tokens=SPECIALS,
+      show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   backend.train(files, trainer)
   return _save(backend, path)
 
@@ -87,20 +98,32 @@ def qwen_teacher(root: str, vocab: int, seed: int) -> str:
 
 def llada2_teacher(root: str, vocab: int) -> str:
   """A random synthetic LLaDA2 MoE (8 experts, 2 active) converted to orbax (float32)."""
-  hf = teachers_fixtures.tiny_llada2_config(vocab_size=vocab, pad_token_id=vocab - 2,
-                                            eos_token_id=vocab - 1, num_hidden_layers=2)
+  hf = teachers_fixtures.tiny_llada2_config(
+      vocab_size=vocab, pad_token_id=vocab - 2, eos_token_id=vocab - 1, num_hidden_layers=2
+  )
   hf_dir, out = os.path.join(root, "hf"), os.path.join(root, "orbax")
-  teachers_fixtures.write_checkpoint(hf_dir, hf, teachers_fixtures.random_llada2_tensors(hf, seed=3,
-                                                                                         scale=0.1))
+  teachers_fixtures.write_checkpoint(
+      hf_dir, hf, teachers_fixtures.random_llada2_tensors(hf, seed=3, scale=0.1)
+  )
   teachers.convert_teacher(hf_dir, out, param_dtype="float32")
   return out
 
 
-def tiny_config(*, recipe: str, tokenizer: str, teacher_tokenizer: str | None,
-                teacher_name: str = "qwen_bidirectional", teacher_checkpoint: str = "",
-                teacher_mask_id: int = 257, train_files, eval_files, cache_dir: str,
-                mesh: dict | None = None, num_steps: int = 3,
-                batch_size: int = 8) -> ml_collections.ConfigDict:
+def tiny_config(
+    *,
+    recipe: str,
+    tokenizer: str,
+    teacher_tokenizer: str | None,
+    teacher_name: str = "qwen_bidirectional",
+    teacher_checkpoint: str = "",
+    teacher_mask_id: int = 257,
+    train_files,
+    eval_files,
+    cache_dir: str,
+    mesh: dict | None = None,
+    num_steps: int = 3,
+    batch_size: int = 8,
+) -> ml_collections.ConfigDict:
   """A 3-step distillation (or BD3LM) run of a 2-layer student on 32-token rows."""
   c = common.base_config()
   c.seed = 0
@@ -135,9 +158,14 @@ def tiny_config(*, recipe: str, tokenizer: str, teacher_tokenizer: str | None,
   c.distill.alignment = d.alignment
   c.distill.max_chunks = 32
   c.distill.chunk_temperature = 2.0
-  c.teacher = teachers.teacher_config(teacher_name, checkpoint=teacher_checkpoint,
-                                      tokenizer=teacher_tokenizer, mask_token_id=teacher_mask_id,
-                                      param_dtype="float32", dtype="float32")
+  c.teacher = teachers.teacher_config(
+      teacher_name,
+      checkpoint=teacher_checkpoint,
+      tokenizer=teacher_tokenizer,
+      mask_token_id=teacher_mask_id,
+      param_dtype="float32",
+      dtype="float32",
+  )
   return c
 
 

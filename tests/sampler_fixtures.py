@@ -22,10 +22,23 @@ def tiny_decoder(seed: int = 0, scale: float = 5.0, vocab: int = VOCAB) -> dense
   choices and the confidence order well separated, so that the cached and recomputing
   samplers can be compared token for token.
   """
-  cfg = DecoderConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64,
-                      rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                      qk_norm=True, qkv_bias=False, o_bias=False, max_position_embeddings=512)
+  cfg = DecoderConfig(
+      model_type="qwen3",
+      vocab_size=vocab,
+      hidden_size=32,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      intermediate_size=64,
+      rope_theta=10000.0,
+      rms_norm_eps=1e-6,
+      tie_word_embeddings=False,
+      qk_norm=True,
+      qkv_bias=False,
+      o_bias=False,
+      max_position_embeddings=512,
+  )
   model = dense.build_decoder(cfg, seed)
   graphdef, state = nnx.split(model)
   state = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state)
@@ -42,8 +55,16 @@ class ScriptedModel(nnx.Module):
   position equals ``eos_position`` choose EOS instead.
   """
 
-  def __init__(self, scores, *, vocab: int = 256, mask_id: int = 255, eos_id: int = 254,
-               base: int = 100, eos_position: int = -1):
+  def __init__(
+      self,
+      scores,
+      *,
+      vocab: int = 256,
+      mask_id: int = 255,
+      eos_id: int = 254,
+      base: int = 100,
+      eos_position: int = -1,
+  ):
     self.scores = jnp.asarray(scores, jnp.float32)
     self.vocab, self.mask_id, self.eos_id, self.base = vocab, mask_id, eos_id, base
     self.eos_position = eos_position
@@ -52,8 +73,9 @@ class ScriptedModel(nnx.Module):
     length = input_ids.shape[1]
     n_masked = jnp.sum(input_ids == self.mask_id, axis=1, keepdims=True)
     slot = jnp.broadcast_to(jnp.arange(length) % self.scores.shape[0], input_ids.shape)
-    hidden = jnp.stack([slot, jnp.broadcast_to(n_masked, input_ids.shape), positions],
-                       axis=-1).astype(jnp.float32)
+    hidden = jnp.stack(
+        [slot, jnp.broadcast_to(n_masked, input_ids.shape), positions], axis=-1
+    ).astype(jnp.float32)
     if not return_kv:
       return hidden
     kv = jnp.zeros(input_ids.shape + (1, 1), jnp.float32)

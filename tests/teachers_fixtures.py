@@ -15,17 +15,38 @@ from safetensors.numpy import save_file
 def tiny_llada2_config(**overrides) -> dict:
   """A small ``config.json`` with the keys LLaDA2.0-mini's config has."""
   cfg = {
-      "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe",
-      "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3,
-      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12,
-      "intermediate_size": 48, "moe_intermediate_size": 16, "num_experts": 8,
-      "num_experts_per_tok": 2, "num_shared_experts": 1, "n_group": 4, "topk_group": 2,
-      "routed_scaling_factor": 2.5, "norm_topk_prob": True, "score_function": "sigmoid",
-      "moe_router_enable_expert_bias": True, "first_k_dense_replace": 1,
-      "partial_rotary_factor": 0.5, "rope_theta": 600000.0, "rms_norm_eps": 1e-6,
-      "use_qk_norm": True, "use_qkv_bias": False, "use_bias": False, "hidden_act": "silu",
-      "tie_word_embeddings": False, "max_position_embeddings": 4096, "pad_token_id": 60,
-      "eos_token_id": 61, "rope_scaling": None,
+      "architectures": ["LLaDA2MoeModelLM"],
+      "model_type": "llada2_moe",
+      "vocab_size": 64,
+      "hidden_size": 32,
+      "num_hidden_layers": 3,
+      "num_attention_heads": 4,
+      "num_key_value_heads": 2,
+      "head_dim": 12,
+      "intermediate_size": 48,
+      "moe_intermediate_size": 16,
+      "num_experts": 8,
+      "num_experts_per_tok": 2,
+      "num_shared_experts": 1,
+      "n_group": 4,
+      "topk_group": 2,
+      "routed_scaling_factor": 2.5,
+      "norm_topk_prob": True,
+      "score_function": "sigmoid",
+      "moe_router_enable_expert_bias": True,
+      "first_k_dense_replace": 1,
+      "partial_rotary_factor": 0.5,
+      "rope_theta": 600000.0,
+      "rms_norm_eps": 1e-6,
+      "use_qk_norm": True,
+      "use_qkv_bias": False,
+      "use_bias": False,
+      "hidden_act": "silu",
+      "tie_word_embeddings": False,
+      "max_position_embeddings": 4096,
+      "pad_token_id": 60,
+      "eos_token_id": 61,
+      "rope_scaling": None,
   }
   cfg.update(overrides)
   return cfg
@@ -81,12 +102,15 @@ def random_tensor(rng, shape, kind: str, scale: float = 0.2) -> np.ndarray:
 def random_llada2_tensors(cfg: dict, seed: int = 0, scale: float = 0.2) -> dict[str, np.ndarray]:
   """Float32 tensors under the real LLaDA2 names, in layer order."""
   rng = np.random.default_rng(seed)
-  return {name: random_tensor(rng, shape, kind, scale)
-          for name, (shape, kind) in llada2_tensor_shapes(cfg).items()}
+  return {
+      name: random_tensor(rng, shape, kind, scale)
+      for name, (shape, kind) in llada2_tensor_shapes(cfg).items()
+  }
 
 
-def write_checkpoint(out_dir: str, cfg: dict, tensors: dict[str, np.ndarray],
-                     num_shards: int = 3, dtype=np.float32) -> None:
+def write_checkpoint(
+    out_dir: str, cfg: dict, tensors: dict[str, np.ndarray], num_shards: int = 3, dtype=np.float32
+) -> None:
   """Writes config.json, ``num_shards`` safetensors files and their index."""
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -105,6 +129,7 @@ def write_checkpoint(out_dir: str, cfg: dict, tensors: dict[str, np.ndarray],
 
 # ----------------------------------------------------------------------- NumPy reference
 
+
 def np_rms(x, w, eps):
   return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
 
@@ -112,22 +137,21 @@ def np_rms(x, w, eps):
 def np_partial_rope(x, positions, rotary_dim, theta):
   """x [b, L, heads, D]; rotate-half on the first rotary_dim features only."""
   inv = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
-  ang = positions[..., None].astype(np.float64) * inv               # [b, L, r/2]
+  ang = positions[..., None].astype(np.float64) * inv  # [b, L, r/2]
   cos, sin = np.cos(ang)[:, :, None, :], np.sin(ang)[:, :, None, :]
   half = rotary_dim // 2
   x1, x2, rest = x[..., :half], x[..., half:rotary_dim], x[..., rotary_dim:]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
-def np_fused_attention(x, qkv_w, qkv_b, q_norm, k_norm, dense_w, dense_b, positions, mask,
-                       cfg):
+def np_fused_attention(x, qkv_w, qkv_b, q_norm, k_norm, dense_w, dense_b, positions, mask, cfg):
   """LLaDA2 attention from the fused HF weight; mask bool [b, L, L] (True = attend)."""
   b, length, _ = x.shape
   heads, kv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
   fused = x @ qkv_w.T + (0 if qkv_b is None else qkv_b)
-  q = fused[..., :heads * d].reshape(b, length, heads, d)
-  k = fused[..., heads * d:(heads + kv) * d].reshape(b, length, kv, d)
-  v = fused[..., (heads + kv) * d:].reshape(b, length, kv, d)
+  q = fused[..., : heads * d].reshape(b, length, heads, d)
+  k = fused[..., heads * d : (heads + kv) * d].reshape(b, length, kv, d)
+  v = fused[..., (heads + kv) * d :].reshape(b, length, kv, d)
   if q_norm is not None:
     q, k = np_rms(q, q_norm, cfg["rms_norm_eps"]), np_rms(k, k_norm, cfg["rms_norm_eps"])
   rot = int(d * cfg["partial_rotary_factor"])
@@ -158,11 +182,11 @@ def np_route(x, gate_w, bias, cfg):
   g = cfg["n_group"]
   grouped = np.sort(biased.reshape(t, g, e // g), axis=-1)[..., ::-1]
   group_scores = grouped[..., :2].sum(-1)
-  kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, :cfg["topk_group"]]
+  kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg["topk_group"]]
   allowed = np.zeros((t, g), bool)
   np.put_along_axis(allowed, kept, True, axis=-1)
   cand = np.where(np.repeat(allowed, e // g, axis=-1), biased, -np.inf)
-  experts = np.argsort(-cand, axis=-1, kind="stable")[:, :cfg["num_experts_per_tok"]]
+  experts = np.argsort(-cand, axis=-1, kind="stable")[:, : cfg["num_experts_per_tok"]]
   weights = np.take_along_axis(scores, experts, axis=-1)
   if cfg["norm_topk_prob"] and experts.shape[1] > 1:
     weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
@@ -176,11 +200,13 @@ def np_moe(x, t: dict, p: str, cfg):
   for n in range(x.shape[0]):
     for w_, ex in zip(weights[n], experts[n]):
       q = f"{p}.experts.{ex}"
-      out[n] += w_ * np_swiglu(x[n], t[f"{q}.gate_proj.weight"], t[f"{q}.up_proj.weight"],
-                               t[f"{q}.down_proj.weight"])
+      out[n] += w_ * np_swiglu(
+          x[n], t[f"{q}.gate_proj.weight"], t[f"{q}.up_proj.weight"], t[f"{q}.down_proj.weight"]
+      )
   s = f"{p}.shared_experts"
-  return out + np_swiglu(x, t[f"{s}.gate_proj.weight"], t[f"{s}.up_proj.weight"],
-                         t[f"{s}.down_proj.weight"])
+  return out + np_swiglu(
+      x, t[f"{s}.gate_proj.weight"], t[f"{s}.up_proj.weight"], t[f"{s}.down_proj.weight"]
+  )
 
 
 def np_llada2_logits(cfg: dict, tensors: dict[str, np.ndarray], ids, positions, mask):
@@ -193,18 +219,31 @@ def np_llada2_logits(cfg: dict, tensors: dict[str, np.ndarray], ids, positions, 
     p = f"model.layers.{i}"
     a = f"{p}.attention"
     x = x + np_fused_attention(
-        np_rms(x, t[f"{p}.input_layernorm.weight"], eps), t[f"{a}.query_key_value.weight"],
-        t.get(f"{a}.query_key_value.bias"), t.get(f"{a}.query_layernorm.weight"),
-        t.get(f"{a}.key_layernorm.weight"), t[f"{a}.dense.weight"], t.get(f"{a}.dense.bias"),
-        positions, mask, cfg)
+        np_rms(x, t[f"{p}.input_layernorm.weight"], eps),
+        t[f"{a}.query_key_value.weight"],
+        t.get(f"{a}.query_key_value.bias"),
+        t.get(f"{a}.query_layernorm.weight"),
+        t.get(f"{a}.key_layernorm.weight"),
+        t[f"{a}.dense.weight"],
+        t.get(f"{a}.dense.bias"),
+        positions,
+        mask,
+        cfg,
+    )
     y = np_rms(x, t[f"{p}.post_attention_layernorm.weight"], eps)
     if i < cfg["first_k_dense_replace"]:
-      x = x + np_swiglu(y, t[f"{p}.mlp.gate_proj.weight"], t[f"{p}.mlp.up_proj.weight"],
-                        t[f"{p}.mlp.down_proj.weight"])
+      x = x + np_swiglu(
+          y,
+          t[f"{p}.mlp.gate_proj.weight"],
+          t[f"{p}.mlp.up_proj.weight"],
+          t[f"{p}.mlp.down_proj.weight"],
+      )
     else:
       x = x + np_moe(y.reshape(-1, h), t, f"{p}.mlp", cfg).reshape(b, length, h)
   x = np_rms(x, t["model.norm.weight"], eps)
-  head = t["model.word_embeddings.weight"] if cfg.get("tie_word_embeddings") else t["lm_head.weight"]
+  head = (
+      t["model.word_embeddings.weight"] if cfg.get("tie_word_embeddings") else t["lm_head.weight"]
+  )
   return x @ head.T
 
 

@@ -30,19 +30,21 @@ def brute_force_bd3lm(length: int, block: int, x0_first: bool) -> np.ndarray:
 @pytest.mark.parametrize("length,block", [(4, 1), (8, 2), (8, 4), (12, 4), (16, 8), (32, 32)])
 @pytest.mark.parametrize("x0_first", [False, True])
 def test_bd3lm_mask_matches_brute_force(length, block, x0_first):
-  np.testing.assert_array_equal(masks.bd3lm_attention_mask(length, block, x0_first),
-                                brute_force_bd3lm(length, block, x0_first))
+  np.testing.assert_array_equal(
+      masks.bd3lm_attention_mask(length, block, x0_first),
+      brute_force_bd3lm(length, block, x0_first),
+  )
 
 
 @pytest.mark.parametrize("length,block", [(16, 4), (24, 8)])
 def test_xt_queries_never_see_future_xt_or_own_clean_block(length, block):
   m = masks.bd3lm_attention_mask(length, block)
-  for q in range(length):                       # x_t half
+  for q in range(length):  # x_t half
     qb = q // block
-    for k in range(length):                     # x_t keys of later blocks: invisible
+    for k in range(length):  # x_t keys of later blocks: invisible
       if k // block > qb:
         assert not m[q, k]
-    for k in range(length, 2 * length):         # x_0 keys of own or later blocks: invisible
+    for k in range(length, 2 * length):  # x_0 keys of own or later blocks: invisible
       if (k - length) // block >= qb:
         assert not m[q, k]
       else:
@@ -65,8 +67,9 @@ def test_schedule_weight_matches_numeric_derivative(schedule):
     alpha = 1 - np.cos(np.pi / 2 * (1 - t))
     d_alpha = -np.pi / 2 * np.sin(np.pi / 2 * (1 - t))
     expected = -d_alpha / (1 - alpha)
-  np.testing.assert_allclose(np.asarray(schedules.loss_weight(jnp.asarray(t, jnp.float32), schedule)),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(schedules.loss_weight(jnp.asarray(t, jnp.float32), schedule)), expected, rtol=1e-5
+  )
   np.testing.assert_allclose(a(0.0), 1.0, atol=1e-7)
   np.testing.assert_allclose(a(1.0), 0.0, atol=1e-7)
 
@@ -83,8 +86,13 @@ def test_noising_never_touches_prompt_or_padding(seed, t_value):
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, 50, size=(4, 32)).astype(np.int32)
   maskable = rng.random((4, 32)) < 0.6
-  x_t, masked = noising.noise_tokens(jax.random.key(seed), jnp.asarray(ids), jnp.asarray(maskable),
-                                     jnp.full((4,), t_value), mask_token_id=99)
+  x_t, masked = noising.noise_tokens(
+      jax.random.key(seed),
+      jnp.asarray(ids),
+      jnp.asarray(maskable),
+      jnp.full((4,), t_value),
+      mask_token_id=99,
+  )
   x_t, masked = np.asarray(x_t), np.asarray(masked)
   np.testing.assert_array_equal(x_t[~maskable], ids[~maskable])
   assert not masked[~maskable].any()
@@ -97,8 +105,14 @@ def test_noising_never_touches_prompt_or_padding(seed, t_value):
 def test_empirical_mask_rate_matches_one_minus_alpha(schedule, t_value):
   n = 200_000
   ids = jnp.zeros((1, n), jnp.int32)
-  _, masked = noising.noise_tokens(jax.random.key(7), ids, jnp.ones((1, n), bool),
-                                   jnp.full((1,), t_value), mask_token_id=1, schedule=schedule)
+  _, masked = noising.noise_tokens(
+      jax.random.key(7),
+      ids,
+      jnp.ones((1, n), bool),
+      jnp.full((1,), t_value),
+      mask_token_id=1,
+      schedule=schedule,
+  )
   expected = 1.0 - float(schedules.alpha(jnp.float32(t_value), schedule))
   # Binomial standard deviation sqrt(p(1-p)/n) <= 0.0012; allow 5 sigma.
   assert abs(float(np.mean(np.asarray(masked))) - expected) < 5 * np.sqrt(0.25 / n)

@@ -22,7 +22,7 @@ def random_chunk_ids(rng, b, length, max_chunks, p_none=0.2):
     while pos < length and chunk < max_chunks:
       run = int(rng.integers(1, 4))
       if rng.random() >= p_none:
-        ids[i, pos:pos + run] = chunk
+        ids[i, pos : pos + run] = chunk
         chunk += 1
       pos += run
   return ids
@@ -57,8 +57,9 @@ def test_chunk_sums_match_loops():
   ids = random_chunk_ids(rng, 3, 20, 6)
   ids[0, 0] = 9  # out of range: treated as no chunk
   values = rng.normal(size=(3, 20)).astype(np.float32)
-  np.testing.assert_allclose(chunks.chunk_sums(values, ids, 6), np_chunk_sums(values, ids, 6),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      chunks.chunk_sums(values, ids, 6), np_chunk_sums(values, ids, 6), rtol=1e-6, atol=1e-6
+  )
   with pytest.raises(ValueError, match="max_chunks"):
     chunks.check_chunk_ids(ids, 6)
 
@@ -83,8 +84,11 @@ def test_chunk_objectives_match_float64(name):
   lam = np.array([[0.3], [0.7]], np.float32)
   weight = np.array([[0.5], [2.0]], np.float32)
   loss_sum, count = chunks.chunk_objective(name, s, q, active, lam=lam, weight=weight)
-  active64 = (np_chunk_sums(masked, s_ids, c) > 0) & ~(np_chunk_sums(prompt, s_ids, c) > 0) & (
-      np_chunk_sums(np.ones((b, lt)), t_ids, c) > 0)
+  active64 = (
+      (np_chunk_sums(masked, s_ids, c) > 0)
+      & ~(np_chunk_sums(prompt, s_ids, c) > 0)
+      & (np_chunk_sums(np.ones((b, lt)), t_ids, c) > 0)
+  )
   np.testing.assert_array_equal(active, active64)
   expected = (np_objective(name, s64, q64, lam) * weight * active64).sum()
   np.testing.assert_allclose(loss_sum, expected, rtol=1e-4)
@@ -107,8 +111,9 @@ def test_reverse_calm_gradient_is_log_one_minus_q_over_q():
   s = rng.uniform(1e-3, 1 - 1e-3, (3, 7)).astype(np.float32)
   q = rng.uniform(1e-6, 1 - 1e-6, (3, 7)).astype(np.float32)
   active = jnp.ones((3, 7), bool)
-  grad_s, grad_q = jax.grad(lambda a, b: chunks.chunk_objective("reverse_calm", a, b, active)[0],
-                            argnums=(0, 1))(s, q)
+  grad_s, grad_q = jax.grad(
+      lambda a, b: chunks.chunk_objective("reverse_calm", a, b, active)[0], argnums=(0, 1)
+  )(s, q)
   q64 = np.asarray(q, np.float64)
   np.testing.assert_allclose(grad_s, np.log((1 - q64) / q64), rtol=1e-4, atol=1e-5)
   assert np.all(np.asarray(grad_q) == 0)
@@ -138,8 +143,9 @@ def test_chunk_probability_gradient_flows_to_token_log_probs():
   ids = jnp.array([[0, 0, 1, -1]])
   logp = jnp.array([[-0.5, -0.25, -1.0, -3.0]])
   g = jax.grad(lambda x: chunks.chunk_probability(x, ids, 2, 2.0).sum())(logp)
-  np.testing.assert_allclose(g, [[np.exp(-0.375) / 2, np.exp(-0.375) / 2, np.exp(-0.5) / 2, 0]],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      g, [[np.exp(-0.375) / 2, np.exp(-0.375) / 2, np.exp(-0.5) / 2, 0]], rtol=1e-6
+  )
 
 
 def test_consistent_masking_example():
@@ -158,8 +164,14 @@ def test_consistent_masking_example():
 
 
 @hypothesis.settings(max_examples=20, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2 ** 16), b=st.integers(1, 3), ls=st.integers(1, 24),
-                  lt=st.integers(1, 30), rate=st.floats(0, 1), prompt=st.integers(0, 5))
+@hypothesis.given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    ls=st.integers(1, 24),
+    lt=st.integers(1, 30),
+    rate=st.floats(0, 1),
+    prompt=st.integers(0, 5),
+)
 def test_property_chunk_consistent_masking(seed, b, ls, lt, rate, prompt):
   rng = np.random.default_rng(seed)
   c = 10

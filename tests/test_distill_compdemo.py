@@ -41,8 +41,9 @@ class RecordingTeacher:
 
 
 def build_bidirectional(clean2, masked2, valid2):
-  return teacher_inputs.bidirectional_inputs(clean2, masked2, valid2,
-                                             mask_token_id=MASK_ID).model_kwargs()
+  return teacher_inputs.bidirectional_inputs(
+      clean2, masked2, valid2, mask_token_id=MASK_ID
+  ).model_kwargs()
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
@@ -71,8 +72,9 @@ def test_one_teacher_call_on_the_doubled_batch_and_provenance(ratio):
         # Outside M: pass 1, and the token itself is clean as in a single pass.
         assert row == i and was_masked == 0 and row_ids[j] == clean[i, j]
   # Every position outside M sees the same input in both passes.
-  assert np.array_equal(np.asarray(teacher_inputs.noised_ids(clean, masked, MASK_ID))[~masked],
-                        clean[~masked])
+  assert np.array_equal(
+      np.asarray(teacher_inputs.noised_ids(clean, masked, MASK_ID))[~masked], clean[~masked]
+  )
 
 
 def toy_teacher(input_ids, attention_mask, position_ids):
@@ -87,8 +89,9 @@ def test_ratio_zero_equals_the_single_pass_exactly():
   clean, masked, valid = random_batch(2)
   in_a = compdemo.split_tokens(jax.random.key(0), masked, 0.0)
   assert not np.asarray(in_a).any()
-  doubled = compdemo.compdemo_teacher_logits(toy_teacher, build_bidirectional, clean, masked,
-                                             in_a, valid)
+  doubled = compdemo.compdemo_teacher_logits(
+      toy_teacher, build_bidirectional, clean, masked, in_a, valid
+  )
   single = toy_teacher(**build_bidirectional(clean, masked, valid))
   np.testing.assert_array_equal(doubled, single)
 
@@ -104,12 +107,13 @@ def test_pass_rows_match_select_from_passes_for_both_layouts():
   np.testing.assert_array_equal(flat[rows], compdemo.select_from_passes(logits2[:, :length], in_a))
   # [x0 ; x_t] layout: predictions in the second half.
   rows = compdemo.pass_rows(in_a, rows_per_sequence=2 * length, offset=length)
-  np.testing.assert_array_equal(logits2.reshape(-1, 5)[rows],
-                                compdemo.select_from_passes(logits2[:, length:], in_a))
+  np.testing.assert_array_equal(
+      logits2.reshape(-1, 5)[rows], compdemo.select_from_passes(logits2[:, length:], in_a)
+  )
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(seed=st.integers(0, 2 ** 16), ratio=st.floats(0, 1))
+@hypothesis.given(seed=st.integers(0, 2**16), ratio=st.floats(0, 1))
 def test_property_per_chunk_split_never_splits_a_chunk(seed, ratio):
   rng = np.random.default_rng(seed)
   b, ls, lt, c = 2, 15, 18, 8
@@ -118,15 +122,25 @@ def test_property_per_chunk_split_never_splits_a_chunk(seed, ratio):
   s_mask, t_mask = chunks.chunk_consistent_masks(rng.random((b, ls)) < 0.5, s_ids, t_ids, c)
   key = jax.random.key(seed)
   _, s_in_a = compdemo.split_chunks(key, s_mask, s_ids, c, ratio)
-  t_in_a = np.asarray(compdemo.teacher_split(
-      key, ratio, s_mask, t_mask, granularity="chunk", student_chunk_ids=s_ids,
-      teacher_chunk_ids=t_ids, max_chunks=c))
+  t_in_a = np.asarray(
+      compdemo.teacher_split(
+          key,
+          ratio,
+          s_mask,
+          t_mask,
+          granularity="chunk",
+          student_chunk_ids=s_ids,
+          teacher_chunk_ids=t_ids,
+          max_chunks=c,
+      )
+  )
   s_in_a, s_mask, t_mask = map(np.asarray, (s_in_a, s_mask, t_mask))
   assert not (s_in_a & ~s_mask).any() and not (t_in_a & ~t_mask).any()
   for i in range(b):
     for chunk in range(c):
-      sides = np.concatenate([s_in_a[i][(s_ids[i] == chunk) & s_mask[i]],
-                              t_in_a[i][(t_ids[i] == chunk) & t_mask[i]]])
+      sides = np.concatenate(
+          [s_in_a[i][(s_ids[i] == chunk) & s_mask[i]], t_in_a[i][(t_ids[i] == chunk) & t_mask[i]]]
+      )
       assert sides.all() or not sides.any()
 
 
@@ -135,8 +149,9 @@ def test_token_split_is_carried_through_position_pairs():
   pairs = np.array([[2, 0, 1, -1]], np.int32)  # student position -> teacher position
   teacher_masked = compdemo.flags_to_teacher(masked, pairs, 5)
   np.testing.assert_array_equal(teacher_masked, [[True, False, True, False, False]])
-  in_a = compdemo.teacher_split(jax.random.key(0), 1.0, masked, teacher_masked,
-                                granularity="token", pair_teacher_pos=pairs)
+  in_a = compdemo.teacher_split(
+      jax.random.key(0), 1.0, masked, teacher_masked, granularity="token", pair_teacher_pos=pairs
+  )
   np.testing.assert_array_equal(in_a, teacher_masked)
   with pytest.raises(ValueError, match="granularity"):
     compdemo.teacher_split(jax.random.key(0), 1.0, masked, teacher_masked, granularity="span")
@@ -179,21 +194,23 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
     for k in range(2 * length):
       q_x0, k_x0 = q < length, k < length
       q_blk, k_blk = (q % length) // block, (k % length) // block
-      expected[q, k] = ((q_x0 == k_x0 and q_blk == k_blk)
-                        or (not q_x0 and k_x0 and q_blk > k_blk)
-                        or (q_x0 and k_x0 and q_blk >= k_blk))
+      expected[q, k] = (
+          (q_x0 == k_x0 and q_blk == k_blk)
+          or (not q_x0 and k_x0 and q_blk > k_blk)
+          or (q_x0 and k_x0 and q_blk >= k_blk)
+      )
   for i in range(2):
     np.testing.assert_array_equal(got.attention_mask[i, 0], expected)
   logits = jnp.arange(2 * 2 * length * 3, dtype=jnp.float32).reshape(2, 2 * length, 3)
-  np.testing.assert_array_equal(teacher_inputs.prediction_logits(got, logits),
-                                logits[:, length:])
+  np.testing.assert_array_equal(teacher_inputs.prediction_logits(got, logits), logits[:, length:])
   rows = teacher_inputs.position_rows(2, length, rows_per_sequence=2 * length, offset=length)
   np.testing.assert_array_equal(logits.reshape(-1, 3)[rows], logits[:, length:])
   # Padding keys can be removed; a padded query still attends to itself.
   valid = np.ones((2, length), bool)
   valid[1, -2:] = False
-  padded = teacher_inputs.x0_xt_inputs(clean, masked, block_size=block, mask_token_id=MASK_ID,
-                                       valid=valid)
+  padded = teacher_inputs.x0_xt_inputs(
+      clean, masked, block_size=block, mask_token_id=MASK_ID, valid=valid
+  )
   assert not padded.attention_mask[1, 0, 0, length - 1]
   assert padded.attention_mask[1, 0, length - 1, length - 1]
 
@@ -201,5 +218,6 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
 def test_student_rows_compose_pairs_with_teacher_rows():
   teacher_rows = np.array([[10, 11, 12], [20, 21, 22]], np.int32)
   pairs = np.array([[2, -1], [0, 1]], np.int32)
-  np.testing.assert_array_equal(teacher_inputs.student_rows(teacher_rows, pairs),
-                                [[12, 10], [20, 21]])
+  np.testing.assert_array_equal(
+      teacher_inputs.student_rows(teacher_rows, pairs), [[12, 10], [20, 21]]
+  )

@@ -49,7 +49,7 @@ def np_lambda(p, t, l0=0.1, l1=0.9, growth="cosine", axis="both"):
 
 
 def np_midrange(t):
-  return np.exp(-(np.asarray(t, np.float64) - 0.5) ** 2 / (2 * 0.15 ** 2))
+  return np.exp(-((np.asarray(t, np.float64) - 0.5) ** 2) / (2 * 0.15**2))
 
 
 def np_tidal(zs, zt, T, lam):
@@ -83,15 +83,17 @@ def as64(x):
 # ----------------------------------------------------------------------------- values
 
 
-@pytest.mark.parametrize("name,oracle", [("forward_kl", np_forward_kl),
-                                         ("reverse_kl", np_reverse_kl)])
+@pytest.mark.parametrize(
+    "name,oracle", [("forward_kl", np_forward_kl), ("reverse_kl", np_reverse_kl)]
+)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("chunk_size", [7, 128])
 def test_kl_terms_match_float64(name, oracle, temperature, chunk_size):
   zs, zt, w, _ = random_case(1)
   fn = getattr(terms, name)
-  loss_sum, count = jax.jit(lambda a, b, c: fn(a, b, c, temperature=temperature,
-                                               chunk_size=chunk_size))(zs, zt, w)
+  loss_sum, count = jax.jit(
+      lambda a, b, c: fn(a, b, c, temperature=temperature, chunk_size=chunk_size)
+  )(zs, zt, w)
   expected = (w * oracle(as64(zs), as64(zt), temperature)).sum()
   np.testing.assert_allclose(loss_sum, expected, rtol=RTOL)
   assert count == w.sum()
@@ -102,8 +104,9 @@ def test_kl_terms_match_float64(name, oracle, temperature, chunk_size):
 def test_tidal_matches_float64(axis, weighting):
   zs, zt, w, t = random_case(2)
   options = terms.TidalOptions(axis=axis, timestep_weight=weighting, growth="linear")
-  loss_sum, count = terms.tidal(zs, zt, w, t=t, progress=0.37, options=options,
-                                temperature=2.0, chunk_size=16)
+  loss_sum, count = terms.tidal(
+      zs, zt, w, t=t, progress=0.37, options=options, temperature=2.0, chunk_size=16
+  )
   lam = np_lambda(0.37, t, growth="linear", axis=axis)
   tw = np_midrange(t) if weighting == "midrange" else np.ones_like(as64(t))
   expected = (w * tw * np_tidal(as64(zs), as64(zt), 2.0, lam)).sum()
@@ -142,8 +145,11 @@ def test_teacher_rows_gather_the_paired_teacher_row():
 def test_empty_and_all_masked(fill):
   zs, zt, _, t = random_case(5)
   w = np.full(zs.shape[0], fill, np.float32)
-  for fn, kw in ((terms.forward_kl, {}), (terms.reverse_kl, {}),
-                 (terms.tidal, dict(t=t, progress=0.5))):
+  for fn, kw in (
+      (terms.forward_kl, {}),
+      (terms.reverse_kl, {}),
+      (terms.tidal, dict(t=t, progress=0.5)),
+  ):
     loss_sum, count = fn(zs, zt, w, **kw)
     grad = jax.grad(lambda z: fn(z, zt, w, **kw)[0])(zs)
     value = terms.masked_mean(loss_sum, count)
@@ -164,8 +170,9 @@ def test_bfloat16_inputs_compute_in_float32():
   zs, zt, w, _ = random_case(6, scale=8.0)
   bs, bt = jnp.asarray(zs, jnp.bfloat16), jnp.asarray(zt, jnp.bfloat16)
   loss_sum, _ = terms.forward_kl(bs, bt, w)
-  expected = (w * np_forward_kl(as64(np.asarray(bs, np.float32)),
-                                as64(np.asarray(bt, np.float32)), 2.0)).sum()
+  expected = (
+      w * np_forward_kl(as64(np.asarray(bs, np.float32)), as64(np.asarray(bt, np.float32)), 2.0)
+  ).sum()
   np.testing.assert_allclose(loss_sum, expected, rtol=RTOL)
   grad = jax.grad(lambda z: terms.forward_kl(z, bt, w)[0])(bs)
   assert grad.dtype == jnp.bfloat16 and grad.shape == bs.shape
@@ -193,17 +200,29 @@ def test_tidal_target_gets_no_gradient():
   T, progress = 2.0, 0.8
   options = terms.TidalOptions(timestep_weight="uniform")
   lam = np_lambda(progress, t)
-  grad_s, grad_t = jax.grad(lambda a, b: terms.tidal(a, b, w, t=t, progress=progress,
-                                                     options=options, temperature=T)[0],
-                            argnums=(0, 1))(zs, zt)
+  grad_s, grad_t = jax.grad(
+      lambda a, b: terms.tidal(a, b, w, t=t, progress=progress, options=options, temperature=T)[0],
+      argnums=(0, 1),
+  )(zs, zt)
   expected = np_tidal_grad(as64(zs), as64(zt), T, lam, as64(w))
   np.testing.assert_allclose(grad_s, expected, atol=1e-6)
   assert np.all(np.asarray(grad_t) == 0)
   # Had r carried a gradient, d/dzs would differ by a clearly non-zero amount.
-  through_r = jax.grad(lambda z: jnp.sum(w * T * T * jnp.sum(
-      jax.nn.softmax(((1 - lam[:, None]) * z + lam[:, None] * zt) / T)
-      * (jax.nn.log_softmax(((1 - lam[:, None]) * z + lam[:, None] * zt) / T)
-         - jax.nn.log_softmax(z / T)), -1)))(zs)
+  through_r = jax.grad(
+      lambda z: jnp.sum(
+          w
+          * T
+          * T
+          * jnp.sum(
+              jax.nn.softmax(((1 - lam[:, None]) * z + lam[:, None] * zt) / T)
+              * (
+                  jax.nn.log_softmax(((1 - lam[:, None]) * z + lam[:, None] * zt) / T)
+                  - jax.nn.log_softmax(z / T)
+              ),
+              -1,
+          )
+      )
+  )(zs)
   assert np.abs(np.asarray(through_r) - expected).max() > 1e-3
 
 
@@ -268,9 +287,14 @@ def test_argmax_agreement():
 
 
 @hypothesis.settings(max_examples=8, deadline=None)
-@hypothesis.given(n=st.integers(1, 30), vocab=st.integers(2, 40), chunk=st.integers(1, 40),
-                  scale=st.sampled_from([0.1, 5.0, 50.0]), seed=st.integers(0, 2 ** 16),
-                  temperature=st.sampled_from([0.5, 1.0, 2.0]))
+@hypothesis.given(
+    n=st.integers(1, 30),
+    vocab=st.integers(2, 40),
+    chunk=st.integers(1, 40),
+    scale=st.sampled_from([0.1, 5.0, 50.0]),
+    seed=st.integers(0, 2**16),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
 def test_property_chunking_never_changes_the_value(n, vocab, chunk, scale, seed, temperature):
   rng = np.random.default_rng(seed)
   zs = rng.uniform(-scale, scale, (n, vocab)).astype(np.float32)
@@ -279,17 +303,21 @@ def test_property_chunking_never_changes_the_value(n, vocab, chunk, scale, seed,
   t = rng.uniform(1e-3, 1, n).astype(np.float32)
   got_f, count = terms.forward_kl(zs, zt, w, temperature=temperature, chunk_size=chunk)
   got_r, _ = terms.reverse_kl(zs, zt, w, temperature=temperature, chunk_size=chunk)
-  got_t, _ = terms.tidal(zs, zt, w, t=t, progress=0.6, temperature=temperature,
-                         chunk_size=chunk)
+  got_t, _ = terms.tidal(zs, zt, w, t=t, progress=0.6, temperature=temperature, chunk_size=chunk)
   atol = 1e-4 * max(1.0, scale)
-  np.testing.assert_allclose(got_f, (w * np_forward_kl(as64(zs), as64(zt), temperature)).sum(),
-                             rtol=RTOL, atol=atol)
-  np.testing.assert_allclose(got_r, (w * np_reverse_kl(as64(zs), as64(zt), temperature)).sum(),
-                             rtol=RTOL, atol=atol)
+  np.testing.assert_allclose(
+      got_f, (w * np_forward_kl(as64(zs), as64(zt), temperature)).sum(), rtol=RTOL, atol=atol
+  )
+  np.testing.assert_allclose(
+      got_r, (w * np_reverse_kl(as64(zs), as64(zt), temperature)).sum(), rtol=RTOL, atol=atol
+  )
   lam = np_lambda(0.6, t)
   np.testing.assert_allclose(
-      got_t, (w * np_midrange(t) * np_tidal(as64(zs), as64(zt), temperature, lam)).sum(),
-      rtol=RTOL, atol=atol)
+      got_t,
+      (w * np_midrange(t) * np_tidal(as64(zs), as64(zt), temperature, lam)).sum(),
+      rtol=RTOL,
+      atol=atol,
+  )
   assert count == (w > 0).sum()
 
 
@@ -316,7 +344,8 @@ def test_value_and_grad_never_builds_a_float32_positions_by_vocab_array(name):
       "reverse_kl": lambda a: terms.reverse_kl(a, zt, w, teacher_rows=rows, chunk_size=chunk)[0],
       "tidal": lambda a: terms.tidal(a, zt, w, t=t, progress=0.5, chunk_size=chunk)[0],
       "target_log_probs": lambda a: terms.target_log_probs(
-          a, jnp.zeros((n,), jnp.int32), chunk_size=chunk).sum(),
+          a, jnp.zeros((n,), jnp.int32), chunk_size=chunk
+      ).sum(),
   }
   shapes = _compiled_float32_shapes(jax.value_and_grad(fns[name]), zs)
   assert any(s[-2:] == (chunk, v) for s in shapes)  # the per-block float32 work is there ...
@@ -353,10 +382,10 @@ print("OK")
 
 def test_data_sharded_positions_are_never_gathered():
   # A fresh interpreter, so that the 8 fake devices exist whatever imported jax first.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+      [sys.executable, "-c", _SHARDED_CHECK], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]

@@ -15,8 +15,11 @@ from tide_jax.eval import bpb
 
 QWEN_VOCAB = 151936
 MASK_ID = 151669
-TEXTS = ["def add(a, b):\n    return a + b\n", "Größe — naïve café ☕ costs 3€.",
-         "The quick brown fox jumps over the lazy dog. " * 3]
+TEXTS = [
+    "def add(a, b):\n    return a + b\n",
+    "Größe — naïve café ☕ costs 3€.",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniform
   ids = tokenizer.encode(text, add_special_tokens=False)
   total_nats = 0.0
   for w, start in enumerate(range(0, len(ids), max_len)):
-    window = np.array(ids[start:start + max_len])
+    window = np.array(ids[start : start + max_len])
     n = len(window)
     x0 = np.full(max_len, tokenizer.pad_token_id)
     x0[:n] = window
@@ -44,10 +47,12 @@ def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniform
     pos = np.concatenate([np.arange(max_len)] * 2)[None]
     for i in range(grid):
       t = (i + 0.5) / grid
-      masked = (u < t) & valid                     # linear schedule: 1 - alpha(t) = t
+      masked = (u < t) & valid  # linear schedule: 1 - alpha(t) = t
       x_t = np.where(masked, MASK_ID, x0)
-      logits = np.asarray(model(jnp.asarray(np.concatenate([x_t, x0])[None]),
-                                jnp.asarray(pos), jnp.asarray(attn)), np.float64)[0, :max_len]
+      logits = np.asarray(
+          model(jnp.asarray(np.concatenate([x_t, x0])[None]), jnp.asarray(pos), jnp.asarray(attn)),
+          np.float64,
+      )[0, :max_len]
       logp = logits - logits.max(-1, keepdims=True)
       logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
       nll = -logp[np.arange(max_len), x0]
@@ -58,11 +63,21 @@ def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniform
 def test_bound_matches_a_float64_re_derivation(model, tokenizer):
   text = TEXTS[2]
   data = bpb.prepare_texts(tokenizer, [text], max_len=16, block_size=4, seed=5)
-  assert data.ids.shape[0] == 2                      # the text needs two 16-token windows
-  got = bpb.bits_per_byte(model, tokenizer, [text], block_size=4, max_len=16,
-                          mask_token_id=MASK_ID, grid=3, seed=5, batch_size=2)
-  want = reference_bits(model, tokenizer, text, max_len=16, block=4, grid=3,
-                        seed_uniforms=data.uniforms)
+  assert data.ids.shape[0] == 2  # the text needs two 16-token windows
+  got = bpb.bits_per_byte(
+      model,
+      tokenizer,
+      [text],
+      block_size=4,
+      max_len=16,
+      mask_token_id=MASK_ID,
+      grid=3,
+      seed=5,
+      batch_size=2,
+  )
+  want = reference_bits(
+      model, tokenizer, text, max_len=16, block=4, grid=3, seed_uniforms=data.uniforms
+  )
   assert got.total_bits == pytest.approx(want, rel=1e-5)
   assert got.num_bytes == len(text.encode("utf-8"))
   assert got.bits_per_byte == pytest.approx(want / len(text.encode("utf-8")), rel=1e-5)
@@ -77,10 +92,10 @@ def test_identical_when_computed_twice_and_independent_of_batching(model, tokeni
   assert math.isfinite(first.bits_per_byte) and first.bits_per_byte > 0
   # Rows do not see each other, and the filler rows of a short batch add nothing.
   data = bpb.prepare_texts(tokenizer, TEXTS, max_len=16, block_size=4)
-  one_by_one = bpb.window_nats(model, data, block_size=4, mask_token_id=MASK_ID, grid=4,
-                               batch_size=1)
-  batched = bpb.window_nats(model, data, block_size=4, mask_token_id=MASK_ID, grid=4,
-                            batch_size=4)
+  one_by_one = bpb.window_nats(
+      model, data, block_size=4, mask_token_id=MASK_ID, grid=4, batch_size=1
+  )
+  batched = bpb.window_nats(model, data, block_size=4, mask_token_id=MASK_ID, grid=4, batch_size=4)
   np.testing.assert_allclose(one_by_one, batched, rtol=1e-5)
   assert first.total_bits == pytest.approx(batched.sum() / math.log(2), rel=1e-6)
 
@@ -100,12 +115,12 @@ def test_bad_input_is_refused(model, tokenizer):
   with pytest.raises(ValueError, match="text list is empty"):
     bpb.bits_per_byte(model, tokenizer, [], block_size=4, max_len=16, mask_token_id=MASK_ID)
   with pytest.raises(ValueError, match="All texts are empty"):
-    bpb.bits_per_byte(model, tokenizer, ["", ""], block_size=4, max_len=16,
-                      mask_token_id=MASK_ID)
+    bpb.bits_per_byte(model, tokenizer, ["", ""], block_size=4, max_len=16, mask_token_id=MASK_ID)
   with pytest.raises(ValueError, match="not one string"):
     bpb.bits_per_byte(model, tokenizer, "abc", block_size=4, max_len=16, mask_token_id=MASK_ID)
   with pytest.raises(ValueError, match="multiple of the block size"):
     bpb.bits_per_byte(model, tokenizer, ["abc"], block_size=4, max_len=18, mask_token_id=MASK_ID)
   with pytest.raises(ValueError, match=r"Grid times must lie in \(0, 1\]"):
-    bpb.bits_per_byte(model, tokenizer, ["abc"], block_size=4, max_len=16,
-                      mask_token_id=MASK_ID, grid=[0.0, 0.5])
+    bpb.bits_per_byte(
+        model, tokenizer, ["abc"], block_size=4, max_len=16, mask_token_id=MASK_ID, grid=[0.0, 0.5]
+    )

@@ -23,19 +23,22 @@ MASK_ID = 151669
 def torch_logits(model, ids, positions, mask):
   mask4 = torch.from_numpy(np.broadcast_to(mask, (ids.shape[0], 1) + mask.shape[-2:]).copy())
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(),
-                position_ids=torch.from_numpy(positions).long(), attention_mask=mask4)
+    out = model(
+        input_ids=torch.from_numpy(ids).long(),
+        position_ids=torch.from_numpy(positions).long(),
+        attention_mask=mask4,
+    )
   return out.logits.float().numpy()
 
 
 def test_exported_student_reloads_with_identical_logits_and_tokenizer(tmp_path):
   tok = get_tokenizer("qwen3")
   model = tiny_decoder(seed=2, scale=2.0, vocab=151936)
-  out = export.export_student(model, tok, str(tmp_path / "student"), block_size=4,
-                              mask_token_id=MASK_ID)
+  out = export.export_student(
+      model, tok, str(tmp_path / "student"), block_size=4, mask_token_id=MASK_ID
+  )
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  ids = np.array(tok(["def f(x):\n    return x * 2 + 1  # twice plus one"])["input_ids"],
-                 np.int32)
+  ids = np.array(tok(["def f(x):\n    return x * 2 + 1  # twice plus one"])["input_ids"], np.int32)
   length = ids.shape[1]
   pos = np.arange(length, dtype=np.int32)[None]
   causal = causal_attention_mask(length)
@@ -54,20 +57,27 @@ def test_exported_student_reloads_with_identical_logits_and_tokenizer(tmp_path):
   text = "Größe ☕ <|im_end|> code"
   assert reloaded.encode(text) == tok.encode(text)
   messages = [{"role": "user", "content": "hi"}]
-  assert (reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-          == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-  assert export.read_sampler_settings(out) == {"block_size": 4, "mask_token_id": MASK_ID,
-                                               "schedule": "linear",
-                                               "eos_token_id": tok.eos_token_id}
+  assert reloaded.apply_chat_template(
+      messages, tokenize=False, add_generation_prompt=True
+  ) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert export.read_sampler_settings(out) == {
+      "block_size": 4,
+      "mask_token_id": MASK_ID,
+      "schedule": "linear",
+      "eos_token_id": tok.eos_token_id,
+  }
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["eos_token_id"] == tok.eos_token_id
-  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no staging left
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging left
 
 
 def test_export_refuses_a_mismatched_tokenizer(tmp_path):
-  with pytest.raises(ValueError, match="tokenizer has 151669 tokens but the model's vocabulary only 64"):
-    export.export_student(tiny_decoder(), get_tokenizer("qwen3"), str(tmp_path / "x"),
-                          block_size=4, mask_token_id=3)
+  with pytest.raises(
+      ValueError, match="tokenizer has 151669 tokens but the model's vocabulary only 64"
+  ):
+    export.export_student(
+        tiny_decoder(), get_tokenizer("qwen3"), str(tmp_path / "x"), block_size=4, mask_token_id=3
+    )
   assert not os.path.exists(tmp_path / "x")
   with pytest.raises(FileNotFoundError, match="no bd3lm.json"):
     export.read_sampler_settings(str(tmp_path))

@@ -51,14 +51,16 @@ def test_infinite_loop_and_unbounded_allocation_fail_within_the_timeout(problems
   fork_and_sleep = "    import os, time\n    os.fork()\n    time.sleep(100)\n"
   start = time.monotonic()
   results = humaneval.check_completions(
-      {p["task_id"]: p}, {p["task_id"]: [loop, fork_and_sleep]}, workers=2, timeout_s=2.0)
+      {p["task_id"]: p}, {p["task_id"]: [loop, fork_and_sleep]}, workers=2, timeout_s=2.0
+  )
   assert [r["status"] for r in results[p["task_id"]]] == ["timeout", "timeout"]
   assert time.monotonic() - start < 8.0
   # The memory limit, not the clock, stops an unbounded allocation (the timeout is long).
   hog = "    x = []\n    while True:\n        x.append(bytearray(10**7))\n"
   start = time.monotonic()
-  res = humaneval.check_completions({p["task_id"]: p}, {p["task_id"]: [hog]},
-                                    timeout_s=20.0, memory_mb=256)[p["task_id"]][0]
+  res = humaneval.check_completions(
+      {p["task_id"]: p}, {p["task_id"]: [hog]}, timeout_s=20.0, memory_mb=256
+  )[p["task_id"]][0]
   assert res["status"] == "failed" and "MemoryError" in res["detail"]
   assert time.monotonic() - start < 20.0
   # The evaluator is still healthy.
@@ -95,7 +97,11 @@ def test_completion_post_processing(problems):
   tail = body + "\n\ndef unrelated():\n    pass\nprint(1)\n"
   assert humaneval.completion_to_program(p, tail) == p["prompt"] + body + "\n"
   # A full function without the prompt's imports still gets them (List from typing).
-  only_def = "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n" + body + "```"
+  only_def = (
+      "```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+      + body
+      + "```"
+  )
   program = humaneval.completion_to_program(p, only_def)
   assert program.startswith("from typing import List")
   res = humaneval.run_program(humaneval.test_program(p, program))
@@ -124,13 +130,19 @@ def test_end_to_end_with_a_tiny_student_writes_the_report(tmp_path):
 
   tok = get_tokenizer("qwen3")
   model = tiny_decoder(seed=6, scale=3.0, vocab=151936)
-  cfg = sampler.SamplerConfig(block_size=4, steps_per_block=4, max_new_tokens=8,
-                              mask_token_id=151669, eos_token_id=tok.eos_token_id,
-                              context_len=1024)
+  cfg = sampler.SamplerConfig(
+      block_size=4,
+      steps_per_block=4,
+      max_new_tokens=8,
+      mask_token_id=151669,
+      eos_token_id=tok.eos_token_id,
+      context_len=1024,
+  )
   path = str(tmp_path / "humaneval.json")
   tasks = ["HumanEval/2", "HumanEval/0"]
-  scores = humaneval.evaluate_humaneval(model, tok, cfg, out_json=path, task_ids=tasks,
-                                        batch_size=2, timeout_s=3.0)
+  scores = humaneval.evaluate_humaneval(
+      model, tok, cfg, out_json=path, task_ids=tasks, batch_size=2, timeout_s=3.0
+  )
   report = json.load(open(path))
   assert list(report["problems"]) == tasks and report["num_problems"] == 2
   assert report["settings"]["block_size"] == 4 and report["settings"]["num_samples"] == 1
@@ -138,7 +150,8 @@ def test_end_to_end_with_a_tiny_student_writes_the_report(tmp_path):
     sample = report["problems"][task]["samples"][0]
     assert sample["status"] in ("passed", "failed", "timeout")
     assert sample["program"] == humaneval.completion_to_program(
-        humaneval.load_problems([task])[task], sample["completion"])
+        humaneval.load_problems([task])[task], sample["completion"]
+    )
   per = [report["problems"][t]["pass@1"] for t in tasks]
   assert scores["summary"]["pass@1"] == pytest.approx(np.mean(per))
   with pytest.raises(ValueError, match="k=5 needs at least that many samples"):

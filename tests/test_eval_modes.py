@@ -59,8 +59,9 @@ def test_sample_and_export_modes(trained, tmp_path, capsys):
   ids = np.arange(1, 17, dtype=np.int64)[None] * 101
   with torch.no_grad():
     ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
-  got = np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.arange(16)[None],
-                         causal_attention_mask(16)))
+  got = np.asarray(
+      model(jnp.asarray(ids, jnp.int32), jnp.arange(16)[None], causal_attention_mask(16))
+  )
   assert np.max(np.abs(ref - got)) < 1e-4
 
 

@@ -23,33 +23,49 @@ def model():
 
 
 def config(tokenizer, **kw):
-  fields = dict(block_size=4, steps_per_block=2, max_new_tokens=8, mask_token_id=MASK_ID,
-                eos_token_id=tokenizer.eos_token_id, context_len=128)
+  fields = dict(
+      block_size=4,
+      steps_per_block=2,
+      max_new_tokens=8,
+      mask_token_id=MASK_ID,
+      eos_token_id=tokenizer.eos_token_id,
+      context_len=128,
+  )
   fields.update(kw)
   return sampler.SamplerConfig(**fields)
 
 
 def test_run_sample_prints_generations_and_tokens_per_second(model, tokenizer):
   lines = []
-  gens, stats = sample_cli.run_sample(model, tokenizer, ["Hi there", "Write a haiku"],
-                                      config(tokenizer), print_fn=lines.append)
+  gens, stats = sample_cli.run_sample(
+      model, tokenizer, ["Hi there", "Write a haiku"], config(tokenizer), print_fn=lines.append
+  )
   assert [g.prompt for g in gens] == ["Hi there", "Write a haiku"]
   assert stats.new_tokens == sum(g.new_tokens for g in gens)
   assert 1 <= stats.blocks_run <= 2 and stats.generate_s > 0
   assert "tokens/s" in lines[-1] and f"{stats.new_tokens} new tokens" in lines[-1]
   # The printed reply is the decoding of the sampler's own tokens for that prompt.
   ids = sample_cli.encode_prompts(tokenizer, ["Hi there"])
-  _, new = sampler.generate(model, ids + sample_cli.encode_prompts(tokenizer, ["Write a haiku"]),
-                            config(tokenizer))
+  _, new = sampler.generate(
+      model, ids + sample_cli.encode_prompts(tokenizer, ["Write a haiku"]), config(tokenizer)
+  )
   assert gens[0].text == tokenizer.decode(new[0], skip_special_tokens=True)
   assert gens[0].text in lines[0]
 
 
 def test_chat_session_keeps_history_and_resets(model, tokenizer):
-  script = iter(["hello", "and then?", "/reset", "", "word " * 200, "fresh start", "/exit", "unused"])
+  script = iter(
+      ["hello", "and then?", "/reset", "", "word " * 200, "fresh start", "/exit", "unused"]
+  )
   lines = []
-  final = sample_cli.interactive_chat(model, tokenizer, config(tokenizer), system="Be brief.",
-                                      input_fn=lambda _: next(script), print_fn=lines.append)
+  final = sample_cli.interactive_chat(
+      model,
+      tokenizer,
+      config(tokenizer),
+      system="Be brief.",
+      input_fn=lambda _: next(script),
+      print_fn=lines.append,
+  )
   replies = [l for l in lines if l.startswith("student> ")]
   assert len(replies) == 3
   assert any("exceeds the context of 128 tokens" in l for l in lines)
@@ -66,10 +82,12 @@ def test_bad_prompt_lists_are_refused(model, tokenizer):
 
 
 def test_load_exported_student_samples_the_same(model, tokenizer, tmp_path):
-  out = export.export_student(model, tokenizer, str(tmp_path / "s"), block_size=4,
-                              mask_token_id=MASK_ID)
-  loaded, tok, cfg = sample_cli.load_student(out, steps_per_block=2, max_new_tokens=8,
-                                             context_len=128)
+  out = export.export_student(
+      model, tokenizer, str(tmp_path / "s"), block_size=4, mask_token_id=MASK_ID
+  )
+  loaded, tok, cfg = sample_cli.load_student(
+      out, steps_per_block=2, max_new_tokens=8, context_len=128
+  )
   assert cfg == config(tokenizer)
   a, _ = sample_cli.run_sample(model, tokenizer, ["Hi"], cfg, print_fn=lambda _: None)
   b, _ = sample_cli.run_sample(loaded, tok, ["Hi"], cfg, print_fn=lambda _: None)

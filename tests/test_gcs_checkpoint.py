@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from gcsfs.core import GCSFileSystem   # the plain client: no gRPC bucket-type probe
+from gcsfs.core import GCSFileSystem  # the plain client: no gRPC bucket-type probe
 
 from tests import parallel_fixtures as pf
 
@@ -70,11 +70,29 @@ def gcs(tmp_path_factory):
   port = free_port()
   url = f"http://127.0.0.1:{port}"
   log = open(tmp_path_factory.mktemp("emulator") / "log.txt", "w")
-  proc = subprocess.Popen([sys.executable, "-c", EMULATOR, "start", "--host=127.0.0.1", f"--port={port}",
-                           "--in-memory", f"--default-bucket={BUCKET}"], stdout=log, stderr=log)
-  env = dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
-             GOOGLE_AUTH_TOKEN_FOR_TESTING="fake", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      [
+          sys.executable,
+          "-c",
+          EMULATOR,
+          "start",
+          "--host=127.0.0.1",
+          f"--port={port}",
+          "--in-memory",
+          f"--default-bucket={BUCKET}",
+      ],
+      stdout=log,
+      stderr=log,
+  )
+  env = dict(
+      os.environ,
+      STORAGE_EMULATOR_HOST=url,
+      TENSORSTORE_GCS_HTTP_URL=url,
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="fake",
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+  )
   fs = GCSFileSystem(endpoint_url=url, token="anon", skip_instance_cache=True)
   deadline = time.time() + 30
   while True:
@@ -95,30 +113,56 @@ def gcs(tmp_path_factory):
 def args_file(tmp_path_factory):
   root = tmp_path_factory.mktemp("gcs_run")
   train, evals = pf.corpus_files(str(root / "corpus"))
-  args = dict(recipe="bd3lm", tokenizer=pf.byte_tokenizer(str(root / "tok")),
-              teacher_tokenizer=None, train_files=train, eval_files=evals,
-              cache_dir=str(root / "cache"), mesh={"data": 8}, num_steps=12)
+  args = dict(
+      recipe="bd3lm",
+      tokenizer=pf.byte_tokenizer(str(root / "tok")),
+      teacher_tokenizer=None,
+      train_files=train,
+      eval_files=evals,
+      cache_dir=str(root / "cache"),
+      mesh={"data": 8},
+      num_steps=12,
+  )
   path = root / "args.json"
   path.write_text(json.dumps(args))
   return str(path)
 
 
 def command(args_file, workdir, *overrides):
-  return [sys.executable, "-m", "tide_jax.main", f"--config=tests/parallel_fixtures.py:{args_file}",
-          f"--workdir={workdir}", "--config.train.checkpoint_every=4", "--config.train.log_every=1",
-          *overrides]
+  return [
+      sys.executable,
+      "-m",
+      "tide_jax.main",
+      f"--config=tests/parallel_fixtures.py:{args_file}",
+      f"--workdir={workdir}",
+      "--config.train.checkpoint_every=4",
+      "--config.train.log_every=1",
+      *overrides,
+  ]
 
 
 def run(gcs, args_file, workdir, *overrides):
-  done = subprocess.run(command(args_file, workdir, *overrides), cwd=REPO, env=gcs["env"],
-                        capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+      command(args_file, workdir, *overrides),
+      cwd=REPO,
+      env=gcs["env"],
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stdout
 
 
 def start(gcs, args_file, workdir, *overrides):
-  return subprocess.Popen(command(args_file, workdir, *overrides), cwd=REPO, env=gcs["env"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+      command(args_file, workdir, *overrides),
+      cwd=REPO,
+      env=gcs["env"],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
 
 
 def wait_for_line(proc, prefix: str) -> str:
@@ -147,7 +191,7 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(gcs, args_file):
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL
-  assert not fs.exists(f"{BUCKET}/killed/summary.json")      # it did not finish
+  assert not fs.exists(f"{BUCKET}/killed/summary.json")  # it did not finish
   out = run(gcs, args_file, f"gs://{BUCKET}/killed")
   resumed_from = int(out.split("Resuming from checkpoint at step ")[1].split()[0])
   assert resumed_from in (4, 8)
@@ -155,8 +199,13 @@ def test_killed_run_resumes_to_the_uninterrupted_metrics(gcs, args_file):
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(gcs, args_file):
-  proc = start(gcs, args_file, f"gs://{BUCKET}/preempted", "--config.train.num_steps=5000",
-               "--config.train.checkpoint_every=100000")
+  proc = start(
+      gcs,
+      args_file,
+      f"gs://{BUCKET}/preempted",
+      "--config.train.num_steps=5000",
+      "--config.train.checkpoint_every=100000",
+  )
   line = wait_for_line(proc, "step 2/5000")
   assert line
   proc.send_signal(signal.SIGTERM)

@@ -7,30 +7,59 @@ from tide_jax.models import dense
 
 # Values from the published config.json files of Qwen/Qwen3-0.6B and Qwen/Qwen3-8B.
 QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "bos_token_id": 151643,
-    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
-    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
-    "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
-    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None,
-    "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "model_type": "qwen3",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
     "vocab_size": 151936,
 }
-QWEN3_8B = dict(QWEN3_0_6B, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
-                num_hidden_layers=36, max_window_layers=36, tie_word_embeddings=False)
+QWEN3_8B = dict(
+    QWEN3_0_6B,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_attention_heads=32,
+    num_hidden_layers=36,
+    max_window_layers=36,
+    tie_word_embeddings=False,
+)
 
 
 def expected_count(c) -> int:
-  e, h, k, d, i, v, n = (c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
-                         c["head_dim"], c["intermediate_size"], c["vocab_size"],
-                         c["num_hidden_layers"])
+  e, h, k, d, i, v, n = (
+      c["hidden_size"],
+      c["num_attention_heads"],
+      c["num_key_value_heads"],
+      c["head_dim"],
+      c["intermediate_size"],
+      c["vocab_size"],
+      c["num_hidden_layers"],
+  )
   per_layer = e * h * d + 2 * e * k * d + h * d * e + 2 * d + 3 * e * i + 2 * e
   return v * e + n * per_layer + e + (0 if c["tie_word_embeddings"] else e * v)
 
 
 # Model cards: Qwen3-0.6B has 0.6B parameters (0.44B non-embedding), Qwen3-8B 8.2B (6.95B).
-@pytest.mark.parametrize("hf,total_b,non_embedding_b", [(QWEN3_0_6B, 0.6, 0.44),
-                                                         (QWEN3_8B, 8.2, 6.95)])
+@pytest.mark.parametrize(
+    "hf,total_b,non_embedding_b", [(QWEN3_0_6B, 0.6, 0.44), (QWEN3_8B, 8.2, 6.95)]
+)
 def test_real_configs_build_abstractly_with_published_counts(hf, total_b, non_embedding_b):
   cfg = mcfg.decoder_config_from_hf(hf)
   assert cfg.head_dim == 128 and cfg.rope_theta == 1e6 and cfg.qk_norm and not cfg.qkv_bias

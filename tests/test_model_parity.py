@@ -24,8 +24,11 @@ def torch_logits(model, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray
   """Runs the HF model with an explicit boolean 4D mask [b, 1, L, L]."""
   mask4 = torch.from_numpy(np.broadcast_to(mask, (ids.shape[0], 1) + mask.shape[-2:]).copy())
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(),
-                position_ids=torch.from_numpy(positions).long(), attention_mask=mask4)
+    out = model(
+        input_ids=torch.from_numpy(ids).long(),
+        position_ids=torch.from_numpy(positions).long(),
+        attention_mask=mask4,
+    )
   return out.logits.float().numpy()
 
 
@@ -72,14 +75,20 @@ def test_round_trip_flax_to_hf(tmp_path, model_type, tied):
   ids = np.arange(12, dtype=np.int32).reshape(1, 12) % 97
   pos = np.arange(12, dtype=np.int32)[None]
   causal = causal_attention_mask(12)
-  np.testing.assert_array_equal(torch_logits(reloaded, ids, pos, causal),
-                                torch_logits(reloaded, ids, pos, causal))
-  assert np.max(np.abs(torch_logits(reloaded, ids, pos, causal)
-                       - flax_logits(model, ids, pos, causal))) < TOL
+  np.testing.assert_array_equal(
+      torch_logits(reloaded, ids, pos, causal), torch_logits(reloaded, ids, pos, causal)
+  )
+  assert (
+      np.max(
+          np.abs(torch_logits(reloaded, ids, pos, causal) - flax_logits(model, ids, pos, causal))
+      )
+      < TOL
+  )
   # And back into Flax: bit-identical parameters give identical logits.
   again = hf_checkpoint.load_dense_from_hf(out_dir)
-  np.testing.assert_array_equal(flax_logits(again, ids, pos, causal),
-                                flax_logits(model, ids, pos, causal))
+  np.testing.assert_array_equal(
+      flax_logits(again, ids, pos, causal), flax_logits(model, ids, pos, causal)
+  )
 
 
 def test_bfloat16_compute_is_close_to_float32(tmp_path):
@@ -98,6 +107,7 @@ def test_bfloat16_compute_is_close_to_float32(tmp_path):
 
 def test_missing_and_unexpected_tensors_are_listed(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   hf_dir = str(tmp_path / "hf")
   tiny_qwen("qwen3", hf_dir, tied=False)
   path = os.path.join(hf_dir, "model.safetensors")

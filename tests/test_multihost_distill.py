@@ -32,9 +32,17 @@ def args(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   train, evals = pf.corpus_files(str(root / "corpus"))
   tok = pf.byte_tokenizer(str(root / "tok"))
-  return dict(recipe="tide_shared", tokenizer=tok, teacher_tokenizer=tok, teacher_mask_id=257,
-              teacher_checkpoint=pf.qwen_teacher(str(root / "teacher"), pf.STUDENT_VOCAB, seed=1),
-              train_files=train, eval_files=evals, cache_dir=str(root / "cache"), mesh=MESH)
+  return dict(
+      recipe="tide_shared",
+      tokenizer=tok,
+      teacher_tokenizer=tok,
+      teacher_mask_id=257,
+      teacher_checkpoint=pf.qwen_teacher(str(root / "teacher"), pf.STUDENT_VOCAB, seed=1),
+      train_files=train,
+      eval_files=evals,
+      cache_dir=str(root / "cache"),
+      mesh=MESH,
+  )
 
 
 def test_two_processes_agree_with_one(args, tmp_path):
@@ -44,14 +52,29 @@ def test_two_processes_agree_with_one(args, tmp_path):
   workdir = tmp_path / "two_hosts"
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
-             TIDE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", TIDE_NUM_PROCESSES="2")
-  procs = [subprocess.Popen([sys.executable, "-m", "tide_jax.main",
-                             f"--config=tests/parallel_fixtures.py:{args_file}",
-                             f"--workdir={workdir}"],
-                            cwd=REPO, env=dict(env, TIDE_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  env.update(
+      JAX_PLATFORMS="cpu",
+      JAX_NUM_CPU_DEVICES="4",
+      TIDE_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      TIDE_NUM_PROCESSES="2",
+  )
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-m",
+              "tide_jax.main",
+              f"--config=tests/parallel_fixtures.py:{args_file}",
+              f"--workdir={workdir}",
+          ],
+          cwd=REPO,
+          env=dict(env, TIDE_PROCESS_ID=str(i)),
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]

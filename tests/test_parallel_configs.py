@@ -12,8 +12,11 @@ from tide_jax.distill import recipes
 from tide_jax.parallel import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                        if not os.path.basename(p).startswith(("_", "common")))
+CONFIG_MODULES = sorted(
+    os.path.basename(p)[:-3]
+    for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+    if not os.path.basename(p).startswith(("_", "common"))
+)
 # Teacher vocabularies from the checkpoints' config.json (SPEC section 6).
 TEACHER_VOCAB = {"llada2": 157184, "wedlm": 151936}
 
@@ -40,18 +43,23 @@ def test_every_config_loads_and_validates():
   for name, arg, config in all_configs():
     seen.add(name)
     configs_lib.validate(config)
-    config.model.init_from = ""          # the student's shape from the config fields
+    config.model.init_from = ""  # the student's shape from the config fields
     model_cfg = configs_lib.student_model_config(config)
     if "distill" in config:
-      recipes.validate_distill_config(config.distill, student_vocab=model_cfg.vocab_size,
-                                      teacher_vocab=teacher_vocab(config))
+      recipes.validate_distill_config(
+          config.distill, student_vocab=model_cfg.vocab_size, teacher_vocab=teacher_vocab(config)
+      )
     sharding.resolve_mesh_shape({k: v for k, v in config.mesh.items() if k != "num_devices"}, 16)
   assert {"smoke", "pipeline_a", "pipeline_b"} <= seen
 
 
-@pytest.mark.parametrize("name,teacher,student_len,teacher_len,default",
-                         [("pipeline_a", "llada2", 512, 1024, "tide_cross"),
-                          ("pipeline_b", "wedlm", 512, 768, "tide_shared")])
+@pytest.mark.parametrize(
+    "name,teacher,student_len,teacher_len,default",
+    [
+        ("pipeline_a", "llada2", 512, 1024, "tide_cross"),
+        ("pipeline_b", "wedlm", 512, 768, "tide_shared"),
+    ],
+)
 def test_pipelines_carry_the_paper_settings(name, teacher, student_len, teacher_len, default):
   c = importlib.import_module(f"configs.{name}").get_config(None)
   assert c.optim.learning_rate == 5e-5 and c.train.epochs == 10 and c.block_size == 32
@@ -59,12 +67,18 @@ def test_pipelines_carry_the_paper_settings(name, teacher, student_len, teacher_
   assert c.model.dtype == "bfloat16" and c.teacher.dtype == "bfloat16"
   assert c.teacher.param_dtype == "bfloat16" and c.teacher.name == teacher
   assert c.distill.recipe == default
-  assert (c.distill.tidal.l0, c.distill.tidal.l1, c.distill.tidal.growth,
-          c.distill.tidal.timestep_weight) == (0.1, 0.9, "cosine", "midrange")
+  assert (
+      c.distill.tidal.l0,
+      c.distill.tidal.l1,
+      c.distill.tidal.growth,
+      c.distill.tidal.timestep_weight,
+  ) == (0.1, 0.9, "cosine", "midrange")
   assert c.distill.compdemo.ratio == 0.5 and c.distill.temperature == 2.0
   assert c.models.student_hf_id == "Qwen/Qwen3-0.6B"
-  assert c.models.teacher_hf_id == {"llada2": "inclusionAI/LLaDA2.0-mini",
-                                    "wedlm": "tencent/WeDLM-8B-Instruct"}[teacher]
+  assert (
+      c.models.teacher_hf_id
+      == {"llada2": "inclusionAI/LLaDA2.0-mini", "wedlm": "tencent/WeDLM-8B-Instruct"}[teacher]
+  )
   model_cfg = configs_lib.student_model_config(dict_without_init(c))
   assert (model_cfg.vocab_size, model_cfg.hidden_size, model_cfg.num_layers) == (151936, 1024, 28)
 
@@ -76,5 +90,6 @@ def dict_without_init(c):
 
 def test_unknown_recipe_is_one_clear_sentence():
   from configs import pipeline_a
+
   with pytest.raises(ValueError, match="Unknown pipeline A recipe 'kl'; use one of"):
     pipeline_a.get_config("kl")

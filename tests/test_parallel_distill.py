@@ -27,32 +27,55 @@ def setup(tmp_path_factory):
   root = str(tmp_path_factory.mktemp("parallel"))
   train, evals = pf.corpus_files(os.path.join(root, "corpus"))
   byte_tok = pf.byte_tokenizer(os.path.join(root, "tok_byte"))
-  bpe_tok = pf.bpe_tokenizer(os.path.join(root, "tok_bpe"),
-                             [os.path.join(os.path.dirname(train[0]), "json_decoder.py")])
+  bpe_tok = pf.bpe_tokenizer(
+      os.path.join(root, "tok_bpe"), [os.path.join(os.path.dirname(train[0]), "json_decoder.py")]
+  )
   return {
-      "root": root, "train": train, "eval": evals, "byte": byte_tok, "bpe": bpe_tok,
-      "tide_shared": dict(tokenizer=byte_tok, teacher_tokenizer=byte_tok, teacher_mask_id=257,
-                          teacher_checkpoint=pf.qwen_teacher(os.path.join(root, "t_byte"),
-                                                             pf.STUDENT_VOCAB, seed=1)),
-      "tide_cross": dict(tokenizer=byte_tok, teacher_tokenizer=bpe_tok, teacher_mask_id=1,
-                         teacher_checkpoint=pf.qwen_teacher(os.path.join(root, "t_bpe"),
-                                                            pf.CROSS_VOCAB, seed=2)),
+      "root": root,
+      "train": train,
+      "eval": evals,
+      "byte": byte_tok,
+      "bpe": bpe_tok,
+      "tide_shared": dict(
+          tokenizer=byte_tok,
+          teacher_tokenizer=byte_tok,
+          teacher_mask_id=257,
+          teacher_checkpoint=pf.qwen_teacher(
+              os.path.join(root, "t_byte"), pf.STUDENT_VOCAB, seed=1
+          ),
+      ),
+      "tide_cross": dict(
+          tokenizer=byte_tok,
+          teacher_tokenizer=bpe_tok,
+          teacher_mask_id=1,
+          teacher_checkpoint=pf.qwen_teacher(os.path.join(root, "t_bpe"), pf.CROSS_VOCAB, seed=2),
+      ),
   }
 
 
 def run(setup, recipe, mesh, name, teacher=None, **overrides):
   kwargs = dict(setup[recipe] if teacher is None else teacher)
   kwargs.update(overrides)
-  c = pf.tiny_config(recipe=recipe, train_files=setup["train"], eval_files=setup["eval"],
-                     cache_dir=os.path.join(setup["root"], f"cache_{recipe}"), mesh=mesh,
-                     **kwargs)
+  c = pf.tiny_config(
+      recipe=recipe,
+      train_files=setup["train"],
+      eval_files=setup["eval"],
+      cache_dir=os.path.join(setup["root"], f"cache_{recipe}"),
+      mesh=mesh,
+      **kwargs,
+  )
   return loop.train_and_evaluate(c, os.path.join(setup["root"], name))
 
 
 def initial_params(setup, recipe):
   """The parameters the runs start from (same seed), created on one device."""
-  c = pf.tiny_config(recipe=recipe, train_files=setup["train"], eval_files=setup["eval"],
-                     cache_dir="", **setup[recipe])
+  c = pf.tiny_config(
+      recipe=recipe,
+      train_files=setup["train"],
+      eval_files=setup["eval"],
+      cache_dir="",
+      **setup[recipe],
+  )
   model_cfg = configs_lib.student_model_config(c)
   tx, _ = optimizer.make_optimizer(c.optim, 3)
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -95,12 +118,15 @@ def test_sharded_distillation_equals_single_device(setup, recipe):
 
 
 def test_moe_teacher_over_fsdp_and_expert_axes(setup):
-  moe = dict(setup["tide_shared"], teacher_name="llada2",
-             teacher_checkpoint=pf.llada2_teacher(os.path.join(setup["root"], "t_moe"),
-                                                  pf.STUDENT_VOCAB))
+  moe = dict(
+      setup["tide_shared"],
+      teacher_name="llada2",
+      teacher_checkpoint=pf.llada2_teacher(os.path.join(setup["root"], "t_moe"), pf.STUDENT_VOCAB),
+  )
   ref = run(setup, "tide_shared", {"num_devices": 1}, "moe_single", teacher=moe)
-  out = run(setup, "tide_shared", {"data": 1, "fsdp": 4, "expert": 2}, "moe_fsdp_expert",
-            teacher=moe)
+  out = run(
+      setup, "tide_shared", {"data": 1, "fsdp": 4, "expert": 2}, "moe_fsdp_expert", teacher=moe
+  )
   assert_same_run(ref, out)
   experts = out["teacher_params"]["layers"][1]["mlp"]["gate"][...]
   assert experts.sharding.spec[0] == "expert"
@@ -112,7 +138,8 @@ def test_step_compiles_once_over_twenty_steps(setup):
 
   def listener(event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration" and "train_step" in str(
-        kwargs.get("fun_name", "")):
+        kwargs.get("fun_name", "")
+    ):
       compiles.append(kwargs["fun_name"])
 
   jax.monitoring.register_event_duration_secs_listener(listener)

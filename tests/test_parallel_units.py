@@ -34,41 +34,59 @@ def test_check_batch_size_notice_and_host_split():
   mesh = sharding.make_mesh({"data": 8})
   assert sharding.check_batch_size(16, mesh, sharding.STUDENT_RULES, 2) == (8, None)
   rows, notice = sharding.check_batch_size(4, mesh, sharding.STUDENT_RULES, 1)
-  assert rows == 4 and "split 1 ways, not over all 8" in notice and "8 devices compute each row" in notice
+  assert (
+      rows == 4
+      and "split 1 ways, not over all 8" in notice
+      and "8 devices compute each row" in notice
+  )
   with pytest.raises(ValueError, match="cannot be split over 3 hosts"):
     sharding.check_batch_size(8, mesh, sharding.STUDENT_RULES, 3)
 
 
 @settings(max_examples=25, deadline=None)
-@given(hosts=st.sampled_from([1, 2, 4]), rows_per_host=st.integers(1, 4), batch_index=st.integers(0, 3))
+@given(
+    hosts=st.sampled_from([1, 2, 4]), rows_per_host=st.integers(1, 4), batch_index=st.integers(0, 3)
+)
 def test_interleaving_hosts_gives_the_single_reader_order(hosts, rows_per_host, batch_index):
   """Host p reads share positions p, p + P, ... of the permutation; after interleaving the
   global batch is exactly the single reader's batch (re-derived with NumPy)."""
   batch = hosts * rows_per_host
   perm = np.random.default_rng(hosts * 100 + rows_per_host).permutation(64)
   shares = [perm[p::hosts] for p in range(hosts)]
-  local = [s[batch_index * rows_per_host:(batch_index + 1) * rows_per_host] for s in shares]
+  local = [s[batch_index * rows_per_host : (batch_index + 1) * rows_per_host] for s in shares]
   out = np.asarray(host_data._interleave(jnp.asarray(np.concatenate(local)), hosts))
-  np.testing.assert_array_equal(out, perm[batch_index * batch:(batch_index + 1) * batch])
+  np.testing.assert_array_equal(out, perm[batch_index * batch : (batch_index + 1) * batch])
 
 
 def test_iterator_positions_convert_between_host_counts():
   base = {"version": 1, "seed": 0, "num_records": 100}
-  saved = {"hosts": [dict(base, epoch=1, offset=6, process_index=p, process_count=2)
-                     for p in range(2)]}
+  saved = {
+      "hosts": [dict(base, epoch=1, offset=6, process_index=p, process_count=2) for p in range(2)]
+  }
   assert host_data.local_iterator_state(saved, 1, 2)["process_index"] == 1
   four = host_data.local_iterator_state(saved, 3, 4)
-  assert (four["epoch"], four["offset"], four["process_index"], four["process_count"]) == (1, 3, 3, 4)
+  assert (four["epoch"], four["offset"], four["process_index"], four["process_count"]) == (
+      1,
+      3,
+      3,
+      4,
+  )
   assert host_data.local_iterator_state(saved, 0, 1)["offset"] == 12
-  uneven = {"hosts": [dict(base, epoch=1, offset=6 + p, process_index=p, process_count=2)
-                      for p in range(2)]}
+  uneven = {
+      "hosts": [
+          dict(base, epoch=1, offset=6 + p, process_index=p, process_count=2) for p in range(2)
+      ]
+  }
   with pytest.raises(ValueError, match="written by 2 hosts and cannot be split over 4"):
     host_data.local_iterator_state(uneven, 0, 4)
 
 
 def test_distributed_layout_from_environment():
-  env = {"TIDE_COORDINATOR_ADDRESS": "10.0.0.2:8476", "TIDE_NUM_PROCESSES": "4",
-         "TIDE_PROCESS_ID": "3"}
+  env = {
+      "TIDE_COORDINATOR_ADDRESS": "10.0.0.2:8476",
+      "TIDE_NUM_PROCESSES": "4",
+      "TIDE_PROCESS_ID": "3",
+  }
   assert distributed.explicit_layout(env=env) == ("10.0.0.2:8476", 4, 3)
   assert distributed.explicit_layout(env={}) is None
   with pytest.raises(ValueError, match="needs all of TIDE_COORDINATOR_ADDRESS"):
@@ -95,9 +113,16 @@ def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
   tok = pf.byte_tokenizer(str(tmp_path / "tok"))
 
   def config(mesh, stop_at=0):
-    c = pf.tiny_config(recipe="bd3lm", tokenizer=tok, teacher_tokenizer=None, train_files=train,
-                       eval_files=evals, cache_dir=str(tmp_path / "cache"), mesh=mesh,
-                       num_steps=6)
+    c = pf.tiny_config(
+        recipe="bd3lm",
+        tokenizer=tok,
+        teacher_tokenizer=None,
+        train_files=train,
+        eval_files=evals,
+        cache_dir=str(tmp_path / "cache"),
+        mesh=mesh,
+        num_steps=6,
+    )
     c.train.stop_at_step = stop_at
     return c
 

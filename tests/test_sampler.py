@@ -49,8 +49,10 @@ def reference_generate(model, prompt: list[int], cfg: sampler.SamplerConfig) -> 
       blk = (np.arange(REF_LEN) + pad) // bsz
       mask = blk[None, :] <= blk[:, None]
       pos = np.arange(REF_LEN, dtype=np.int32)[None]
-      logits = np.asarray(_forward(graphdef, state, jnp.asarray(ids), jnp.asarray(pos),
-                                   jnp.asarray(mask)), np.float64)[0, here - bsz:here]
+      logits = np.asarray(
+          _forward(graphdef, state, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(mask)),
+          np.float64,
+      )[0, here - bsz : here]
       logits[:, MASK_ID] = -np.inf
       tokens = logits.argmax(-1)
       probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -61,7 +63,7 @@ def reference_generate(model, prompt: list[int], cfg: sampler.SamplerConfig) -> 
     seq += block.tolist()
     if EOS_ID in block:
       break
-  new = seq[len(prompt):]
+  new = seq[len(prompt) :]
   return new + [EOS_ID] * (cfg.num_blocks * bsz - len(new))
 
 
@@ -70,9 +72,14 @@ def test_cached_sampler_matches_full_recompute_reference(block_size, steps):
   model = tiny_decoder(seed=block_size + steps)
   rng = np.random.default_rng(block_size)
   prompts = [rng.integers(0, 60, n).tolist() for n in (3, 8, 13)]
-  cfg = sampler.SamplerConfig(block_size=block_size, steps_per_block=steps,
-                              max_new_tokens=3 * block_size, mask_token_id=MASK_ID,
-                              eos_token_id=EOS_ID, context_len=128)
+  cfg = sampler.SamplerConfig(
+      block_size=block_size,
+      steps_per_block=steps,
+      max_new_tokens=3 * block_size,
+      mask_token_id=MASK_ID,
+      eos_token_id=EOS_ID,
+      context_len=128,
+  )
   tokens, _ = sampler.generate(model, prompts, cfg)
   for i, prompt in enumerate(prompts):
     assert tokens[i].tolist() == reference_generate(model, prompt, cfg), f"prompt {i}"
@@ -81,8 +88,14 @@ def test_cached_sampler_matches_full_recompute_reference(block_size, steps):
 
 def test_batching_and_padding_do_not_change_a_sequence():
   model = tiny_decoder(seed=3)
-  cfg = sampler.SamplerConfig(block_size=4, steps_per_block=4, max_new_tokens=8,
-                              mask_token_id=MASK_ID, eos_token_id=EOS_ID, context_len=128)
+  cfg = sampler.SamplerConfig(
+      block_size=4,
+      steps_per_block=4,
+      max_new_tokens=8,
+      mask_token_id=MASK_ID,
+      eos_token_id=EOS_ID,
+      context_len=128,
+  )
   short, long = [5, 6, 7], list(range(1, 19))
   alone, _ = sampler.generate(model, [short], cfg)
   together, _ = sampler.generate(model, [short, long], cfg)
@@ -106,8 +119,14 @@ def test_truncate_at_eos():
 
 def test_bad_input_is_refused_with_a_clear_error():
   model = tiny_decoder()
-  cfg = sampler.SamplerConfig(block_size=4, steps_per_block=4, max_new_tokens=8,
-                              mask_token_id=MASK_ID, eos_token_id=EOS_ID, context_len=32)
+  cfg = sampler.SamplerConfig(
+      block_size=4,
+      steps_per_block=4,
+      max_new_tokens=8,
+      mask_token_id=MASK_ID,
+      eos_token_id=EOS_ID,
+      context_len=32,
+  )
   with pytest.raises(ValueError, match="prompt list is empty"):
     sampler.generate(model, [], cfg)
   with pytest.raises(ValueError, match="exceeds the context of 32"):
@@ -123,8 +142,14 @@ def test_bad_input_is_refused_with_a_clear_error():
 
 def test_temperature_sampling_is_reproducible_and_tends_to_greedy():
   model = tiny_decoder(seed=5)
-  base = dict(block_size=4, steps_per_block=2, max_new_tokens=8, mask_token_id=MASK_ID,
-              eos_token_id=EOS_ID, context_len=128)
+  base = dict(
+      block_size=4,
+      steps_per_block=2,
+      max_new_tokens=8,
+      mask_token_id=MASK_ID,
+      eos_token_id=EOS_ID,
+      context_len=128,
+  )
   prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
   hot = sampler.SamplerConfig(temperature=1.0, **base)
   a, _ = sampler.generate(model, prompts, hot, jax.random.PRNGKey(1))
@@ -134,6 +159,7 @@ def test_temperature_sampling_is_reproducible_and_tends_to_greedy():
   assert any(not np.array_equal(a, o) for o in others)
   assert not np.any(a == MASK_ID) and a.min() >= 0 and a.max() < VOCAB
   greedy, _ = sampler.generate(model, prompts, sampler.SamplerConfig(**base))
-  cold, _ = sampler.generate(model, prompts, sampler.SamplerConfig(temperature=1e-6, **base),
-                             jax.random.PRNGKey(7))
+  cold, _ = sampler.generate(
+      model, prompts, sampler.SamplerConfig(temperature=1e-6, **base), jax.random.PRNGKey(7)
+  )
   np.testing.assert_array_equal(cold, greedy)

@@ -23,9 +23,16 @@ def commit_steps(block: np.ndarray, bsz: int) -> dict[int, list[int]]:
 
 
 def stub_config(bsz, steps, order="low_confidence", blocks=2, temperature=0.0):
-  return sampler.SamplerConfig(block_size=bsz, steps_per_block=steps, max_new_tokens=blocks * bsz,
-                               mask_token_id=MASK, eos_token_id=EOS, order=order,
-                               temperature=temperature, context_len=256)
+  return sampler.SamplerConfig(
+      block_size=bsz,
+      steps_per_block=steps,
+      max_new_tokens=blocks * bsz,
+      mask_token_id=MASK,
+      eos_token_id=EOS,
+      order=order,
+      temperature=temperature,
+      context_len=256,
+  )
 
 
 def test_low_confidence_commits_most_confident_first_in_schedule_counts():
@@ -38,12 +45,12 @@ def test_low_confidence_commits_most_confident_first_in_schedule_counts():
   by_conf = np.argsort(-scores, kind="stable")
   for row in tokens:
     for b in range(2):
-      block = row[b * bsz:(b + 1) * bsz]
+      block = row[b * bsz : (b + 1) * bsz]
       steps_seen = commit_steps(block, bsz)
       assert [len(steps_seen[s]) for s in range(steps)] == counts.tolist()
       start = 0
       for s in range(steps):
-        assert steps_seen[s] == sorted(by_conf[start:start + counts[s]].tolist())
+        assert steps_seen[s] == sorted(by_conf[start : start + counts[s]].tolist())
         start += counts[s]
       # The masked count written at each step is what was left before it.
       assert sorted({int(t) - BASE for t in block}, reverse=True) == [8, 5, 3]

@@ -27,8 +27,9 @@ def tiny(variant, tmp_path):
   return c
 
 
-@pytest.mark.parametrize("variant,term", [("shared", "distill/tidal"),
-                                          ("cross", "distill/reverse_calm")])
+@pytest.mark.parametrize(
+    "variant,term", [("shared", "distill/tidal"), ("cross", "distill/reverse_calm")]
+)
 def test_smoke_distillation_variants(tmp_path, variant, term, capsys):
   root = tmp_path / variant
   comparison = smoke_distill.run(tiny(variant, tmp_path), str(root))

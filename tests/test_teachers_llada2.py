@@ -33,8 +33,14 @@ def test_fused_qkv_partial_rotary_attention_matches_numpy():
   p = "model.layers.0.attention"
   sources, _ = nm.expand_sources(llada2_map.llada2_rules(cfg), llada2_map.llada2_ranges(cfg))
   attn = dense.Attention(cfg, rngs=nnx.Rngs(params=0))
-  for name in (f"{p}.query_key_value.weight", f"{p}.query_key_value.bias", f"{p}.dense.weight",
-               f"{p}.dense.bias", f"{p}.query_layernorm.weight", f"{p}.key_layernorm.weight"):
+  for name in (
+      f"{p}.query_key_value.weight",
+      f"{p}.query_key_value.bias",
+      f"{p}.dense.weight",
+      f"{p}.dense.bias",
+      f"{p}.query_layernorm.weight",
+      f"{p}.key_layernorm.weight",
+  ):
     src = sources[name]
     for path, value in zip(src.paths, src.convert(tensors[name])):
       node = attn
@@ -51,22 +57,34 @@ def test_fused_qkv_partial_rotary_attention_matches_numpy():
   cos, sin = layers.rope_tables(jnp.asarray(positions), cfg.rotary_dim, cfg.rope_theta)
   got, _ = attn(jnp.asarray(x), cos, sin, jnp.asarray(mask[:, None]))
   ref = tf.np_fused_attention(
-      x.astype(np.float64), tensors[f"{p}.query_key_value.weight"],
-      tensors[f"{p}.query_key_value.bias"], tensors[f"{p}.query_layernorm.weight"],
-      tensors[f"{p}.key_layernorm.weight"], tensors[f"{p}.dense.weight"],
-      tensors[f"{p}.dense.bias"], positions, mask, hf)
+      x.astype(np.float64),
+      tensors[f"{p}.query_key_value.weight"],
+      tensors[f"{p}.query_key_value.bias"],
+      tensors[f"{p}.query_layernorm.weight"],
+      tensors[f"{p}.key_layernorm.weight"],
+      tensors[f"{p}.dense.weight"],
+      tensors[f"{p}.dense.bias"],
+      positions,
+      mask,
+      hf,
+  )
   assert np.max(np.abs(np.asarray(got) - ref)) < 1e-5
 
 
 @settings(max_examples=20, deadline=None)
-@given(h=st.integers(1, 4), k=st.integers(1, 3), d=st.sampled_from([2, 4, 6]),
-       e=st.integers(1, 5), seed=st.integers(0, 1000))
+@given(
+    h=st.integers(1, 4),
+    k=st.integers(1, 3),
+    d=st.sampled_from([2, 4, 6]),
+    e=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
 def test_fused_split_round_trip(h, k, d, e, seed):
   fused = np.random.default_rng(seed).standard_normal(((h + 2 * k) * d, e))
   q, kk, v = nm.split_fused_heads((h, k, k), d)(fused)
   assert q.shape == (e, h, d) and kk.shape == v.shape == (e, k, d)
-  np.testing.assert_array_equal(q[:, 0, :], fused[:d].T)          # q is first, head 0
-  np.testing.assert_array_equal(v[:, -1, :], fused[-d:].T)        # v is last
+  np.testing.assert_array_equal(q[:, 0, :], fused[:d].T)  # q is first, head 0
+  np.testing.assert_array_equal(v[:, -1, :], fused[-d:].T)  # v is last
   np.testing.assert_array_equal(nm.fuse_heads(q, kk, v), fused)
 
 
@@ -80,8 +98,9 @@ def convert_and_load(tmp_path, hf, tensors, param_dtype="float32", num_shards=3)
 
 def forward(teacher, ids, valid):
   inputs = teacher.build_inputs(jnp.asarray(ids), jnp.zeros(ids.shape, bool), jnp.asarray(valid), 4)
-  logits = jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.position_ids,
-                                  inputs.attention_mask)
+  logits = jax.jit(teacher.apply)(
+      teacher.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask
+  )
   return np.asarray(logits), inputs
 
 
@@ -97,12 +116,15 @@ def test_synthetic_checkpoint_converts_to_numpy_logits(tmp_path):
   tensors = tf.random_llada2_tensors(hf, seed=2)
   teacher, stats = convert_and_load(tmp_path, hf, tensors)
   assert stats["tensors"] == len(tensors)
-  assert set(os.listdir(tmp_path / "hf")) >= {"model.safetensors.index.json",
-                                              "model-00003-of-00003.safetensors"}
+  assert set(os.listdir(tmp_path / "hf")) >= {
+      "model.safetensors.index.json",
+      "model-00003-of-00003.safetensors",
+  }
   ids, valid = batch(hf["vocab_size"])
   got, inputs = forward(teacher, ids, valid)
-  ref = tf.np_llada2_logits(hf, tensors, ids, np.asarray(inputs.position_ids),
-                            np.asarray(inputs.attention_mask)[:, 0])
+  ref = tf.np_llada2_logits(
+      hf, tensors, ids, np.asarray(inputs.position_ids), np.asarray(inputs.attention_mask)[:, 0]
+  )
   assert got.shape == (2, 10, hf["vocab_size"])
   assert np.max(np.abs(got[valid] - ref[valid])) < 1e-4
   # Padded query rows still see the valid keys (they are just never read).
@@ -121,8 +143,9 @@ def test_bf16_conversion_keeps_router_in_float32(tmp_path):
     rounded[name] = tensors[name]
   ids, valid = batch(hf["vocab_size"], seed=1)
   got, inputs = forward(teacher, ids, valid)
-  ref = tf.np_llada2_logits(hf, rounded, ids, np.asarray(inputs.position_ids),
-                            np.asarray(inputs.attention_mask)[:, 0])
+  ref = tf.np_llada2_logits(
+      hf, rounded, ids, np.asarray(inputs.position_ids), np.asarray(inputs.attention_mask)[:, 0]
+  )
   assert np.max(np.abs(got - ref)) < 1e-4
 
 
@@ -137,7 +160,7 @@ def test_missing_and_extra_tensors_are_one_error_listing_them(tmp_path):
   message = str(err.value)
   assert "missing tensors: model.layers.1.mlp.experts.3.up_proj.weight" in message
   assert "unexpected tensors: model.layers.1.mlp.bogus.weight" in message
-  assert not os.path.exists(tmp_path / "out")       # nothing written before the check
+  assert not os.path.exists(tmp_path / "out")  # nothing written before the check
 
 
 def test_wrong_tensor_shape_names_the_tensor(tmp_path):
@@ -178,16 +201,31 @@ def test_loading_an_unconverted_directory_is_a_clear_error(tmp_path):
 def test_cli_converts_and_reports_bad_mesh(tmp_path):
   hf = tf.tiny_llada2_config(num_hidden_layers=2)
   tf.write_checkpoint(str(tmp_path / "hf"), hf, tf.random_llada2_tensors(hf), num_shards=2)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  cmd = [sys.executable, "-m", "tide_jax.convert", f"--hf_dir={tmp_path / 'hf'}",
-         f"--out={tmp_path / 'out'}", "--mesh=fsdp=2,expert=4"]
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=ROOT,
+  )
+  cmd = [
+      sys.executable,
+      "-m",
+      "tide_jax.convert",
+      f"--hf_dir={tmp_path / 'hf'}",
+      f"--out={tmp_path / 'out'}",
+      "--mesh=fsdp=2,expert=4",
+  ]
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr
   assert "[2/2]" in done.stdout and "peak RSS" in done.stdout
   manifest = json.loads((tmp_path / "out" / "teacher.json").read_text())
   assert manifest["param_dtype"] == "bfloat16" and manifest["model_type"] == "llada2_moe"
-  bad = subprocess.run(cmd[:-1] + ["--mesh=fsdp=3", "--overwrite"], env=env,
-                       capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+      cmd[:-1] + ["--mesh=fsdp=3", "--overwrite"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert bad.returncode == 1
   assert bad.stderr.strip().splitlines()[-1].startswith("error: Mesh")

@@ -29,8 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _logits(teacher, inputs):
-  return np.asarray(jax.jit(teacher.apply)(teacher.params, inputs.input_ids, inputs.position_ids,
-                                           inputs.attention_mask))
+  return np.asarray(
+      jax.jit(teacher.apply)(
+          teacher.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask
+      )
+  )
 
 
 def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
@@ -49,9 +52,11 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   assert mlp.gate[...].sharding.spec == P("expert", None, "tensor")
   assert mlp.down[...].sharding.spec == P("expert", "tensor", None)
   shard_shapes = {s.data.shape for s in mlp.gate[...].addressable_shards}
-  assert shard_shapes == {(2, 32, 8)}                 # 8 experts / 4, width 16 / 2
-  assert sharded.model(sharded.params).layers[0].attn.q[...].sharding.spec == P(None, "tensor", None)
-  assert sharded.config.expert_mesh is mesh           # MoE layers run expert-parallel
+  assert shard_shapes == {(2, 32, 8)}  # 8 experts / 4, width 16 / 2
+  assert sharded.model(sharded.params).layers[0].attn.q[...].sharding.spec == P(
+      None, "tensor", None
+  )
+  assert sharded.config.expert_mesh is mesh  # MoE layers run expert-parallel
   rng = np.random.default_rng(0)
   x_t = jnp.asarray(rng.integers(0, 64, (2, 8)), jnp.int32)
   valid = jnp.asarray(np.arange(8) < np.array([[8], [5]]))
@@ -59,9 +64,12 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   assert inputs.prediction_offset == 0 and inputs.attention_mask.shape == (2, 1, 8, 8)
   diff = np.abs(_logits(sharded, inputs) - _logits(plain, inputs))
   assert diff.max() < 1e-5
-  lowered = jax.jit(sharded.apply).lower(sharded.params, inputs.input_ids, inputs.position_ids,
-                                         inputs.attention_mask).as_text()
-  assert "reduce_scatter" in lowered                  # tokens moved, not expert weights
+  lowered = (
+      jax.jit(sharded.apply)
+      .lower(sharded.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+      .as_text()
+  )
+  assert "reduce_scatter" in lowered  # tokens moved, not expert weights
 
 
 @pytest.mark.parametrize("dispatch", ["tiled", "ragged"])
@@ -69,13 +77,22 @@ def test_expert_parallel_moe_block_equals_single_device(dispatch):
   """shard_map over the expert axis (fsdp=2 x expert=4) gives the single-device output."""
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
   router = moe.RouterConfig(8, 2, 4, 2, 2.5)
-  make = lambda m: moe.MoEBlock(32, 16, 1, router, use_expert_bias=True,
-                                param_dtype=jnp.float32, rngs=nnx.Rngs(params=3),
-                                dispatch=dispatch, mesh=m)
+  make = lambda m: moe.MoEBlock(
+      32,
+      16,
+      1,
+      router,
+      use_expert_bias=True,
+      param_dtype=jnp.float32,
+      rngs=nnx.Rngs(params=3),
+      dispatch=dispatch,
+      mesh=m,
+  )
   plain, parallel = make(None), make(mesh)
-  state = jax.device_put(nnx.state(parallel),
-                         sharding.state_shardings(nnx.state(parallel), mesh,
-                                                  sharding.TEACHER_RULES))
+  state = jax.device_put(
+      nnx.state(parallel),
+      sharding.state_shardings(nnx.state(parallel), mesh, sharding.TEACHER_RULES),
+  )
   nnx.update(parallel, state)
   assert parallel.gate[...].sharding.spec[0] == "expert"
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 32))
@@ -98,17 +115,20 @@ def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
   b, length, block = 2, 8, 4
   x0 = rng.integers(0, 96, (b, length)).astype(np.int32)
   x_t = np.where(rng.random((b, length)) < 0.5, 96, x0).astype(np.int32)
-  inputs = teacher.build_inputs(jnp.asarray(x0), jnp.asarray(x_t == 96),
-                                jnp.ones((b, length), bool), block)
+  inputs = teacher.build_inputs(
+      jnp.asarray(x0), jnp.asarray(x_t == 96), jnp.ones((b, length), bool), block
+  )
   np.testing.assert_array_equal(np.asarray(inputs.input_ids), np.concatenate([x0, x_t], 1))
   assert inputs.prediction_offset == length
   got = _logits(teacher, inputs)
   mask = bd3lm_attention_mask(length, block, x0_first=True)
   mask4 = torch.from_numpy(np.broadcast_to(mask, (b, 1, 2 * length, 2 * length)).copy())
   with torch.no_grad():
-    ref = hf_model(input_ids=torch.from_numpy(np.array(inputs.input_ids)).long(),
-                   position_ids=torch.from_numpy(np.array(inputs.position_ids)).long(),
-                   attention_mask=mask4).logits.numpy()
+    ref = hf_model(
+        input_ids=torch.from_numpy(np.array(inputs.input_ids)).long(),
+        position_ids=torch.from_numpy(np.array(inputs.position_ids)).long(),
+        attention_mask=mask4,
+    ).logits.numpy()
   assert np.max(np.abs(got - ref)) < 1e-4
 
 
@@ -133,18 +153,35 @@ def test_streaming_conversion_peak_memory_is_below_half_the_checkpoint(tmp_path)
   after imports. The 2 GB measurement is in benchmarks/bench_teachers_convert.py.
   """
   hf = tf.tiny_llada2_config(
-      vocab_size=8192, hidden_size=256, num_hidden_layers=15, num_attention_heads=4,
-      num_key_value_heads=2, head_dim=64, intermediate_size=512, moe_intermediate_size=256,
-      num_experts=16, n_group=4, topk_group=2)
+      vocab_size=8192,
+      hidden_size=256,
+      num_hidden_layers=15,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      head_dim=64,
+      intermediate_size=512,
+      moe_intermediate_size=256,
+      num_experts=16,
+      n_group=4,
+      topk_group=2,
+  )
   tensors = tf.random_llada2_tensors(hf)
   size = sum(t.nbytes for t in tensors.values())
   tf.write_checkpoint(str(tmp_path / "hf"), hf, tensors, num_shards=6)
   del tensors
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "hf"),
-                         str(tmp_path / "out")], env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=8",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=ROOT,
+  )
+  done = subprocess.run(
+      [sys.executable, "-c", CHILD, str(tmp_path / "hf"), str(tmp_path / "out")],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert done.returncode == 0, done.stderr
   report = json.loads(done.stdout.strip().splitlines()[-1])
   assert size > 200e6 and report["bytes_read"] == size

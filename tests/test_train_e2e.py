@@ -63,8 +63,14 @@ def test_smoke_trains_and_resume_is_exact(tmp_path):
 
 def run_main(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "tide_jax.main", "--config=configs/smoke.py:bd3lm", *args],
-                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, "-m", "tide_jax.main", "--config=configs/smoke.py:bd3lm", *args],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 def test_bad_block_multiple_fails_cleanly(tmp_path):
@@ -93,15 +99,20 @@ def test_nonexistent_and_unsupported_hf_dirs_fail_cleanly(tmp_path):
 def test_checkpoint_of_a_different_model_is_refused(tmp_path):
   workdir = str(tmp_path / "wd")
   loop.train_and_evaluate(short_config(tmp_path, num_steps=2), workdir)
-  before = sorted((p, os.path.getmtime(os.path.join(r, p)))
-                  for r, _, files in os.walk(workdir) for p in files)
+  before = sorted(
+      (p, os.path.getmtime(os.path.join(r, p))) for r, _, files in os.walk(workdir) for p in files
+  )
   c = short_config(tmp_path, num_steps=4)
   c.model.hidden_size = 96
-  with pytest.raises(ValueError, match="holds a checkpoint of a different model "
-                     r"\(hidden_size 64 in the checkpoint vs 96 now\)"):
+  with pytest.raises(
+      ValueError,
+      match="holds a checkpoint of a different model "
+      r"\(hidden_size 64 in the checkpoint vs 96 now\)",
+  ):
     loop.train_and_evaluate(c, workdir)
-  after = sorted((p, os.path.getmtime(os.path.join(r, p)))
-                 for r, _, files in os.walk(workdir) for p in files)
+  after = sorted(
+      (p, os.path.getmtime(os.path.join(r, p))) for r, _, files in os.walk(workdir) for p in files
+  )
   assert before == after
 
 
@@ -116,9 +127,14 @@ def test_student_initialised_from_hf_directory(tmp_path):
 
 def test_cli_trains_with_a_relative_workdir_and_resumes(tmp_path):
   rel = os.path.relpath(tmp_path / "cli_run", REPO)
-  args = [f"--workdir={rel}", "--config.train.num_steps=2", "--config.train.batch_size=2",
-          "--config.data.max_len=64", f"--config.data.cache_dir={tmp_path / 'cache'}",
-          "--config.train.eval_batches=1"]
+  args = [
+      f"--workdir={rel}",
+      "--config.train.num_steps=2",
+      "--config.train.batch_size=2",
+      "--config.data.max_len=64",
+      f"--config.data.cache_dir={tmp_path / 'cache'}",
+      "--config.train.eval_batches=1",
+  ]
   res = run_main(*args)
   assert res.returncode == 0, res.stderr[-2000:]
   assert "step 2/2" in res.stdout
@@ -130,10 +146,11 @@ def test_cli_trains_with_a_relative_workdir_and_resumes(tmp_path):
 
 def test_non_finite_loss_stops_training_naming_the_step(tmp_path):
   from tide_jax.train.step import NonFiniteError, check_finite
+
   with pytest.raises(NonFiniteError, match="Training stopped at step 7: grad_norm is inf"):
     check_finite(7, {"loss": 1.0, "grad_norm": float("inf")})
   c = short_config(tmp_path, num_steps=4)
-  c.optim.learning_rate = 1e30      # the first update overflows the parameters
+  c.optim.learning_rate = 1e30  # the first update overflows the parameters
   c.optim.warmup_steps = 0
   with pytest.raises(NonFiniteError, match=r"Training stopped at step [23]: (loss|grad_norm) is"):
     loop.train_and_evaluate(c, str(tmp_path / "nan"))

@@ -18,11 +18,14 @@ def validate(config) -> None:
   if max_len % block:
     raise ValueError(
         f"data.max_len={max_len} is not a multiple of block_size={block}; set data.max_len "
-        f"to a multiple of {block} (for example {-(-max_len // block) * block}).")
+        f"to a multiple of {block} (for example {-(-max_len // block) * block})."
+    )
   masks.check_block_multiple(max_len, block)
   if config.objective.kind not in objective.OBJECTIVES:
-    raise ValueError(f"objective.kind={config.objective.kind!r} is unknown; choose one of "
-                     f"{', '.join(objective.OBJECTIVES)}.")
+    raise ValueError(
+        f"objective.kind={config.objective.kind!r} is unknown; choose one of "
+        f"{', '.join(objective.OBJECTIVES)}."
+    )
   schedules.check_schedule(config.objective.schedule)
   if not 0.0 <= float(config.objective.t_eps) < 1.0:
     raise ValueError(f"objective.t_eps={config.objective.t_eps} must lie in [0, 1).")
@@ -42,18 +45,27 @@ def student_model_config(config) -> mcfg.DecoderConfig:
   else:
     cfg = mcfg.decoder_config_from_hf(
         {
-            "model_type": m.model_type, "vocab_size": m.vocab_size,
-            "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
-            "head_dim": m.head_dim, "intermediate_size": m.intermediate_size,
-            "rope_theta": m.rope_theta, "rms_norm_eps": m.rms_norm_eps,
+            "model_type": m.model_type,
+            "vocab_size": m.vocab_size,
+            "hidden_size": m.hidden_size,
+            "num_hidden_layers": m.num_layers,
+            "num_attention_heads": m.num_heads,
+            "num_key_value_heads": m.num_kv_heads,
+            "head_dim": m.head_dim,
+            "intermediate_size": m.intermediate_size,
+            "rope_theta": m.rope_theta,
+            "rms_norm_eps": m.rms_norm_eps,
             "tie_word_embeddings": m.tie_word_embeddings,
             "max_position_embeddings": m.get("max_position_embeddings", 32768),
         },
-        param_dtype=m.param_dtype, dtype=m.dtype)
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+    )
   cfg = cfg.replace(remat=bool(m.get("remat", False)))
   mask_id = int(config.objective.mask_token_id)
   if not 0 <= mask_id < cfg.vocab_size:
-    raise ValueError(f"objective.mask_token_id={mask_id} is outside the student vocabulary of "
-                     f"{cfg.vocab_size} ids; pick an unused id below {cfg.vocab_size}.")
+    raise ValueError(
+        f"objective.mask_token_id={mask_id} is outside the student vocabulary of "
+        f"{cfg.vocab_size} ids; pick an unused id below {cfg.vocab_size}."
+    )
   return cfg

@@ -15,18 +15,28 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/smoke.py or configs/smoke.py:arg.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, "
-                               "metrics and the resolved config.")
+    "config",
+    None,
+    "Experiment config file, e.g. configs/smoke.py or configs/smoke.py:arg.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory (local or gs://) for checkpoints, " "metrics and the resolved config.",
+)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "sample", "export"],
+    "mode",
+    "train",
+    ["train", "eval", "sample", "export"],
     "train (resumes from the workdir), eval (bits per byte, optional HumanEval), sample "
-    "(generate for --prompt or --chat), export (HF directory for transformers).")
+    "(generate for --prompt or --chat), export (HF directory for transformers).",
+)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt for --mode=sample (repeatable).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat in --mode=sample.")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None,
-                                  "Output of --mode=export (default <workdir>/hf_export).")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "Output of --mode=export (default <workdir>/hf_export)."
+)
 
 
 class UserError(Exception):
@@ -35,15 +45,18 @@ class UserError(Exception):
 
 def run(config, workdir: str, mode: str):
   from tide_jax.train import loop
+
   if mode == "train":
     runner = config.get("runner", "")
     if runner == "smoke_distill":
       from tide_jax.train import smoke_distill
+
       return smoke_distill.run(config, workdir)
     if runner:
       raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
     return loop.train_and_evaluate(config, workdir)
   from tide_jax.eval import modes
+
   if mode == "eval":
     return modes.run_eval(config, workdir)
   if mode == "sample":
@@ -62,10 +75,11 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (a local directory or a gs:// URL).")
   from tide_jax.parallel import distributed, preemption
+
   try:
-    distributed.maybe_initialize()   # several hosts: before anything touches a device
+    distributed.maybe_initialize()  # several hosts: before anything touches a device
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except preemption.Preempted as stop:   # SIGTERM: the checkpoint is written; resumable
+  except preemption.Preempted as stop:  # SIGTERM: the checkpoint is written; resumable
     print(stop, flush=True)
     sys.exit(0)
   except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:

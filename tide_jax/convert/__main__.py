@@ -36,8 +36,10 @@ def parse_mesh(text: str) -> dict[str, int]:
         raise ValueError
       sizes[name.strip()] = int(value)
     except ValueError:
-      raise ValueError(f"--mesh entry {item!r} is not AXIS=SIZE; write for example "
-                       "--mesh=data=1,fsdp=-1,tensor=1,expert=4.") from None
+      raise ValueError(
+          f"--mesh entry {item!r} is not AXIS=SIZE; write for example "
+          "--mesh=data=1,fsdp=-1,tensor=1,expert=4."
+      ) from None
   return sizes
 
 
@@ -58,19 +60,29 @@ def main(argv):
     raise app.UsageError("--hf_dir and --out are required.")
   try:
     mesh = sharding.make_mesh(parse_mesh(FLAGS.mesh))
-    print(f"mesh {dict(mesh.shape)}; converting {FLAGS.hf_dir} -> {FLAGS.out} "
-          f"({FLAGS.dtype})", flush=True)
+    print(
+        f"mesh {dict(mesh.shape)}; converting {FLAGS.hf_dir} -> {FLAGS.out} " f"({FLAGS.dtype})",
+        flush=True,
+    )
     start = time.perf_counter()
-    stats = teachers.convert_teacher(FLAGS.hf_dir, FLAGS.out, mesh=mesh,
-                                     param_dtype=FLAGS.dtype, overwrite=FLAGS.overwrite,
-                                     progress=lambda line: print(line, flush=True))
+    stats = teachers.convert_teacher(
+        FLAGS.hf_dir,
+        FLAGS.out,
+        mesh=mesh,
+        param_dtype=FLAGS.dtype,
+        overwrite=FLAGS.overwrite,
+        progress=lambda line: print(line, flush=True),
+    )
   except (ValueError, FileNotFoundError) as err:
     sys.exit(f"error: {err}")
   seconds = time.perf_counter() - start
-  print(f"done: {stats['tensors']} tensors, {stats['bytes_read'] / 1e9:.3f} GB read in "
-        f"{seconds:.1f} s ({stats['bytes_read'] / 1e9 / seconds:.2f} GB/s), "
-        f"{stats['groups']} parameter groups, {stats['param_bytes'] / 1e9:.3f} GB stored, "
-        f"peak RSS {_peak_rss_gb():.2f} GB", flush=True)
+  print(
+      f"done: {stats['tensors']} tensors, {stats['bytes_read'] / 1e9:.3f} GB read in "
+      f"{seconds:.1f} s ({stats['bytes_read'] / 1e9 / seconds:.2f} GB/s), "
+      f"{stats['groups']} parameter groups, {stats['param_bytes'] / 1e9:.3f} GB stored, "
+      f"peak RSS {_peak_rss_gb():.2f} GB",
+      flush=True,
+  )
 
 
 if __name__ == "__main__":

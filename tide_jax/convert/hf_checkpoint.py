@@ -32,9 +32,13 @@ def _list(names, limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def fill_state_from_checkpoint(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
-                               rules: Sequence[nm.Rule], ranges: Mapping[str, int],
-                               place: Placer | None = None) -> nnx.Module:
+def fill_state_from_checkpoint(
+    abstract_model: nnx.Module,
+    ckpt: SafetensorsCheckpoint,
+    rules: Sequence[nm.Rule],
+    ranges: Mapping[str, int],
+    place: Placer | None = None,
+) -> nnx.Module:
   """Materialises ``abstract_model``'s parameters from a safetensors checkpoint.
 
   Args:
@@ -50,8 +54,9 @@ def fill_state_from_checkpoint(abstract_model: nnx.Module, ckpt: SafetensorsChec
   graphdef, abstract_state = nnx.split(abstract_model)
   flat = dict(nnx.to_flat_state(abstract_state))
   expected = {hf: (path, rule) for hf, path, rule in nm.expand(rules, ranges)}
-  unmapped = [nm.format_path(p) for p, _ in flat.items()
-              if p not in {path for path, _ in expected.values()}]
+  unmapped = [
+      nm.format_path(p) for p, _ in flat.items() if p not in {path for path, _ in expected.values()}
+  ]
   if unmapped:
     raise ValueError(f"The name map does not cover model parameters: {_list(unmapped)}.")
   missing = set(expected) - ckpt.names
@@ -62,8 +67,11 @@ def fill_state_from_checkpoint(abstract_model: nnx.Module, ckpt: SafetensorsChec
       parts.append(f"missing tensors: {_list(missing)}")
     if unexpected:
       parts.append(f"unexpected tensors: {_list(unexpected)}")
-    raise ValueError(f"Checkpoint {ckpt.model_dir} does not match the model config ("
-                     + "; ".join(parts) + "); check that config.json belongs to these weights.")
+    raise ValueError(
+        f"Checkpoint {ckpt.model_dir} does not match the model config ("
+        + "; ".join(parts)
+        + "); check that config.json belongs to these weights."
+    )
   place = place or (lambda path, arr: jax.device_put(arr))
   values: dict[tuple, Any] = {}
   shape_errors = []
@@ -74,37 +82,54 @@ def fill_state_from_checkpoint(abstract_model: nnx.Module, ckpt: SafetensorsChec
       arr = rule.to_flax(tensor)
       want = target.get_value()
       if tuple(arr.shape) != tuple(want.shape):
-        shape_errors.append(f"{hf_name} {tuple(tensor.shape)} -> {nm.format_path(path)} "
-                            f"expects {tuple(want.shape)}")
+        shape_errors.append(
+            f"{hf_name} {tuple(tensor.shape)} -> {nm.format_path(path)} "
+            f"expects {tuple(want.shape)}"
+        )
         continue
       values[path] = place(path, arr.astype(want.dtype))
   if shape_errors:
-    raise ValueError("Checkpoint tensor shapes do not match config.json: "
-                     + "; ".join(shape_errors[:10]) + ".")
+    raise ValueError(
+        "Checkpoint tensor shapes do not match config.json: " + "; ".join(shape_errors[:10]) + "."
+    )
   new_flat = [(p, v.replace(value=values[p])) for p, v in flat.items()]
   return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
 
-def load_dense_from_hf(model_dir: str, *, param_dtype: str = "float32", dtype: str = "float32",
-                       place: Placer | None = None) -> dense.DenseDecoder:
+def load_dense_from_hf(
+    model_dir: str,
+    *,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
+    place: Placer | None = None,
+) -> dense.DenseDecoder:
   """Builds a :class:`DenseDecoder` from a local HF Qwen2/Qwen3 directory."""
   hf_config = mcfg.read_hf_config(model_dir)
   cfg = mcfg.decoder_config_from_hf(hf_config, param_dtype=param_dtype, dtype=dtype)
   ckpt = SafetensorsCheckpoint(model_dir)
-  return fill_state_from_checkpoint(dense.abstract_decoder(cfg), ckpt, qwen.qwen_rules(cfg),
-                                    qwen.qwen_ranges(cfg), place)
+  return fill_state_from_checkpoint(
+      dense.abstract_decoder(cfg), ckpt, qwen.qwen_rules(cfg), qwen.qwen_ranges(cfg), place
+  )
 
 
-def model_tensors_for_hf(model: nnx.Module, rules: Sequence[nm.Rule],
-                         ranges: Mapping[str, int]) -> dict[str, np.ndarray]:
+def model_tensors_for_hf(
+    model: nnx.Module, rules: Sequence[nm.Rule], ranges: Mapping[str, int]
+) -> dict[str, np.ndarray]:
   """HF-named NumPy tensors of a model, in name-map order."""
   flat = dict(nnx.to_flat_state(nnx.state(model)))
-  return {hf: rule.to_hf(np.asarray(jax.device_get(flat[path].get_value())))
-          for hf, path, rule in nm.expand(rules, ranges)}
+  return {
+      hf: rule.to_hf(np.asarray(jax.device_get(flat[path].get_value())))
+      for hf, path, rule in nm.expand(rules, ranges)
+  }
 
 
-def save_dense_as_hf(model: dense.DenseDecoder, out_dir: str, *, extra_files: Mapping[str, str]
-                     | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
+def save_dense_as_hf(
+    model: dense.DenseDecoder,
+    out_dir: str,
+    *,
+    extra_files: Mapping[str, str] | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> None:
   """Writes ``config.json`` + safetensors that ``transformers`` loads as ``*ForCausalLM``.
 
   The directory is written under a temporary name and renamed at the end, so a failure

@@ -15,8 +15,12 @@ from tide_jax.models.llada2 import LLaDA2Config
 
 
 def _mlp_rules(hf_prefix: str, flax_prefix: str) -> list[nm.Rule]:
-  return [nm.Rule(f"{hf_prefix}.{name}_proj.weight", f"{flax_prefix}.{name}", nm.transpose,
-                  nm.transpose) for name in ("gate", "up", "down")]
+  return [
+      nm.Rule(
+          f"{hf_prefix}.{name}_proj.weight", f"{flax_prefix}.{name}", nm.transpose, nm.transpose
+      )
+      for name in ("gate", "up", "down")
+  ]
 
 
 def llada2_rules(cfg: LLaDA2Config) -> list[nm.AnyRule]:
@@ -29,19 +33,31 @@ def llada2_rules(cfg: LLaDA2Config) -> list[nm.AnyRule]:
   attn = "model.layers.{n}.attention"
   per_layer = [
       nm.Rule("model.layers.{n}.input_layernorm.weight", "layers.{n}.input_norm.weight"),
-      nm.Rule("model.layers.{n}.post_attention_layernorm.weight",
-              "layers.{n}.post_attn_norm.weight"),
-      nm.SplitRule(f"{attn}.query_key_value.weight",
-                   ("layers.{n}.attn.q", "layers.{n}.attn.k", "layers.{n}.attn.v"),
-                   nm.split_fused_heads((h, k, k), d), nm.fuse_heads),
-      nm.Rule(f"{attn}.dense.weight", "layers.{n}.attn.o", nm.out_linear_to_heads(h, d),
-              nm.heads_to_out_linear),
+      nm.Rule(
+          "model.layers.{n}.post_attention_layernorm.weight", "layers.{n}.post_attn_norm.weight"
+      ),
+      nm.SplitRule(
+          f"{attn}.query_key_value.weight",
+          ("layers.{n}.attn.q", "layers.{n}.attn.k", "layers.{n}.attn.v"),
+          nm.split_fused_heads((h, k, k), d),
+          nm.fuse_heads,
+      ),
+      nm.Rule(
+          f"{attn}.dense.weight",
+          "layers.{n}.attn.o",
+          nm.out_linear_to_heads(h, d),
+          nm.heads_to_out_linear,
+      ),
   ]
   if cfg.qkv_bias:
-    per_layer.append(nm.SplitRule(
-        f"{attn}.query_key_value.bias",
-        ("layers.{n}.attn.q_bias", "layers.{n}.attn.k_bias", "layers.{n}.attn.v_bias"),
-        nm.split_fused_bias((h, k, k), d), nm.fuse_bias))
+    per_layer.append(
+        nm.SplitRule(
+            f"{attn}.query_key_value.bias",
+            ("layers.{n}.attn.q_bias", "layers.{n}.attn.k_bias", "layers.{n}.attn.v_bias"),
+            nm.split_fused_bias((h, k, k), d),
+            nm.fuse_bias,
+        )
+    )
   if cfg.o_bias:
     per_layer.append(nm.Rule(f"{attn}.dense.bias", "layers.{n}.attn.o_bias"))
   if cfg.qk_norm:
@@ -61,8 +77,16 @@ def llada2_rules(cfg: LLaDA2Config) -> list[nm.AnyRule]:
   rules.append(nm.Rule(f"{moe_hf}.gate.weight", f"{moe_fx}.router", nm.transpose, nm.transpose))
   if cfg.use_expert_bias:
     rules.append(nm.Rule(f"{moe_hf}.gate.expert_bias", f"{moe_fx}.expert_bias"))
-  rules += [nm.StackedRule(f"{moe_hf}.experts.{{e}}.{name}_proj.weight", f"{moe_fx}.{name}",
-                           "e", nm.transpose, nm.transpose) for name in ("gate", "up", "down")]
+  rules += [
+      nm.StackedRule(
+          f"{moe_hf}.experts.{{e}}.{name}_proj.weight",
+          f"{moe_fx}.{name}",
+          "e",
+          nm.transpose,
+          nm.transpose,
+      )
+      for name in ("gate", "up", "down")
+  ]
   if cfg.num_shared_experts:
     rules += _mlp_rules(f"{moe_hf}.shared_experts", f"{moe_fx}.shared")
   return rules
@@ -72,13 +96,16 @@ def _with_layer(rule: nm.AnyRule, name: str) -> nm.AnyRule:
   """Renames the ``{n}`` layer placeholder of a per-layer rule to ``{name}``."""
   sub = lambda s: s.replace("{n}", "{" + name + "}")
   if isinstance(rule, nm.SplitRule):
-    return nm.SplitRule(sub(rule.hf), tuple(sub(p) for p in rule.flax), rule.to_flax,
-                        rule.to_hf)
+    return nm.SplitRule(sub(rule.hf), tuple(sub(p) for p in rule.flax), rule.to_flax, rule.to_hf)
   return nm.Rule(sub(rule.hf), sub(rule.flax), rule.to_flax, rule.to_hf)
 
 
 def llada2_ranges(cfg: LLaDA2Config) -> dict[str, range]:
   """Placeholder values: all layers, the dense-MLP layers, the MoE layers, the experts."""
   first_moe = min(cfg.first_k_dense_replace, cfg.num_layers)
-  return {"all": range(cfg.num_layers), "dense": range(first_moe),
-          "moe": range(first_moe, cfg.num_layers), "e": range(cfg.num_experts)}
+  return {
+      "all": range(cfg.num_layers),
+      "dense": range(first_moe),
+      "moe": range(first_moe, cfg.num_layers),
+      "e": range(cfg.num_experts),
+  }

@@ -149,8 +149,9 @@ def _values(spec: int | Sequence[int]) -> Sequence[int]:
   return range(spec) if isinstance(spec, int) else spec
 
 
-def _bindings(patterns: Sequence[str], ranges: Mapping[str, int | Sequence[int]],
-              what: str) -> Iterator[dict]:
+def _bindings(
+    patterns: Sequence[str], ranges: Mapping[str, int | Sequence[int]], what: str
+) -> Iterator[dict]:
   names = sorted({n for p in patterns for n in _placeholders(p)})
   unknown = [n for n in names if n not in ranges]
   if unknown:
@@ -159,8 +160,9 @@ def _bindings(patterns: Sequence[str], ranges: Mapping[str, int | Sequence[int]]
     yield dict(zip(names, values))
 
 
-def expand_sources(rules: Sequence[AnyRule], ranges: Mapping[str, int | Sequence[int]]
-                   ) -> tuple[dict[str, Source], dict[tuple, int]]:
+def expand_sources(
+    rules: Sequence[AnyRule], ranges: Mapping[str, int | Sequence[int]]
+) -> tuple[dict[str, Source], dict[tuple, int]]:
   """Expands a rule set into per-HF-tensor sources.
 
   ``ranges`` maps each placeholder to a count ``n`` (values ``0..n-1``) or to explicit
@@ -183,16 +185,24 @@ def expand_sources(rules: Sequence[AnyRule], ranges: Mapping[str, int | Sequence
     if isinstance(rule, Rule):
       for env in _bindings([rule.hf, rule.flax], ranges, rule.hf):
         fn = rule.to_flax
-        add(Source(rule.hf.format(**env), (parse_path(rule.flax.format(**env)),), None,
-                   lambda x, fn=fn: (fn(x),)))
+        add(
+            Source(
+                rule.hf.format(**env),
+                (parse_path(rule.flax.format(**env)),),
+                None,
+                lambda x, fn=fn: (fn(x),),
+            )
+        )
     elif isinstance(rule, SplitRule):
       for env in _bindings([rule.hf, *rule.flax], ranges, rule.hf):
         paths = tuple(parse_path(p.format(**env)) for p in rule.flax)
         add(Source(rule.hf.format(**env), paths, None, rule.to_flax))
     elif isinstance(rule, StackedRule):
       if rule.stack not in _placeholders(rule.hf) or rule.stack in _placeholders(rule.flax):
-        raise ValueError(f"StackedRule {rule.hf!r}: the HF pattern must contain "
-                         f"{{{rule.stack}}} and the Flax pattern {rule.flax!r} must not.")
+        raise ValueError(
+            f"StackedRule {rule.hf!r}: the HF pattern must contain "
+            f"{{{rule.stack}}} and the Flax pattern {rule.flax!r} must not."
+        )
       slots = _values(ranges[rule.stack])
       if list(slots) != list(range(len(slots))):
         raise ValueError(f"The stack placeholder {rule.stack!r} must range over 0..n-1.")
@@ -200,15 +210,15 @@ def expand_sources(rules: Sequence[AnyRule], ranges: Mapping[str, int | Sequence
         path = parse_path(rule.flax.format(**env))
         stack_sizes[path] = len(slots)
         fn = rule.to_flax
-        add(Source(rule.hf.format(**env), (path,), env[rule.stack],
-                   lambda x, fn=fn: (fn(x),)))
+        add(Source(rule.hf.format(**env), (path,), env[rule.stack], lambda x, fn=fn: (fn(x),)))
     else:
       raise TypeError(f"Unknown rule type {type(rule).__name__}.")
   return sources, stack_sizes
 
 
-def split_fused_heads(sizes: Sequence[int], head_dim: int) -> Callable[
-    [np.ndarray], tuple[np.ndarray, ...]]:
+def split_fused_heads(
+    sizes: Sequence[int], head_dim: int
+) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
   """Fused HF projection ``[(n1 + n2 + ...) * D, E]`` -> Flax kernels ``[E, n_j, D]``.
 
   The fused rows are the heads of each part in order (for LLaDA2: q, then k, then v).
@@ -217,10 +227,14 @@ def split_fused_heads(sizes: Sequence[int], head_dim: int) -> Callable[
 
   def split(x: np.ndarray) -> tuple[np.ndarray, ...]:
     if x.shape[0] != bounds[-1]:
-      raise ValueError(f"fused projection has {x.shape[0]} rows, expected {bounds[-1]} "
-                       f"= {'+'.join(map(str, sizes))} heads x {head_dim}.")
-    return tuple(np.ascontiguousarray(x[a:b].T.reshape(x.shape[1], n, head_dim))
-                 for a, b, n in zip(bounds[:-1], bounds[1:], sizes))
+      raise ValueError(
+          f"fused projection has {x.shape[0]} rows, expected {bounds[-1]} "
+          f"= {'+'.join(map(str, sizes))} heads x {head_dim}."
+      )
+    return tuple(
+        np.ascontiguousarray(x[a:b].T.reshape(x.shape[1], n, head_dim))
+        for a, b, n in zip(bounds[:-1], bounds[1:], sizes)
+    )
 
   return split
 
@@ -230,12 +244,14 @@ def fuse_heads(*parts: np.ndarray) -> np.ndarray:
   return np.concatenate([heads_to_linear(p) for p in parts], axis=0)
 
 
-def split_fused_bias(sizes: Sequence[int], head_dim: int) -> Callable[
-    [np.ndarray], tuple[np.ndarray, ...]]:
+def split_fused_bias(
+    sizes: Sequence[int], head_dim: int
+) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
   """Fused HF bias ``[(n1 + n2 + ...) * D]`` -> Flax biases ``[n_j, D]``."""
   bounds = np.cumsum([0, *sizes]) * head_dim
-  return lambda x: tuple(x[a:b].reshape(n, head_dim)
-                         for a, b, n in zip(bounds[:-1], bounds[1:], sizes))
+  return lambda x: tuple(
+      x[a:b].reshape(n, head_dim) for a, b, n in zip(bounds[:-1], bounds[1:], sizes)
+  )
 
 
 def fuse_bias(*parts: np.ndarray) -> np.ndarray:

@@ -14,31 +14,54 @@ def qwen_rules(cfg: DecoderConfig) -> list[nm.Rule]:
       nm.Rule("model.embed_tokens.weight", "embed"),
       nm.Rule("model.norm.weight", "final_norm.weight"),
       nm.Rule("model.layers.{i}.input_layernorm.weight", "layers.{i}.input_norm.weight"),
-      nm.Rule("model.layers.{i}.post_attention_layernorm.weight",
-              "layers.{i}.post_attn_norm.weight"),
-      nm.Rule(f"{attn}.q_proj.weight", "layers.{i}.attn.q", nm.linear_to_heads(h, d),
-              nm.heads_to_linear),
-      nm.Rule(f"{attn}.k_proj.weight", "layers.{i}.attn.k", nm.linear_to_heads(k, d),
-              nm.heads_to_linear),
-      nm.Rule(f"{attn}.v_proj.weight", "layers.{i}.attn.v", nm.linear_to_heads(k, d),
-              nm.heads_to_linear),
-      nm.Rule(f"{attn}.o_proj.weight", "layers.{i}.attn.o", nm.out_linear_to_heads(h, d),
-              nm.heads_to_out_linear),
-      nm.Rule("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate", nm.transpose,
-              nm.transpose),
-      nm.Rule("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up", nm.transpose,
-              nm.transpose),
-      nm.Rule("model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down", nm.transpose,
-              nm.transpose),
+      nm.Rule(
+          "model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attn_norm.weight"
+      ),
+      nm.Rule(
+          f"{attn}.q_proj.weight", "layers.{i}.attn.q", nm.linear_to_heads(h, d), nm.heads_to_linear
+      ),
+      nm.Rule(
+          f"{attn}.k_proj.weight", "layers.{i}.attn.k", nm.linear_to_heads(k, d), nm.heads_to_linear
+      ),
+      nm.Rule(
+          f"{attn}.v_proj.weight", "layers.{i}.attn.v", nm.linear_to_heads(k, d), nm.heads_to_linear
+      ),
+      nm.Rule(
+          f"{attn}.o_proj.weight",
+          "layers.{i}.attn.o",
+          nm.out_linear_to_heads(h, d),
+          nm.heads_to_out_linear,
+      ),
+      nm.Rule(
+          "model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate", nm.transpose, nm.transpose
+      ),
+      nm.Rule(
+          "model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up", nm.transpose, nm.transpose
+      ),
+      nm.Rule(
+          "model.layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down", nm.transpose, nm.transpose
+      ),
   ]
   if cfg.qkv_bias:
     rules += [
-        nm.Rule(f"{attn}.q_proj.bias", "layers.{i}.attn.q_bias", nm.bias_to_heads(h, d),
-                nm.heads_to_bias),
-        nm.Rule(f"{attn}.k_proj.bias", "layers.{i}.attn.k_bias", nm.bias_to_heads(k, d),
-                nm.heads_to_bias),
-        nm.Rule(f"{attn}.v_proj.bias", "layers.{i}.attn.v_bias", nm.bias_to_heads(k, d),
-                nm.heads_to_bias),
+        nm.Rule(
+            f"{attn}.q_proj.bias",
+            "layers.{i}.attn.q_bias",
+            nm.bias_to_heads(h, d),
+            nm.heads_to_bias,
+        ),
+        nm.Rule(
+            f"{attn}.k_proj.bias",
+            "layers.{i}.attn.k_bias",
+            nm.bias_to_heads(k, d),
+            nm.heads_to_bias,
+        ),
+        nm.Rule(
+            f"{attn}.v_proj.bias",
+            "layers.{i}.attn.v_bias",
+            nm.bias_to_heads(k, d),
+            nm.heads_to_bias,
+        ),
     ]
   if cfg.o_bias:
     rules.append(nm.Rule(f"{attn}.o_proj.bias", "layers.{i}.attn.o_bias"))

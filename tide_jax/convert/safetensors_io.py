@@ -35,11 +35,14 @@ class SafetensorsCheckpoint:
     else:
       raise FileNotFoundError(
           f"{model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}; pass a directory "
-          "saved by save_pretrained with safetensors weights.")
+          "saved by save_pretrained with safetensors weights."
+      )
     missing_files = sorted({p for p in self.tensor_to_file.values() if not os.path.exists(p)})
     if missing_files:
-      raise FileNotFoundError(f"The safetensors index of {model_dir} names missing shard files: "
-                              f"{', '.join(os.path.basename(p) for p in missing_files)}.")
+      raise FileNotFoundError(
+          f"The safetensors index of {model_dir} names missing shard files: "
+          f"{', '.join(os.path.basename(p) for p in missing_files)}."
+      )
 
   @property
   def names(self) -> set[str]:
@@ -49,7 +52,9 @@ class SafetensorsCheckpoint:
     """Shard files in a stable order."""
     return sorted(set(self.tensor_to_file.values()))
 
-  def iter_file(self, path: str, wanted: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+  def iter_file(
+      self, path: str, wanted: set[str] | None = None
+  ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, array)`` for the tensors of one shard, one at a time."""
     with safe_open(path, "np") as f:
       for name in f.keys():
@@ -61,8 +66,9 @@ class SafetensorsCheckpoint:
       return f.get_tensor(name)
 
 
-def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str,
-                  max_shard_bytes: int = 2 * 1024**3) -> list[str]:
+def write_sharded(
+    tensors: Mapping[str, np.ndarray], out_dir: str, max_shard_bytes: int = 2 * 1024**3
+) -> list[str]:
   """Writes tensors as safetensors shards (plus an index when more than one shard).
 
   Returns the written file names. The tensors are written in the order given.

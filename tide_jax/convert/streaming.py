@@ -41,8 +41,15 @@ MANIFEST = "teacher.json"
 FORMAT = "tide_jax.teacher.v1"
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
@@ -56,6 +63,7 @@ def _names(items, limit: int = 20) -> str:
 
 
 # --------------------------------------------------------------------------- reading
+
 
 def read_safetensors_header(path: str) -> tuple[dict[str, dict], int]:
   """``(header, data_offset)``: per tensor its dtype, shape and byte range in the file."""
@@ -83,8 +91,10 @@ def iter_safetensors(path: str, wanted: set[str] | None = None) -> Iterator[tupl
       begin, end = info["data_offsets"]
       arr = np.empty(info["shape"], _SAFETENSORS_DTYPES[info["dtype"]])
       if arr.nbytes != end - begin:
-        raise ValueError(f"{path}: tensor {name} occupies {end - begin} bytes but its shape "
-                         f"{info['shape']} and dtype {info['dtype']} need {arr.nbytes}.")
+        raise ValueError(
+            f"{path}: tensor {name} occupies {end - begin} bytes but its shape "
+            f"{info['shape']} and dtype {info['dtype']} need {arr.nbytes}."
+        )
       f.seek(start + begin)
       if arr.nbytes and f.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
         raise ValueError(f"{path} is truncated inside tensor {name}.")
@@ -102,6 +112,7 @@ def checkpoint_bytes(ckpt: SafetensorsCheckpoint) -> int:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def release_freed_memory_eagerly() -> bool:
   """Makes glibc return freed tensor memory to the OS (Linux/glibc only; no-op elsewhere).
 
@@ -114,6 +125,7 @@ def release_freed_memory_eagerly() -> bool:
   """
   try:
     import ctypes  # noqa: PLC0415
+
     libc = ctypes.CDLL("libc.so.6")
     m_mmap_threshold, m_arena_max = -3, -8
     return bool(libc.mallopt(m_mmap_threshold, 1 << 16)) and bool(libc.mallopt(m_arena_max, 2))
@@ -160,8 +172,9 @@ def place(array: np.ndarray, sharding: Any) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def _check_names(ckpt: SafetensorsCheckpoint, sources: Mapping[str, nm.Source],
-                 params: set[tuple]) -> None:
+def _check_names(
+    ckpt: SafetensorsCheckpoint, sources: Mapping[str, nm.Source], params: set[tuple]
+) -> None:
   covered = {p for s in sources.values() for p in s.paths}
   unmapped = [nm.format_path(p) for p in params - covered]
   if unmapped:
@@ -169,12 +182,17 @@ def _check_names(ckpt: SafetensorsCheckpoint, sources: Mapping[str, nm.Source],
   missing, unexpected = set(sources) - ckpt.names, ckpt.names - set(sources)
   if missing or unexpected:
     parts = ([f"missing tensors: {_names(missing)}"] if missing else []) + (
-        [f"unexpected tensors: {_names(unexpected)}"] if unexpected else [])
-    raise ValueError(f"Checkpoint {ckpt.model_dir} does not match its config.json ("
-                     + "; ".join(parts) + "); check that config.json belongs to these weights.")
+        [f"unexpected tensors: {_names(unexpected)}"] if unexpected else []
+    )
+    raise ValueError(
+        f"Checkpoint {ckpt.model_dir} does not match its config.json ("
+        + "; ".join(parts)
+        + "); check that config.json belongs to these weights."
+    )
 
 
 # --------------------------------------------------------------------------- conversion
+
 
 class _GroupWriter:
   """Collects placed parameters per group and saves each group once it is complete."""
@@ -205,10 +223,18 @@ class _GroupWriter:
     return self.saved
 
 
-def stream_convert(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
-                   rules: Sequence[nm.AnyRule], ranges: Mapping[str, Any], out_dir: str, *,
-                   shardings: nnx.State | None = None, metadata: Mapping[str, Any] | None = None,
-                   overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def stream_convert(
+    abstract_model: nnx.Module,
+    ckpt: SafetensorsCheckpoint,
+    rules: Sequence[nm.AnyRule],
+    ranges: Mapping[str, Any],
+    out_dir: str,
+    *,
+    shardings: nnx.State | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
   """Converts an HF checkpoint into the orbax layout described in the module docstring.
 
   Args:
@@ -229,8 +255,10 @@ def stream_convert(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
   out = epath.Path(out_dir)
   if out.exists():
     if not overwrite:
-      raise ValueError(f"Output {out_dir} already exists; choose a new path or pass "
-                       "overwrite=True (--overwrite) to replace it.")
+      raise ValueError(
+          f"Output {out_dir} already exists; choose a new path or pass "
+          "overwrite=True (--overwrite) to replace it."
+      )
     out.rmtree()
   _, abstract_state = nnx.split(abstract_model)
   targets = {p: v.get_value() for p, v in nnx.to_flat_state(abstract_state)}
@@ -239,7 +267,7 @@ def stream_convert(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
   where = flat_shardings(abstract_state, shardings)
   out.mkdir(parents=True)
   writer = _GroupWriter(out, list(targets))
-  buffers: dict[tuple, list] = {}   # stacked path -> [host buffer, slots filled]
+  buffers: dict[tuple, list] = {}  # stacked path -> [host buffer, slots filled]
   total = checkpoint_bytes(ckpt)
   done_bytes, tensors, start = 0, 0, time.perf_counter()
   files = ckpt.files()
@@ -254,9 +282,11 @@ def stream_convert(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
         target = targets[path]
         want = tuple(target.shape) if source.index is None else tuple(target.shape[1:])
         if tuple(part.shape) != want:
-          raise ValueError(f"Tensor {hf_name} has shape {tuple(part.shape)} "
-                           f"after conversion but {nm.format_path(path)} expects {want}; "
-                           "config.json does not describe these weights.")
+          raise ValueError(
+              f"Tensor {hf_name} has shape {tuple(part.shape)} "
+              f"after conversion but {nm.format_path(path)} expects {want}; "
+              "config.json does not describe these weights."
+          )
         if source.index is None:
           writer.add(path, place(np.asarray(part, target.dtype), where[path]))
           continue
@@ -268,19 +298,32 @@ def stream_convert(abstract_model: nnx.Module, ckpt: SafetensorsCheckpoint,
       del parts
     if progress:
       elapsed = time.perf_counter() - start
-      progress(f"[{file_index + 1}/{len(files)}] {epath.Path(path_file).name}: "
-               f"{done_bytes / 1e9:.2f}/{total / 1e9:.2f} GB read, "
-               f"{done_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s")
+      progress(
+          f"[{file_index + 1}/{len(files)}] {epath.Path(path_file).name}: "
+          f"{done_bytes / 1e9:.2f}/{total / 1e9:.2f} GB read, "
+          f"{done_bytes / 1e9 / max(elapsed, 1e-9):.2f} GB/s"
+      )
   groups = writer.finish()
   param_bytes = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in targets.values())
-  manifest = {"format": FORMAT, "groups": groups, "param_bytes": param_bytes,
-              "source_bytes": total, **(metadata or {})}
+  manifest = {
+      "format": FORMAT,
+      "groups": groups,
+      "param_bytes": param_bytes,
+      "source_bytes": total,
+      **(metadata or {}),
+  }
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-  return {"bytes_read": done_bytes, "seconds": time.perf_counter() - start, "tensors": tensors,
-          "groups": len(groups), "param_bytes": param_bytes}
+  return {
+      "bytes_read": done_bytes,
+      "seconds": time.perf_counter() - start,
+      "tensors": tensors,
+      "groups": len(groups),
+      "param_bytes": param_bytes,
+  }
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def read_manifest(out_dir: str) -> dict[str, Any]:
   """The manifest of a converted checkpoint; a clear error when it is absent or foreign."""
@@ -288,15 +331,17 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
   if not path.exists():
     raise FileNotFoundError(
         f"{out_dir} is not a converted teacher checkpoint (no {MANIFEST}); run "
-        "`python -m tide_jax.convert --hf_dir=... --out=...` first, or let it finish.")
+        "`python -m tide_jax.convert --hf_dir=... --out=...` first, or let it finish."
+    )
   manifest = json.loads(path.read_text())
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}.")
   return manifest
 
 
-def load_converted(out_dir: str, abstract_model: nnx.Module,
-                   shardings: nnx.State | None = None) -> nnx.Module:
+def load_converted(
+    out_dir: str, abstract_model: nnx.Module, shardings: nnx.State | None = None
+) -> nnx.Module:
   """Restores a converted checkpoint group by group straight onto ``shardings``.
 
   Args:
@@ -315,17 +360,21 @@ def load_converted(out_dir: str, abstract_model: nnx.Module,
   for path, var in flat:
     value = var.get_value()
     by_group.setdefault(group_of(path), {})[path] = jax.ShapeDtypeStruct(
-        value.shape, value.dtype, sharding=where[path])
+        value.shape, value.dtype, sharding=where[path]
+    )
   expected = {group_dir(g) for g in by_group}
   if expected != set(manifest["groups"]):
-    raise ValueError(f"{out_dir} holds parameter groups that do not match the model: missing "
-                     f"{_names(expected - set(manifest['groups'])) or 'none'}, unexpected "
-                     f"{_names(set(manifest['groups']) - expected) or 'none'}.")
+    raise ValueError(
+        f"{out_dir} holds parameter groups that do not match the model: missing "
+        f"{_names(expected - set(manifest['groups'])) or 'none'}, unexpected "
+        f"{_names(set(manifest['groups']) - expected) or 'none'}."
+    )
   values: dict[tuple, jax.Array] = {}
   with ocp.StandardCheckpointer() as checkpointer:
     for group, items in by_group.items():
       restored = checkpointer.restore(epath.Path(out_dir) / group_dir(group), _nest(items))
       for path in items:
         values[path] = _lookup(restored, path)
-  return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(value=values[p]))
-                                                  for p, v in flat]))
+  return nnx.merge(
+      graphdef, nnx.from_flat_state([(p, v.replace(value=values[p])) for p, v in flat])
+  )

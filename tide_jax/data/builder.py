@@ -21,111 +21,119 @@ HASH_BUCKETS = 1_000_000
 
 @dataclasses.dataclass(eq=False)
 class TideSftConfig(tfds.core.BuilderConfig):
-    options: DataOptions | None = None
+  options: DataOptions | None = None
 
 
 def _feature_spec(options: DataOptions) -> dict:
-    ints = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)  # noqa: E731
-    bools = lambda: tfds.features.Tensor(shape=(None,), dtype=np.bool_)  # noqa: E731
-    spec = {"input_ids": ints(), "maskable": bools()}
-    if options.teacher_tokenizer:
-        spec.update(teacher_input_ids=ints(), teacher_maskable=bools())
-        if options.alignment == "positions":
-            spec.update(pair_student=ints(), pair_teacher=ints())
-        else:
-            spec.update(student_chunk=ints(), teacher_chunk=ints(),
-                        num_chunks=tfds.features.Tensor(shape=(), dtype=np.int32))
-    return spec
+  ints = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)  # noqa: E731
+  bools = lambda: tfds.features.Tensor(shape=(None,), dtype=np.bool_)  # noqa: E731
+  spec = {"input_ids": ints(), "maskable": bools()}
+  if options.teacher_tokenizer:
+    spec.update(teacher_input_ids=ints(), teacher_maskable=bools())
+    if options.alignment == "positions":
+      spec.update(pair_student=ints(), pair_teacher=ints())
+    else:
+      spec.update(
+          student_chunk=ints(),
+          teacher_chunk=ints(),
+          num_chunks=tfds.features.Tensor(shape=(), dtype=np.int32),
+      )
+  return spec
 
 
 def splits_of(options: DataOptions) -> tuple[str, ...]:
-    """"train", plus "eval" when eval files or an eval fraction are configured."""
-    return ("train", "eval") if options.eval_files or options.eval_fraction > 0 else ("train",)
+  """ "train", plus "eval" when eval files or an eval fraction are configured."""
+  return ("train", "eval") if options.eval_files or options.eval_fraction > 0 else ("train",)
 
 
 def in_eval(item, fraction: float) -> bool:
-    """Deterministic held-out membership by content hash."""
-    return (records.record_hash(item) % HASH_BUCKETS) < fraction * HASH_BUCKETS
+  """Deterministic held-out membership by content hash."""
+  return (records.record_hash(item) % HASH_BUCKETS) < fraction * HASH_BUCKETS
 
 
 def split_items(options: DataOptions, split: str):
-    """The records and problems belonging to `split` ("train" or "eval")."""
-    if split == "eval" and options.eval_files:
-        yield from records.read_records(records.expand_files(list(options.eval_files)), options.format)
-        return
-    holdout = 0.0 if options.eval_files else options.eval_fraction
-    for item in records.read_records(records.expand_files(list(options.train_files)), options.format):
-        # Problems belong to the train split's report only, so each is counted once.
-        if isinstance(item, records.Problem):
-            if split == "train":
-                yield item
-        elif (split == "eval") == in_eval(item, holdout):
-            yield item
+  """The records and problems belonging to `split` ("train" or "eval")."""
+  if split == "eval" and options.eval_files:
+    yield from records.read_records(records.expand_files(list(options.eval_files)), options.format)
+    return
+  holdout = 0.0 if options.eval_files else options.eval_fraction
+  for item in records.read_records(records.expand_files(list(options.train_files)), options.format):
+    # Problems belong to the train split's report only, so each is counted once.
+    if isinstance(item, records.Problem):
+      if split == "train":
+        yield item
+    elif (split == "eval") == in_eval(item, holdout):
+      yield item
 
 
 class TideSft(tfds.core.GeneratorBasedBuilder):
-    """Tokenized (and, with a teacher, aligned) SFT examples of variable length."""
+  """Tokenized (and, with a teacher, aligned) SFT examples of variable length."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    BUILDER_CONFIGS = []  # configs are made per data fingerprint
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  BUILDER_CONFIGS = []  # configs are made per data fingerprint
 
-    @tfds.core.utils.classproperty
-    @classmethod
-    def url_infos(cls):
-        # Nothing is downloaded. TFDS would otherwise look for a checksums file next to this
-        # module through `importlib_resources`, a package it does not install.
-        return None
+  @tfds.core.utils.classproperty
+  @classmethod
+  def url_infos(cls):
+    # Nothing is downloaded. TFDS would otherwise look for a checksums file next to this
+    # module through `importlib_resources`, a package it does not install.
+    return None
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description="TIDE SFT examples: student (and teacher) token ids, trained-token masks, alignments.",
-            features=tfds.features.FeaturesDict(_feature_spec(self.builder_config.options)),
-            metadata=tfds.core.MetadataDict(),
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="TIDE SFT examples: student (and teacher) token ids, trained-token masks, alignments.",
+        features=tfds.features.FeaturesDict(_feature_spec(self.builder_config.options)),
+        metadata=tfds.core.MetadataDict(),
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {split: self._generate_examples(split) for split in splits_of(self.builder_config.options)}
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {
+        split: self._generate_examples(split) for split in splits_of(self.builder_config.options)
+    }
 
-    def _generate_examples(self, split):
-        options = self.builder_config.options
-        tally = preprocess.Tally()
-        yield from preprocess.examples(split_items(options, split), options, tally)
-        summary = self.info.metadata.setdefault("summary", {})
-        summary[split] = tally.as_dict()
-        print(tally.report(split), flush=True)
-        if not tally.examples:
-            raise ValueError(f"the {split!r} split got no examples (see the summary above); add data, "
-                             "fix the inputs, or change eval_fraction/eval_files")
+  def _generate_examples(self, split):
+    options = self.builder_config.options
+    tally = preprocess.Tally()
+    yield from preprocess.examples(split_items(options, split), options, tally)
+    summary = self.info.metadata.setdefault("summary", {})
+    summary[split] = tally.as_dict()
+    print(tally.report(split), flush=True)
+    if not tally.examples:
+      raise ValueError(
+          f"the {split!r} split got no examples (see the summary above); add data, "
+          "fix the inputs, or change eval_fraction/eval_files"
+      )
 
 
 def make_builder(options: DataOptions) -> TideSft:
-    config = TideSftConfig(name=f"d{options.fingerprint()}", version="1.0.0", options=options)
-    return TideSft(config=config, data_dir=options.cache_dir, file_format="array_record")
+  config = TideSftConfig(name=f"d{options.fingerprint()}", version="1.0.0", options=options)
+  return TideSft(config=config, data_dir=options.cache_dir, file_format="array_record")
 
 
 def prepare(options: DataOptions) -> TideSft:
-    """Prepares the dataset if it is not there yet (idempotent) and returns its builder."""
-    builder = make_builder(options)
-    if not builder.is_prepared():
-        print(f"preparing dataset in {builder.data_dir} ...", flush=True)
-        builder.download_and_prepare()
-        builder = make_builder(options)  # re-read the written info, metadata included
-    return builder
+  """Prepares the dataset if it is not there yet (idempotent) and returns its builder."""
+  builder = make_builder(options)
+  if not builder.is_prepared():
+    print(f"preparing dataset in {builder.data_dir} ...", flush=True)
+    builder.download_and_prepare()
+    builder = make_builder(options)  # re-read the written info, metadata included
+  return builder
 
 
 def wait_until_prepared(options: DataOptions, poll_s: float = 10.0) -> TideSft:
-    """For hosts other than the first: waits for the first host to prepare the shared dataset."""
-    deadline = time.time() + options.prepare_timeout_s
-    while True:
-        builder = make_builder(options)
-        if builder.is_prepared():
-            return builder
-        if time.time() > deadline:
-            raise ValueError(
-                f"the dataset in {options.cache_dir} was not prepared by the first host within "
-                f"{options.prepare_timeout_s:.0f}s; give all hosts a shared data_config.cache_dir, run "
-                "`python -m tide_jax.data.prepare` before the job, or set data_config.prepare_on='every_host'")
-        time.sleep(poll_s)
+  """For hosts other than the first: waits for the first host to prepare the shared dataset."""
+  deadline = time.time() + options.prepare_timeout_s
+  while True:
+    builder = make_builder(options)
+    if builder.is_prepared():
+      return builder
+    if time.time() > deadline:
+      raise ValueError(
+          f"the dataset in {options.cache_dir} was not prepared by the first host within "
+          f"{options.prepare_timeout_s:.0f}s; give all hosts a shared data_config.cache_dir, run "
+          "`python -m tide_jax.data.prepare` before the job, or set data_config.prepare_on='every_host'"
+      )
+    time.sleep(poll_s)

@@ -39,104 +39,127 @@ from tide_jax.data.records import expand_files
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-    format: str
-    train_files: tuple[str, ...]
-    eval_files: tuple[str, ...]
-    eval_fraction: float
-    tokenizer: str
-    chat_template: str | None
-    max_len: int
-    block_size: int
-    teacher_tokenizer: str | None
-    teacher_chat_template: str | None
-    teacher_max_len: int
-    teacher_block_size: int
-    alignment: str
-    max_pairs: int
-    cache_dir: str
-    strict: bool
-    num_workers: int
-    max_records: int
-    prepare_on: str = "first_host"
-    prepare_timeout_s: float = 7200.0
+  format: str
+  train_files: tuple[str, ...]
+  eval_files: tuple[str, ...]
+  eval_fraction: float
+  tokenizer: str
+  chat_template: str | None
+  max_len: int
+  block_size: int
+  teacher_tokenizer: str | None
+  teacher_chat_template: str | None
+  teacher_max_len: int
+  teacher_block_size: int
+  alignment: str
+  max_pairs: int
+  cache_dir: str
+  strict: bool
+  num_workers: int
+  max_records: int
+  prepare_on: str = "first_host"
+  prepare_timeout_s: float = 7200.0
 
-    @property
-    def shapes(self) -> Shapes:
-        if not self.teacher_tokenizer:
-            return Shapes(self.max_len, self.block_size)
-        return Shapes(self.max_len, self.block_size, self.teacher_max_len, self.teacher_block_size,
-                      self.alignment, self.max_pairs)
+  @property
+  def shapes(self) -> Shapes:
+    if not self.teacher_tokenizer:
+      return Shapes(self.max_len, self.block_size)
+    return Shapes(
+        self.max_len,
+        self.block_size,
+        self.teacher_max_len,
+        self.teacher_block_size,
+        self.alignment,
+        self.max_pairs,
+    )
 
-    def fingerprint(self) -> str:
-        """A short hash of everything that changes the prepared data (incl. the input files' sizes)."""
-        content = dataclasses.asdict(self)
-        for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
-            content.pop(key)
-        files = {}
-        for key in ("train_files", "eval_files"):
-            if content[key]:
-                files[key] = [(os.path.basename(p), os.path.getsize(p)) for p in expand_files(list(content[key]))]
-        blob = json.dumps([content, files], sort_keys=True).encode()
-        return hashlib.sha1(blob).hexdigest()[:12]
+  def fingerprint(self) -> str:
+    """A short hash of everything that changes the prepared data (incl. the input files' sizes)."""
+    content = dataclasses.asdict(self)
+    for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
+      content.pop(key)
+    files = {}
+    for key in ("train_files", "eval_files"):
+      if content[key]:
+        files[key] = [
+            (os.path.basename(p), os.path.getsize(p)) for p in expand_files(list(content[key]))
+        ]
+    blob = json.dumps([content, files], sort_keys=True).encode()
+    return hashlib.sha1(blob).hexdigest()[:12]
 
 
 def _get(config, name, default):
-    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-    return default if value is None else value
+  value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+  return default if value is None else value
 
 
 def _files(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,) if value else ()
-    return tuple(value or ())
+  if isinstance(value, str):
+    return (value,) if value else ()
+  return tuple(value or ())
 
 
 def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
-    """Reads and checks `data_config`; every problem is one ValueError naming the field and fix."""
-    max_len = int(_get(config, "max_len", 1024))
-    block = int(_get(config, "block_size", 32))
-    teacher = _get(config, "teacher_tokenizer", None) or None
-    options = DataOptions(
-        format=str(_get(config, "format", "chat")),
-        train_files=_files(_get(config, "train_files", ())),
-        eval_files=_files(_get(config, "eval_files", ())),
-        eval_fraction=float(_get(config, "eval_fraction", 0.0)),
-        tokenizer=str(_get(config, "tokenizer", "qwen3")),
-        chat_template=_get(config, "chat_template", None) or None,
-        max_len=max_len,
-        block_size=block,
-        teacher_tokenizer=teacher,
-        teacher_chat_template=_get(config, "teacher_chat_template", None) or None,
-        teacher_max_len=int(_get(config, "teacher_max_len", 0) or max_len),
-        teacher_block_size=int(_get(config, "teacher_block_size", 0) or block),
-        alignment=str(_get(config, "alignment", "chunks")) if teacher else "",
-        max_pairs=int(_get(config, "max_pairs", 0) or max_len),
-        cache_dir=str(_get(config, "cache_dir", "") or (os.path.join(workdir_cache, "data_cache") if workdir_cache else "")),
-        strict=bool(_get(config, "strict", False)),
-        num_workers=int(_get(config, "num_workers", 0)),
-        max_records=int(_get(config, "max_records", 0)),
-        prepare_on=str(_get(config, "prepare_on", "first_host")),
-        prepare_timeout_s=float(_get(config, "prepare_timeout_s", 7200.0)),
-    )
-    _check(options)
-    return options
+  """Reads and checks `data_config`; every problem is one ValueError naming the field and fix."""
+  max_len = int(_get(config, "max_len", 1024))
+  block = int(_get(config, "block_size", 32))
+  teacher = _get(config, "teacher_tokenizer", None) or None
+  options = DataOptions(
+      format=str(_get(config, "format", "chat")),
+      train_files=_files(_get(config, "train_files", ())),
+      eval_files=_files(_get(config, "eval_files", ())),
+      eval_fraction=float(_get(config, "eval_fraction", 0.0)),
+      tokenizer=str(_get(config, "tokenizer", "qwen3")),
+      chat_template=_get(config, "chat_template", None) or None,
+      max_len=max_len,
+      block_size=block,
+      teacher_tokenizer=teacher,
+      teacher_chat_template=_get(config, "teacher_chat_template", None) or None,
+      teacher_max_len=int(_get(config, "teacher_max_len", 0) or max_len),
+      teacher_block_size=int(_get(config, "teacher_block_size", 0) or block),
+      alignment=str(_get(config, "alignment", "chunks")) if teacher else "",
+      max_pairs=int(_get(config, "max_pairs", 0) or max_len),
+      cache_dir=str(
+          _get(config, "cache_dir", "")
+          or (os.path.join(workdir_cache, "data_cache") if workdir_cache else "")
+      ),
+      strict=bool(_get(config, "strict", False)),
+      num_workers=int(_get(config, "num_workers", 0)),
+      max_records=int(_get(config, "max_records", 0)),
+      prepare_on=str(_get(config, "prepare_on", "first_host")),
+      prepare_timeout_s=float(_get(config, "prepare_timeout_s", 7200.0)),
+  )
+  _check(options)
+  return options
 
 
 def _check(o: DataOptions) -> None:
-    if o.format not in ("chat", "text"):
-        raise ValueError(f"data_config.format must be 'chat' or 'text', not {o.format!r}")
-    if not o.train_files:
-        raise ValueError("data_config.train_files is empty; give a list of file globs (e.g. ['pystdlib://json/*.py'])")
-    if o.block_size <= 0 or o.max_len <= 0 or o.max_len % o.block_size:
-        raise ValueError(f"data_config.max_len ({o.max_len}) must be a positive multiple of block_size ({o.block_size})")
-    if not 0.0 <= o.eval_fraction < 1.0:
-        raise ValueError(f"data_config.eval_fraction must be in [0, 1), not {o.eval_fraction}")
-    if not o.cache_dir:
-        raise ValueError("data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir")
-    if o.prepare_on not in ("first_host", "every_host"):
-        raise ValueError(f"data_config.prepare_on must be 'first_host' or 'every_host', not {o.prepare_on!r}")
-    if o.teacher_tokenizer:
-        if o.teacher_max_len % o.teacher_block_size:
-            raise ValueError(f"data_config.teacher_max_len ({o.teacher_max_len}) must be a multiple of teacher_block_size ({o.teacher_block_size})")
-        if o.alignment not in ("chunks", "positions"):
-            raise ValueError(f"data_config.alignment must be 'chunks' or 'positions', not {o.alignment!r}")
+  if o.format not in ("chat", "text"):
+    raise ValueError(f"data_config.format must be 'chat' or 'text', not {o.format!r}")
+  if not o.train_files:
+    raise ValueError(
+        "data_config.train_files is empty; give a list of file globs (e.g. ['pystdlib://json/*.py'])"
+    )
+  if o.block_size <= 0 or o.max_len <= 0 or o.max_len % o.block_size:
+    raise ValueError(
+        f"data_config.max_len ({o.max_len}) must be a positive multiple of block_size ({o.block_size})"
+    )
+  if not 0.0 <= o.eval_fraction < 1.0:
+    raise ValueError(f"data_config.eval_fraction must be in [0, 1), not {o.eval_fraction}")
+  if not o.cache_dir:
+    raise ValueError(
+        "data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir"
+    )
+  if o.prepare_on not in ("first_host", "every_host"):
+    raise ValueError(
+        f"data_config.prepare_on must be 'first_host' or 'every_host', not {o.prepare_on!r}"
+    )
+  if o.teacher_tokenizer:
+    if o.teacher_max_len % o.teacher_block_size:
+      raise ValueError(
+          f"data_config.teacher_max_len ({o.teacher_max_len}) must be a multiple of teacher_block_size ({o.teacher_block_size})"
+      )
+    if o.alignment not in ("chunks", "positions"):
+      raise ValueError(
+          f"data_config.alignment must be 'chunks' or 'positions', not {o.alignment!r}"
+      )

@@ -19,115 +19,167 @@ STATE_VERSION = 1
 
 
 class BatchIterator:
-    """Yields dicts of numpy arrays with fixed shapes [batch, L] (see features.py for keys).
+  """Yields dicts of numpy arrays with fixed shapes [batch, L] (see features.py for keys).
 
-    Attributes:
-      seq_len: L, the student row length.
-      teacher_seq_len: Lt (0 without a teacher).
-      num_records: examples in the split (all hosts).
-      summary: the dataset's preprocessing summary (from its metadata).
-    """
+  Attributes:
+    seq_len: L, the student row length.
+    teacher_seq_len: Lt (0 without a teacher).
+    num_records: examples in the split (all hosts).
+    summary: the dataset's preprocessing summary (from its metadata).
+  """
 
-    def __init__(self, source, shapes: features.Shapes, *, batch_size: int, seed: int,
-                 process_index: int, process_count: int, pad_ids: tuple[int, int],
-                 repeat: bool = True, summary: dict | None = None):
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} must be in [0, process_count={process_count})")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, not {batch_size}")
-        self._source = source
-        self._shapes = shapes
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.process_index, self.process_count = process_index, process_count
-        self._pad_ids = pad_ids
-        self._repeat = repeat
-        self.seq_len = shapes.max_len
-        self.teacher_seq_len = shapes.teacher_max_len
-        self.num_records = len(source)
-        self.summary = summary or {}
-        if self.num_records < process_count:
-            raise ValueError(f"the split has {self.num_records} examples, fewer than process_count={process_count}; add data or lower eval_fraction")
-        self._epoch, self._offset = 0, 0
-        self._order = None  # this host's share of the current epoch's permutation
+  def __init__(
+      self,
+      source,
+      shapes: features.Shapes,
+      *,
+      batch_size: int,
+      seed: int,
+      process_index: int,
+      process_count: int,
+      pad_ids: tuple[int, int],
+      repeat: bool = True,
+      summary: dict | None = None,
+  ):
+    if not 0 <= process_index < process_count:
+      raise ValueError(
+          f"process_index {process_index} must be in [0, process_count={process_count})"
+      )
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, not {batch_size}")
+    self._source = source
+    self._shapes = shapes
+    self.batch_size = batch_size
+    self.seed = int(seed)
+    self.process_index, self.process_count = process_index, process_count
+    self._pad_ids = pad_ids
+    self._repeat = repeat
+    self.seq_len = shapes.max_len
+    self.teacher_seq_len = shapes.teacher_max_len
+    self.num_records = len(source)
+    self.summary = summary or {}
+    if self.num_records < process_count:
+      raise ValueError(
+          f"the split has {self.num_records} examples, fewer than process_count={process_count}; add data or lower eval_fraction"
+      )
+    self._epoch, self._offset = 0, 0
+    self._order = None  # this host's share of the current epoch's permutation
 
-    def _share(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(self.num_records)[self.process_index::self.process_count]
+  def _share(self, epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, epoch])
+    return rng.permutation(self.num_records)[self.process_index :: self.process_count]
 
-    def _next_index(self) -> int | None:
-        if self._order is None:
-            self._order = self._share(self._epoch)
-        if self._offset >= len(self._order):
-            if not self._repeat:
-                return None
-            self._epoch, self._offset = self._epoch + 1, 0
-            self._order = self._share(self._epoch)
-        index = int(self._order[self._offset])
-        self._offset += 1
-        return index
+  def _next_index(self) -> int | None:
+    if self._order is None:
+      self._order = self._share(self._epoch)
+    if self._offset >= len(self._order):
+      if not self._repeat:
+        return None
+      self._epoch, self._offset = self._epoch + 1, 0
+      self._order = self._share(self._epoch)
+    index = int(self._order[self._offset])
+    self._offset += 1
+    return index
 
-    def __iter__(self):
-        return self
+  def __iter__(self):
+    return self
 
-    def __next__(self) -> dict:
-        indices = []
-        while len(indices) < self.batch_size:
-            index = self._next_index()
-            if index is None:
-                break
-            indices.append(index)
-        if not indices:
-            raise StopIteration
-        stored = self._source.__getitems__(indices)
-        rows = [features.to_row(ex, self._shapes, *self._pad_ids) for ex in stored]
-        # A single pass ends with a partly filled batch: fill it with rows that are all invalid.
-        rows += [features.empty_row(self._shapes, *self._pad_ids)] * (self.batch_size - len(rows))
-        return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+  def __next__(self) -> dict:
+    indices = []
+    while len(indices) < self.batch_size:
+      index = self._next_index()
+      if index is None:
+        break
+      indices.append(index)
+    if not indices:
+      raise StopIteration
+    stored = self._source.__getitems__(indices)
+    rows = [features.to_row(ex, self._shapes, *self._pad_ids) for ex in stored]
+    # A single pass ends with a partly filled batch: fill it with rows that are all invalid.
+    rows += [features.empty_row(self._shapes, *self._pad_ids)] * (self.batch_size - len(rows))
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
-    def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self._epoch, "offset": self._offset, "seed": self.seed,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "num_records": self.num_records}
+  def get_state(self) -> dict:
+    return {
+        "version": STATE_VERSION,
+        "epoch": self._epoch,
+        "offset": self._offset,
+        "seed": self.seed,
+        "process_index": self.process_index,
+        "process_count": self.process_count,
+        "num_records": self.num_records,
+    }
 
-    def set_state(self, state: dict) -> None:
-        expected = {"seed": self.seed, "process_index": self.process_index,
-                    "process_count": self.process_count, "num_records": self.num_records}
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ValueError(f"data iterator state has {key}={state.get(key)!r} but this iterator has {value!r}; "
-                                 "restore with the same data, seed and process layout it was saved with")
-        self._epoch, self._offset = int(state["epoch"]), int(state["offset"])
-        self._order = None
+  def set_state(self, state: dict) -> None:
+    expected = {
+        "seed": self.seed,
+        "process_index": self.process_index,
+        "process_count": self.process_count,
+        "num_records": self.num_records,
+    }
+    for key, value in expected.items():
+      if state.get(key) != value:
+        raise ValueError(
+            f"data iterator state has {key}={state.get(key)!r} but this iterator has {value!r}; "
+            "restore with the same data, seed and process layout it was saved with"
+        )
+    self._epoch, self._offset = int(state["epoch"]), int(state["offset"])
+    self._order = None
 
 
-def make_iterator(data_config, *, split: str, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, workdir_cache: str | None = None, repeat: bool = True) -> BatchIterator:
-    """Prepares the dataset if needed and returns a batch iterator over `split` ("train"/"eval").
+def make_iterator(
+    data_config,
+    *,
+    split: str,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    workdir_cache: str | None = None,
+    repeat: bool = True,
+) -> BatchIterator:
+  """Prepares the dataset if needed and returns a batch iterator over `split` ("train"/"eval").
 
-    Args:
-      data_config: the data section of the config (fields in options.py).
-      batch_size: rows per batch on this host.
-      seed: shuffling seed (same seed, same batches).
-      process_index, process_count: this host's place among the hosts sharing the data.
-      workdir_cache: the run's workdir; the dataset goes under it when cache_dir is unset.
-      repeat: False for one pass (the last batch is filled with invalid rows).
-    """
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
-    options = parse_options(data_config, workdir_cache)
-    if split not in builder_lib.splits_of(options):
-        raise ValueError("there is no 'eval' split: set data_config.eval_files or a positive data_config.eval_fraction")
-    if process_index == 0 or options.prepare_on == "every_host":
-        builder = builder_lib.prepare(options)
-    else:
-        builder = builder_lib.wait_until_prepared(options)
-    source = builder.as_data_source(split=split)
-    if len(source) == 0:
-        raise ValueError(f"the {split!r} split has no examples; see the preprocessing summary and "
-                         "check train_files/eval_files/eval_fraction")
-    s_pad = tokenizer_info(options.tokenizer, options.chat_template).pad_id
-    t_pad = tokenizer_info(options.teacher_tokenizer, options.teacher_chat_template).pad_id if options.teacher_tokenizer else 0
-    summary = dict(builder.info.metadata).get("summary", {})
-    return BatchIterator(source, options.shapes, batch_size=batch_size, seed=seed, process_index=process_index,
-                         process_count=process_count, pad_ids=(s_pad, t_pad), repeat=repeat, summary=summary)
+  Args:
+    data_config: the data section of the config (fields in options.py).
+    batch_size: rows per batch on this host.
+    seed: shuffling seed (same seed, same batches).
+    process_index, process_count: this host's place among the hosts sharing the data.
+    workdir_cache: the run's workdir; the dataset goes under it when cache_dir is unset.
+    repeat: False for one pass (the last batch is filled with invalid rows).
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+  options = parse_options(data_config, workdir_cache)
+  if split not in builder_lib.splits_of(options):
+    raise ValueError(
+        "there is no 'eval' split: set data_config.eval_files or a positive data_config.eval_fraction"
+    )
+  if process_index == 0 or options.prepare_on == "every_host":
+    builder = builder_lib.prepare(options)
+  else:
+    builder = builder_lib.wait_until_prepared(options)
+  source = builder.as_data_source(split=split)
+  if len(source) == 0:
+    raise ValueError(
+        f"the {split!r} split has no examples; see the preprocessing summary and "
+        "check train_files/eval_files/eval_fraction"
+    )
+  s_pad = tokenizer_info(options.tokenizer, options.chat_template).pad_id
+  t_pad = (
+      tokenizer_info(options.teacher_tokenizer, options.teacher_chat_template).pad_id
+      if options.teacher_tokenizer
+      else 0
+  )
+  summary = dict(builder.info.metadata).get("summary", {})
+  return BatchIterator(
+      source,
+      options.shapes,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      pad_ids=(s_pad, t_pad),
+      repeat=repeat,
+      summary=summary,
+  )

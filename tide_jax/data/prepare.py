@@ -19,37 +19,43 @@ from tide_jax.data import builder as builder_lib
 from tide_jax.data.options import parse_options
 from tide_jax.data.records import DataError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (ml_collections), optionally file.py:arg.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the dataset goes to <workdir>/data_cache unless data.cache_dir is set.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (ml_collections), optionally file.py:arg."
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory; the dataset goes to <workdir>/data_cache unless data.cache_dir is set.",
+)
 
 
 def data_section(config):
-    """The data config inside a run config, or the config itself."""
-    return config.data if "data" in config else config
+  """The data config inside a run config, or the config itself."""
+  return config.data if "data" in config else config
 
 
 def run(config, workdir: str | None) -> dict:
-    """Prepares the dataset and returns its summary (per split)."""
-    options = parse_options(data_section(config), workdir)
-    builder = builder_lib.prepare(options)
-    summary = dict(builder.info.metadata).get("summary", {})
-    print(f"dataset: {builder.data_dir}")
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    return summary
+  """Prepares the dataset and returns its summary (per split)."""
+  options = parse_options(data_section(config), workdir)
+  builder = builder_lib.prepare(options)
+  summary = dict(builder.info.metadata).get("summary", {})
+  print(f"dataset: {builder.data_dir}")
+  print(json.dumps(summary, indent=2, sort_keys=True))
+  return summary
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required (an ml_collections config file)")
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except (DataError, ValueError) as err:
-        # One clear sentence for input and configuration problems, not a traceback.
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (an ml_collections config file)")
+  try:
+    run(_CONFIG.value, _WORKDIR.value)
+  except (DataError, ValueError) as err:
+    # One clear sentence for input and configuration problems, not a traceback.
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

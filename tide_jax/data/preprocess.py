@@ -30,120 +30,146 @@ EXAMPLES_SHOWN = 3
 
 @dataclasses.dataclass
 class Tally:
-    """Counts of one split's preprocessing; `as_dict` goes into the dataset's metadata."""
+  """Counts of one split's preprocessing; `as_dict` goes into the dataset's metadata."""
 
-    records: int = 0
-    examples: int = 0
-    truncated: int = 0
-    student_tokens: int = 0
-    teacher_tokens: int = 0
-    aligned: int = 0  # chunks or pairs over all examples
-    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    dropped_sources: dict = dataclasses.field(default_factory=dict)
-    seconds: float = 0.0
+  records: int = 0
+  examples: int = 0
+  truncated: int = 0
+  student_tokens: int = 0
+  teacher_tokens: int = 0
+  aligned: int = 0  # chunks or pairs over all examples
+  dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  dropped_sources: dict = dataclasses.field(default_factory=dict)
+  seconds: float = 0.0
 
-    def drop(self, kind: str, source: str) -> None:
-        self.dropped[kind] += 1
-        self.dropped_sources.setdefault(kind, [])
-        if len(self.dropped_sources[kind]) < EXAMPLES_SHOWN:
-            self.dropped_sources[kind].append(source)
+  def drop(self, kind: str, source: str) -> None:
+    self.dropped[kind] += 1
+    self.dropped_sources.setdefault(kind, [])
+    if len(self.dropped_sources[kind]) < EXAMPLES_SHOWN:
+      self.dropped_sources[kind].append(source)
 
-    def as_dict(self) -> dict:
-        return {"records": self.records, "examples": self.examples, "truncated": self.truncated,
-                "dropped": dict(self.dropped), "dropped_examples": self.dropped_sources,
-                "student_tokens": self.student_tokens, "teacher_tokens": self.teacher_tokens,
-                "aligned_units": self.aligned, "seconds": round(self.seconds, 2)}
+  def as_dict(self) -> dict:
+    return {
+        "records": self.records,
+        "examples": self.examples,
+        "truncated": self.truncated,
+        "dropped": dict(self.dropped),
+        "dropped_examples": self.dropped_sources,
+        "student_tokens": self.student_tokens,
+        "teacher_tokens": self.teacher_tokens,
+        "aligned_units": self.aligned,
+        "seconds": round(self.seconds, 2),
+    }
 
-    def report(self, split: str) -> str:
-        lines = [f"[{split}] records read {self.records}, examples kept {self.examples} "
-                 f"(truncated {self.truncated}), dropped {sum(self.dropped.values())}, "
-                 f"student tokens {self.student_tokens}, teacher tokens {self.teacher_tokens}, "
-                 f"aligned chunks/pairs {self.aligned}, {self.seconds:.1f}s"]
-        for kind, count in sorted(self.dropped.items()):
-            lines.append(f"  dropped {count} x {kind}, e.g. {', '.join(self.dropped_sources[kind])}")
-        return "\n".join(lines)
+  def report(self, split: str) -> str:
+    lines = [
+        f"[{split}] records read {self.records}, examples kept {self.examples} "
+        f"(truncated {self.truncated}), dropped {sum(self.dropped.values())}, "
+        f"student tokens {self.student_tokens}, teacher tokens {self.teacher_tokens}, "
+        f"aligned chunks/pairs {self.aligned}, {self.seconds:.1f}s"
+    ]
+    for kind, count in sorted(self.dropped.items()):
+      lines.append(f"  dropped {count} x {kind}, e.g. {', '.join(self.dropped_sources[kind])}")
+    return "\n".join(lines)
 
 
 def _infos(options: DataOptions):
-    student = encode.tokenizer_info(options.tokenizer, options.chat_template)
-    teacher = encode.tokenizer_info(options.teacher_tokenizer, options.teacher_chat_template) if options.teacher_tokenizer else None
-    return student, teacher
+  student = encode.tokenizer_info(options.tokenizer, options.chat_template)
+  teacher = (
+      encode.tokenizer_info(options.teacher_tokenizer, options.teacher_chat_template)
+      if options.teacher_tokenizer
+      else None
+  )
+  return student, teacher
 
 
 def process_record(item, options: DataOptions) -> list[tuple[dict | None, str, str]]:
-    """One record -> [(features or None, status, source)]; plain text may give several pieces."""
-    s_info, t_info = _infos(options)
-    shapes = options.shapes
-    try:
-        if isinstance(item, ChatRecord):
-            student = encode.encode_chat(s_info, item.messages)
-            teacher = encode.encode_chat(t_info, item.messages) if t_info else None
-            return [(*features_lib.build_example(student, s_info, shapes, teacher, t_info), item.source)]
-        out = []
-        for number, (text, student) in enumerate(encode.split_text(s_info, item.text, options.max_len), start=1):
-            teacher = encode.encode_text(t_info, text) if t_info else None
-            out.append((*features_lib.build_example(student, s_info, shapes, teacher, t_info), f"{item.source}#{number}"))
-        return out
-    except encode.TemplateError as err:
-        return [(None, f"template_error: {err}", item.source)]
+  """One record -> [(features or None, status, source)]; plain text may give several pieces."""
+  s_info, t_info = _infos(options)
+  shapes = options.shapes
+  try:
+    if isinstance(item, ChatRecord):
+      student = encode.encode_chat(s_info, item.messages)
+      teacher = encode.encode_chat(t_info, item.messages) if t_info else None
+      return [(*features_lib.build_example(student, s_info, shapes, teacher, t_info), item.source)]
+    out = []
+    for number, (text, student) in enumerate(
+        encode.split_text(s_info, item.text, options.max_len), start=1
+    ):
+      teacher = encode.encode_text(t_info, text) if t_info else None
+      out.append(
+          (
+              *features_lib.build_example(student, s_info, shapes, teacher, t_info),
+              f"{item.source}#{number}",
+          )
+      )
+    return out
+  except encode.TemplateError as err:
+    return [(None, f"template_error: {err}", item.source)]
 
 
 def _worker(args):
-    index, item, options = args
-    return index, process_record(item, options)
+  index, item, options = args
+  return index, process_record(item, options)
 
 
-def _count(tally: Tally, feats: dict | None, status: str, source: str, options: DataOptions) -> None:
-    if feats is None:
-        kind = status.split(":")[0]
-        if options.strict:
-            raise DataError(f"{source}: dropped as {status}; fix the record or turn off data_config.strict")
-        tally.drop(kind, source)
-        return
-    tally.examples += 1
-    tally.truncated += status == "truncated"
-    tally.student_tokens += len(feats["input_ids"])
-    tally.teacher_tokens += len(feats.get("teacher_input_ids", ()))
-    tally.aligned += int(feats["num_chunks"]) if "num_chunks" in feats else len(feats.get("pair_student", ()))
+def _count(
+    tally: Tally, feats: dict | None, status: str, source: str, options: DataOptions
+) -> None:
+  if feats is None:
+    kind = status.split(":")[0]
+    if options.strict:
+      raise DataError(
+          f"{source}: dropped as {status}; fix the record or turn off data_config.strict"
+      )
+    tally.drop(kind, source)
+    return
+  tally.examples += 1
+  tally.truncated += status == "truncated"
+  tally.student_tokens += len(feats["input_ids"])
+  tally.teacher_tokens += len(feats.get("teacher_input_ids", ()))
+  tally.aligned += (
+      int(feats["num_chunks"]) if "num_chunks" in feats else len(feats.get("pair_student", ()))
+  )
 
 
 def examples(items, options: DataOptions, tally: Tally):
-    """Yields (key, features) for the records and problems in `items`, updating `tally`."""
-    start = time.time()
-    records = []
-    for item in items:
-        if isinstance(item, Problem):
-            if options.strict:
-                raise item.error()
-            tally.drop(item.kind, item.source)
-            continue
-        records.append(item)
-        if options.max_records and len(records) >= options.max_records:
-            break
-    tally.records += len(records)
-    # num_workers: 0 = auto (a pool of one process per core for large inputs), 1 = in this
-    # process, n > 1 = a pool of n processes.
-    auto = options.num_workers == 0 and len(records) >= POOL_MIN_RECORDS
-    workers = (os.cpu_count() or 1) if auto else options.num_workers
-    if workers > 1:
-        results = _pooled(records, options, workers)
-    else:
-        results = ((i, process_record(r, options)) for i, r in enumerate(records))
-    for index, outputs in results:
-        for piece, (feats, status, source) in enumerate(outputs):
-            _count(tally, feats, status, source, options)
-            if feats is not None:
-                yield f"{index:010d}-{piece:05d}", feats
-    tally.seconds += time.time() - start
+  """Yields (key, features) for the records and problems in `items`, updating `tally`."""
+  start = time.time()
+  records = []
+  for item in items:
+    if isinstance(item, Problem):
+      if options.strict:
+        raise item.error()
+      tally.drop(item.kind, item.source)
+      continue
+    records.append(item)
+    if options.max_records and len(records) >= options.max_records:
+      break
+  tally.records += len(records)
+  # num_workers: 0 = auto (a pool of one process per core for large inputs), 1 = in this
+  # process, n > 1 = a pool of n processes.
+  auto = options.num_workers == 0 and len(records) >= POOL_MIN_RECORDS
+  workers = (os.cpu_count() or 1) if auto else options.num_workers
+  if workers > 1:
+    results = _pooled(records, options, workers)
+  else:
+    results = ((i, process_record(r, options)) for i, r in enumerate(records))
+  for index, outputs in results:
+    for piece, (feats, status, source) in enumerate(outputs):
+      _count(tally, feats, status, source, options)
+      if feats is not None:
+        yield f"{index:010d}-{piece:05d}", feats
+  tally.seconds += time.time() - start
 
 
 def _pooled(records, options, workers):
-    # Fork shares the tokenizers already built here, but is unsafe once JAX (multithreaded)
-    # runs in this process, as during training; then workers are spawned and build their own.
-    use_fork = "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
-    if use_fork:
-        _infos(options)
-    context = multiprocessing.get_context("fork" if use_fork else "spawn")
-    with context.Pool(workers) as pool:
-        jobs = zip(range(len(records)), records, itertools.repeat(options))
-        yield from pool.imap(_worker, jobs, chunksize=32)
+  # Fork shares the tokenizers already built here, but is unsafe once JAX (multithreaded)
+  # runs in this process, as during training; then workers are spawned and build their own.
+  use_fork = "jax" not in sys.modules and "fork" in multiprocessing.get_all_start_methods()
+  if use_fork:
+    _infos(options)
+  context = multiprocessing.get_context("fork" if use_fork else "spawn")
+  with context.Pool(workers) as pool:
+    jobs = zip(range(len(records)), records, itertools.repeat(options))
+    yield from pool.imap(_worker, jobs, chunksize=32)

@@ -25,173 +25,218 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    """Bad input data in strict mode: the message names the file, the line and the fix."""
+  """Bad input data in strict mode: the message names the file, the line and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TextRecord:
-    text: str
-    source: str  # "file" for display
+  text: str
+  source: str  # "file" for display
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatRecord:
-    messages: tuple[tuple[str, str], ...]  # (role, content), content NFC-normalised
-    source: str  # "file:line" for display
+  messages: tuple[tuple[str, str], ...]  # (role, content), content NFC-normalised
+  source: str  # "file:line" for display
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    kind: str  # short counter name: "malformed_json", "unknown_role", ...
-    source: str  # "file:line"
-    message: str  # one sentence saying what is wrong and how to fix it
+  kind: str  # short counter name: "malformed_json", "unknown_role", ...
+  source: str  # "file:line"
+  message: str  # one sentence saying what is wrong and how to fix it
 
-    def error(self) -> DataError:
-        return DataError(f"{self.source}: {self.message}")
+  def error(self) -> DataError:
+    return DataError(f"{self.source}: {self.message}")
 
 
 Item = Union[TextRecord, ChatRecord, Problem]
 
 
 def resolve_pattern(pattern: str) -> str:
-    """Expands the `pystdlib://` prefix to the running Python's standard-library folder."""
-    if pattern.startswith(STDLIB_PREFIX):
-        return os.path.join(sysconfig.get_paths()["stdlib"], pattern[len(STDLIB_PREFIX):])
-    return pattern
+  """Expands the `pystdlib://` prefix to the running Python's standard-library folder."""
+  if pattern.startswith(STDLIB_PREFIX):
+    return os.path.join(sysconfig.get_paths()["stdlib"], pattern[len(STDLIB_PREFIX) :])
+  return pattern
 
 
 def display_name(path: str) -> str:
-    """A path as shown in reports: standard-library files keep their `pystdlib://` form."""
-    stdlib = sysconfig.get_paths()["stdlib"].rstrip(os.sep) + os.sep
-    return STDLIB_PREFIX + path[len(stdlib):] if path.startswith(stdlib) else path
+  """A path as shown in reports: standard-library files keep their `pystdlib://` form."""
+  stdlib = sysconfig.get_paths()["stdlib"].rstrip(os.sep) + os.sep
+  return STDLIB_PREFIX + path[len(stdlib) :] if path.startswith(stdlib) else path
 
 
 def expand_files(patterns) -> list[str]:
-    """All files matched by a list of glob patterns, sorted and de-duplicated.
+  """All files matched by a list of glob patterns, sorted and de-duplicated.
 
-    Raises:
-      ValueError: when a pattern matches no file (a typo would otherwise train on nothing).
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    files = []
-    for pattern in patterns:
-        matched = sorted(p for p in glob.glob(resolve_pattern(pattern), recursive=True) if os.path.isfile(p))
-        if not matched:
-            raise ValueError(f"file pattern {pattern!r} matches no file; fix the path in data_config.train_files/eval_files")
-        files.extend(matched)
-    return sorted(set(files))
+  Raises:
+    ValueError: when a pattern matches no file (a typo would otherwise train on nothing).
+  """
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  files = []
+  for pattern in patterns:
+    matched = sorted(
+        p for p in glob.glob(resolve_pattern(pattern), recursive=True) if os.path.isfile(p)
+    )
+    if not matched:
+      raise ValueError(
+          f"file pattern {pattern!r} matches no file; fix the path in data_config.train_files/eval_files"
+      )
+    files.extend(matched)
+  return sorted(set(files))
 
 
 def record_hash(item: Union[TextRecord, ChatRecord]) -> int:
-    """A stable 64-bit hash of a record's content (not its location), for held-out splits."""
-    if isinstance(item, TextRecord):
-        payload = item.text.encode("utf-8")
-    else:
-        payload = json.dumps(item.messages, ensure_ascii=False).encode("utf-8")
-    return int.from_bytes(hashlib.sha1(payload).digest()[:8], "little")
+  """A stable 64-bit hash of a record's content (not its location), for held-out splits."""
+  if isinstance(item, TextRecord):
+    payload = item.text.encode("utf-8")
+  else:
+    payload = json.dumps(item.messages, ensure_ascii=False).encode("utf-8")
+  return int.from_bytes(hashlib.sha1(payload).digest()[:8], "little")
 
 
 def _decode_utf8(data: bytes, source: str) -> tuple[str | None, Problem | None]:
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        return None, Problem("invalid_utf8", f"{source}:{line}",
-                             f"bytes at offset {err.start} are not valid UTF-8; re-encode the file as UTF-8")
+  try:
+    return data.decode("utf-8"), None
+  except UnicodeDecodeError as err:
+    line = data[: err.start].count(b"\n") + 1
+    return None, Problem(
+        "invalid_utf8",
+        f"{source}:{line}",
+        f"bytes at offset {err.start} are not valid UTF-8; re-encode the file as UTF-8",
+    )
 
 
 def read_text_file(path: str) -> Iterator[Item]:
-    """Yields one TextRecord for the whole file, or a Problem when it is empty or not UTF-8."""
-    name = display_name(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.strip():
-        yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or give it content")
-        return
-    text, problem = _decode_utf8(data, name)
-    if problem is not None:
-        yield problem
-        return
-    yield TextRecord(unicodedata.normalize("NFC", text), name)
+  """Yields one TextRecord for the whole file, or a Problem when it is empty or not UTF-8."""
+  name = display_name(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data.strip():
+    yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or give it content")
+    return
+  text, problem = _decode_utf8(data, name)
+  if problem is not None:
+    yield problem
+    return
+  yield TextRecord(unicodedata.normalize("NFC", text), name)
 
 
 def parse_messages(obj, source: str) -> Union[ChatRecord, Problem]:
-    """Validates one decoded JSON/Parquet row into a ChatRecord (or says what is wrong)."""
-    if not isinstance(obj, dict) or "messages" not in obj:
-        return Problem("missing_messages", source, 'the record has no "messages" field; each record must be {"messages": [{"role": ..., "content": ...}, ...]}')
-    messages = obj["messages"]
-    if not isinstance(messages, (list, tuple)) or not messages:
-        return Problem("missing_messages", source, '"messages" must be a non-empty list of {"role", "content"} objects')
-    parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-            return Problem("bad_message", source, f"message {i} is not an object with string 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            return Problem("unknown_role", source, f"message {i} has unknown role {role!r}; use one of {ROLES}")
-        if not content.strip():
-            return Problem("empty_content", source, f"message {i} ({role}) has empty content; drop the message or fill it")
-        parsed.append((role, unicodedata.normalize("NFC", content)))
-    if not any(role == "assistant" for role, _ in parsed):
-        return Problem("no_response", source, "the conversation has no assistant message, so there is nothing to train on")
-    return ChatRecord(tuple(parsed), source)
+  """Validates one decoded JSON/Parquet row into a ChatRecord (or says what is wrong)."""
+  if not isinstance(obj, dict) or "messages" not in obj:
+    return Problem(
+        "missing_messages",
+        source,
+        'the record has no "messages" field; each record must be {"messages": [{"role": ..., "content": ...}, ...]}',
+    )
+  messages = obj["messages"]
+  if not isinstance(messages, (list, tuple)) or not messages:
+    return Problem(
+        "missing_messages",
+        source,
+        '"messages" must be a non-empty list of {"role", "content"} objects',
+    )
+  parsed = []
+  for i, message in enumerate(messages):
+    if (
+        not isinstance(message, dict)
+        or not isinstance(message.get("role"), str)
+        or not isinstance(message.get("content"), str)
+    ):
+      return Problem(
+          "bad_message", source, f"message {i} is not an object with string 'role' and 'content'"
+      )
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+      return Problem(
+          "unknown_role", source, f"message {i} has unknown role {role!r}; use one of {ROLES}"
+      )
+    if not content.strip():
+      return Problem(
+          "empty_content",
+          source,
+          f"message {i} ({role}) has empty content; drop the message or fill it",
+      )
+    parsed.append((role, unicodedata.normalize("NFC", content)))
+  if not any(role == "assistant" for role, _ in parsed):
+    return Problem(
+        "no_response",
+        source,
+        "the conversation has no assistant message, so there is nothing to train on",
+    )
+  return ChatRecord(tuple(parsed), source)
 
 
 def read_jsonl_file(path: str) -> Iterator[Item]:
-    """Yields a ChatRecord or Problem per non-blank line of a JSON Lines file."""
-    name = display_name(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    if not data.strip():
-        yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or add records")
-        return
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        source = f"{name}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield Problem("invalid_utf8", source, f"byte {err.start} of the line is not valid UTF-8; re-encode the file as UTF-8")
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield Problem("malformed_json", source, f"the line is not valid JSON ({err.msg} at column {err.colno}); fix or remove it")
-            continue
-        yield parse_messages(obj, source)
+  """Yields a ChatRecord or Problem per non-blank line of a JSON Lines file."""
+  name = display_name(path)
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data.strip():
+    yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or add records")
+    return
+  for number, raw in enumerate(data.split(b"\n"), start=1):
+    if not raw.strip():
+      continue
+    source = f"{name}:{number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+      yield Problem(
+          "invalid_utf8",
+          source,
+          f"byte {err.start} of the line is not valid UTF-8; re-encode the file as UTF-8",
+      )
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as err:
+      yield Problem(
+          "malformed_json",
+          source,
+          f"the line is not valid JSON ({err.msg} at column {err.colno}); fix or remove it",
+      )
+      continue
+    yield parse_messages(obj, source)
 
 
 def read_parquet_file(path: str) -> Iterator[Item]:
-    """Yields a ChatRecord or Problem per row of a Parquet file with a `messages` column."""
-    import pyarrow.parquet as pq
+  """Yields a ChatRecord or Problem per row of a Parquet file with a `messages` column."""
+  import pyarrow.parquet as pq
 
-    name = display_name(path)
-    table = pq.read_table(path)
-    if table.num_rows == 0:
-        yield Problem("empty_file", f"{name}:row 1", "the Parquet file has no rows; remove it or add records")
-        return
-    if "messages" not in table.column_names:
-        for row in range(table.num_rows):
-            yield Problem("missing_messages", f"{name}:row {row + 1}", f'the table has no "messages" column (columns: {table.column_names})')
-        return
-    for row, messages in enumerate(table.column("messages").to_pylist(), start=1):
-        yield parse_messages({"messages": messages}, f"{name}:row {row}")
+  name = display_name(path)
+  table = pq.read_table(path)
+  if table.num_rows == 0:
+    yield Problem(
+        "empty_file", f"{name}:row 1", "the Parquet file has no rows; remove it or add records"
+    )
+    return
+  if "messages" not in table.column_names:
+    for row in range(table.num_rows):
+      yield Problem(
+          "missing_messages",
+          f"{name}:row {row + 1}",
+          f'the table has no "messages" column (columns: {table.column_names})',
+      )
+    return
+  for row, messages in enumerate(table.column("messages").to_pylist(), start=1):
+    yield parse_messages({"messages": messages}, f"{name}:row {row}")
 
 
 def read_file(path: str, fmt: str) -> Iterator[Item]:
-    """Dispatches on data format ("text" or "chat") and, for chat, on the file suffix."""
-    if fmt == "text":
-        return read_text_file(path)
-    if fmt == "chat":
-        if path.endswith(".parquet"):
-            return read_parquet_file(path)
-        return read_jsonl_file(path)
-    raise ValueError(f"data_config.format must be 'text' or 'chat', not {fmt!r}")
+  """Dispatches on data format ("text" or "chat") and, for chat, on the file suffix."""
+  if fmt == "text":
+    return read_text_file(path)
+  if fmt == "chat":
+    if path.endswith(".parquet"):
+      return read_parquet_file(path)
+    return read_jsonl_file(path)
+  raise ValueError(f"data_config.format must be 'text' or 'chat', not {fmt!r}")
 
 
 def read_records(files: list[str], fmt: str) -> Iterator[Item]:
-    """Records and problems of all files, in order."""
-    for path in files:
-        yield from read_file(path, fmt)
+  """Records and problems of all files, in order."""
+  for path in files:
+    yield from read_file(path, fmt)

@@ -18,7 +18,8 @@ def check_block_multiple(seq_len: int, block_size: int) -> None:
     raise ValueError(
         f"Sequence length {seq_len} is not a multiple of the block size {block_size}; "
         f"set max_len to a multiple of {block_size} (for example "
-        f"{max(block_size, -(-seq_len // block_size) * block_size)}).")
+        f"{max(block_size, -(-seq_len // block_size) * block_size)})."
+    )
 
 
 def bd3lm_attention_mask(seq_len: int, block_size: int, x0_first: bool = False) -> np.ndarray:

@@ -9,8 +9,14 @@ import numpy as np
 from tide_jax.diffusion import schedules
 
 
-def noise_tokens(key: jax.Array, input_ids: jax.Array, maskable: jax.Array, t: jax.Array,
-                 mask_token_id: int, schedule: str = "linear") -> tuple[jax.Array, jax.Array]:
+def noise_tokens(
+    key: jax.Array,
+    input_ids: jax.Array,
+    maskable: jax.Array,
+    t: jax.Array,
+    mask_token_id: int,
+    schedule: str = "linear",
+) -> tuple[jax.Array, jax.Array]:
   """Replaces each maskable token by the mask token with probability ``1 - alpha(t)``.
 
   Args:

@@ -74,8 +74,10 @@ class SamplerConfig:
     if self.block_size < 1:
       raise ValueError(f"block_size must be at least 1, got {self.block_size}.")
     if not 1 <= self.steps_per_block <= self.block_size:
-      raise ValueError(f"steps_per_block must be between 1 and block_size={self.block_size}, "
-                       f"got {self.steps_per_block}; a step has to commit at least one token.")
+      raise ValueError(
+          f"steps_per_block must be between 1 and block_size={self.block_size}, "
+          f"got {self.steps_per_block}; a step has to commit at least one token."
+      )
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
     if self.temperature < 0:
@@ -93,16 +95,17 @@ def tokens_per_step(block_size: int, steps: int, schedule: str = "linear") -> np
   commits the difference. The linear schedule spreads B as evenly as rounding allows.
   """
   t = 1.0 - np.arange(steps + 1, dtype=np.float64) / steps
-  with jax.ensure_compile_time_eval():   # also called while tracing the jitted sampler
+  with jax.ensure_compile_time_eval():  # also called while tracing the jitted sampler
     alpha = np.asarray(schedules.alpha(jnp.asarray(t, jnp.float32), schedule), np.float64)
   still_masked = np.round(block_size * (1.0 - alpha)).astype(np.int64)
   still_masked[0], still_masked[-1] = block_size, 0
-  still_masked = np.minimum.accumulate(still_masked)   # guard float noise: never increases
+  still_masked = np.minimum.accumulate(still_masked)  # guard float noise: never increases
   return (still_masked[:-1] - still_masked[1:]).astype(np.int32)
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, temperature: float, mask_token_id: int
-                  ) -> tuple[jax.Array, jax.Array]:
+def choose_tokens(
+    logits: jax.Array, key: jax.Array, temperature: float, mask_token_id: int
+) -> tuple[jax.Array, jax.Array]:
   """Token choice and its probability at each position.
 
   Args:
@@ -140,8 +143,9 @@ def commit_mask(confidence: jax.Array, still_masked: jax.Array, k: jax.Array) ->
   return (rank < k) & still_masked
 
 
-def denoise_step(logits: jax.Array, block: jax.Array, key: jax.Array, k: jax.Array,
-                 cfg: SamplerConfig) -> tuple[jax.Array, jax.Array]:
+def denoise_step(
+    logits: jax.Array, block: jax.Array, key: jax.Array, k: jax.Array, cfg: SamplerConfig
+) -> tuple[jax.Array, jax.Array]:
   """One denoising step on a block: ``(new block [b, B], committed bool [b, B])``."""
   choice_key, order_key = jax.random.split(key)
   tokens, probability = choose_tokens(logits, choice_key, cfg.temperature, cfg.mask_token_id)
@@ -154,8 +158,9 @@ def denoise_step(logits: jax.Array, block: jax.Array, key: jax.Array, k: jax.Arr
   return jnp.where(commit, tokens, block), commit
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplerConfig
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], cfg: SamplerConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Left-pads prompts to one block multiple.
 
   Returns:
@@ -166,8 +171,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplerConfig
     raise ValueError("The prompt list is empty; pass at least one tokenized prompt.")
   lengths = np.array([len(p) for p in prompts], np.int32)
   if lengths.min() == 0:
-    raise ValueError(f"Prompt {int(np.argmin(lengths))} is empty; every prompt needs at least "
-                     "one token (for example the chat template's assistant header).")
+    raise ValueError(
+        f"Prompt {int(np.argmin(lengths))} is empty; every prompt needs at least "
+        "one token (for example the chat template's assistant header)."
+    )
   padded = -(-int(lengths.max()) // cfg.block_size) * cfg.block_size
   budget = cfg.num_blocks * cfg.block_size
   if padded + budget > cfg.context_len:
@@ -175,12 +182,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplerConfig
     raise ValueError(
         f"Prompt {longest} has {lengths[longest]} tokens; padded to {padded} plus "
         f"{budget} new tokens it exceeds the context of {cfg.context_len} tokens; shorten "
-        "the prompt or lower max_new_tokens.")
+        "the prompt or lower max_new_tokens."
+    )
   ids = np.full((len(prompts), padded), cfg.eos_token_id, np.int32)
   valid = np.zeros((len(prompts), padded), bool)
   for i, prompt in enumerate(prompts):
-    ids[i, padded - len(prompt):] = np.asarray(prompt, np.int32)
-    valid[i, padded - len(prompt):] = True
+    ids[i, padded - len(prompt) :] = np.asarray(prompt, np.int32)
+    valid[i, padded - len(prompt) :] = True
   return ids, valid, lengths
 
 
@@ -215,8 +223,9 @@ def _generate(graphdef, state, ids, valid, lengths, key, cfg: SamplerConfig):
 
   def block_call(tokens, j, cache, key_valid, return_kv):
     positions = lengths[:, None] + j * bsz + jnp.arange(bsz)[None, :]
-    mask = jnp.concatenate([jnp.broadcast_to(key_valid[:, None, :], (b, bsz, cache_len)),
-                            self_cols], axis=2)
+    mask = jnp.concatenate(
+        [jnp.broadcast_to(key_valid[:, None, :], (b, bsz, cache_len)), self_cols], axis=2
+    )
     return model.hidden_states(tokens, positions, mask, prefix_kv=cache, return_kv=return_kv)
 
   def run_block(carry):
@@ -234,11 +243,14 @@ def _generate(graphdef, state, ids, valid, lengths, key, cfg: SamplerConfig):
     # The clean block's keys/values, as the x0 half of training computes them.
     _, kvs = block_call(block, j, cache, key_valid, True)
     offset = plen + j * bsz
-    cache = tuple((jax.lax.dynamic_update_slice_in_dim(ck, nk.astype(ck.dtype), offset, 1),
-                   jax.lax.dynamic_update_slice_in_dim(cv, nv.astype(cv.dtype), offset, 1))
-                  for (ck, cv), (nk, nv) in zip(cache, kvs))
-    key_valid = jax.lax.dynamic_update_slice_in_dim(key_valid, jnp.ones((b, bsz), bool),
-                                                    offset, 1)
+    cache = tuple(
+        (
+            jax.lax.dynamic_update_slice_in_dim(ck, nk.astype(ck.dtype), offset, 1),
+            jax.lax.dynamic_update_slice_in_dim(cv, nv.astype(cv.dtype), offset, 1),
+        )
+        for (ck, cv), (nk, nv) in zip(cache, kvs)
+    )
+    key_valid = jax.lax.dynamic_update_slice_in_dim(key_valid, jnp.ones((b, bsz), bool), offset, 1)
     out = jax.lax.dynamic_update_slice_in_dim(out, block, j * bsz, 1)
     done = done | jnp.any(block == cfg.eos_token_id, axis=1)
     return j + 1, cache, key_valid, out, done, key
@@ -257,20 +269,33 @@ def _compiled(graphdef, cfg: SamplerConfig):
   return jax.jit(functools.partial(_generate, graphdef, cfg=cfg))
 
 
-def generate_padded(model: nnx.Module, ids: np.ndarray, valid: np.ndarray, lengths: np.ndarray,
-                    key: jax.Array, cfg: SamplerConfig) -> tuple[jax.Array, jax.Array]:
+def generate_padded(
+    model: nnx.Module,
+    ids: np.ndarray,
+    valid: np.ndarray,
+    lengths: np.ndarray,
+    key: jax.Array,
+    cfg: SamplerConfig,
+) -> tuple[jax.Array, jax.Array]:
   """Generation for already padded prompts (the jitted program); see :func:`generate`.
 
   Returns:
     ``tokens int32 [b, num_blocks * B]`` and the number of blocks actually run (scalar).
   """
   graphdef, state = nnx.split(model)
-  return _compiled(graphdef, cfg)(state, jnp.asarray(ids), jnp.asarray(valid),
-                                  jnp.asarray(lengths), key)
+  return _compiled(graphdef, cfg)(
+      state, jnp.asarray(ids), jnp.asarray(valid), jnp.asarray(lengths), key
+  )
 
 
-def compile_generate(model: nnx.Module, ids: np.ndarray, valid: np.ndarray, lengths: np.ndarray,
-                     key: jax.Array, cfg: SamplerConfig):
+def compile_generate(
+    model: nnx.Module,
+    ids: np.ndarray,
+    valid: np.ndarray,
+    lengths: np.ndarray,
+    key: jax.Array,
+    cfg: SamplerConfig,
+):
   """Ahead-of-time compiled :func:`generate_padded` for these input shapes.
 
   Lets a caller time compilation and generation separately (tokens/s without compile
@@ -291,8 +316,12 @@ def truncate_at_eos(tokens: np.ndarray, eos_token_id: int) -> list[list[int]]:
   return rows
 
 
-def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], cfg: SamplerConfig,
-             key: jax.Array | None = None) -> tuple[np.ndarray, list[list[int]]]:
+def generate(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplerConfig,
+    key: jax.Array | None = None,
+) -> tuple[np.ndarray, list[list[int]]]:
   """Generates continuations of a batch of tokenized prompts.
 
   Args:

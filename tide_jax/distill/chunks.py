@@ -30,8 +30,10 @@ def check_chunk_ids(chunk_ids: np.ndarray, max_chunks: int) -> None:
   chunk_ids = np.asarray(chunk_ids)
   bad = (chunk_ids < -1) | (chunk_ids >= max_chunks)
   if bad.any():
-    raise ValueError(f"{int(bad.sum())} chunk ids fall outside [-1, {max_chunks}); raise "
-                     f"distill.max_chunks to at least {int(chunk_ids.max()) + 1}.")
+    raise ValueError(
+        f"{int(bad.sum())} chunk ids fall outside [-1, {max_chunks}); raise "
+        f"distill.max_chunks to at least {int(chunk_ids.max()) + 1}."
+    )
 
 
 def _in_chunk(chunk_ids: Array, max_chunks: int) -> Array:
@@ -44,8 +46,11 @@ def chunk_sums(values: Array, chunk_ids: Array, max_chunks: int) -> Array:
   offset = jnp.arange(b, dtype=jnp.int32)[:, None] * max_chunks
   # Tokens in no chunk go to segment b * max_chunks, which segment_sum drops.
   segments = jnp.where(_in_chunk(chunk_ids, max_chunks), chunk_ids + offset, b * max_chunks)
-  summed = jax.ops.segment_sum(values.astype(jnp.float32).reshape(b * length),
-                               segments.reshape(b * length), num_segments=b * max_chunks)
+  summed = jax.ops.segment_sum(
+      values.astype(jnp.float32).reshape(b * length),
+      segments.reshape(b * length),
+      num_segments=b * max_chunks,
+  )
   return summed.reshape(b, max_chunks)
 
 
@@ -54,17 +59,22 @@ def chunk_any(flags: Array, chunk_ids: Array, max_chunks: int) -> Array:
   return chunk_sums(flags.astype(jnp.float32), chunk_ids, max_chunks) > 0
 
 
-def chunk_flags_to_tokens(chunk_flags: Array, chunk_ids: Array, default: Array | bool = False
-                          ) -> Array:
+def chunk_flags_to_tokens(
+    chunk_flags: Array, chunk_ids: Array, default: Array | bool = False
+) -> Array:
   """Per-token view of per-chunk flags: ``[b, C], [b, L] -> [b, L]`` (``default`` off chunks)."""
   max_chunks = chunk_flags.shape[1]
   picked = jnp.take_along_axis(chunk_flags, jnp.clip(chunk_ids, 0, max_chunks - 1), axis=1)
   return jnp.where(_in_chunk(chunk_ids, max_chunks), picked, default)
 
 
-def chunk_consistent_masks(student_mask: Array, student_chunk_ids: Array,
-                           teacher_chunk_ids: Array, max_chunks: int,
-                           maskable: Array | None = None) -> tuple[Array, Array]:
+def chunk_consistent_masks(
+    student_mask: Array,
+    student_chunk_ids: Array,
+    teacher_chunk_ids: Array,
+    max_chunks: int,
+    maskable: Array | None = None,
+) -> tuple[Array, Array]:
   """Extend a student noise mask so each chunk is masked entirely on both sides or not at all.
 
   Args:
@@ -86,9 +96,14 @@ def chunk_consistent_masks(student_mask: Array, student_chunk_ids: Array,
   return student_out, teacher_out
 
 
-def active_chunks(student_masked: Array, student_prompt: Array, student_chunk_ids: Array,
-                  teacher_chunk_ids: Array, max_chunks: int,
-                  teacher_prompt: Array | None = None) -> Array:
+def active_chunks(
+    student_masked: Array,
+    student_prompt: Array,
+    student_chunk_ids: Array,
+    teacher_chunk_ids: Array,
+    max_chunks: int,
+    teacher_prompt: Array | None = None,
+) -> Array:
   """``[b, C]`` bool: >= 1 masked student token, no prompt token, tokens on both sides."""
   has_masked = chunk_any(student_masked, student_chunk_ids, max_chunks)
   has_prompt = chunk_any(student_prompt, student_chunk_ids, max_chunks)
@@ -98,8 +113,9 @@ def active_chunks(student_masked: Array, student_prompt: Array, student_chunk_id
   return has_masked & ~has_prompt & on_teacher
 
 
-def chunk_probability(token_log_probs: Array, chunk_ids: Array, max_chunks: int,
-                      temperature: float) -> Array:
+def chunk_probability(
+    token_log_probs: Array, chunk_ids: Array, max_chunks: int, temperature: float
+) -> Array:
   """``clamp(exp(sum_{k in c} log p_k / T), 1e-7, 1 - 1e-7)``: ``[b, L] -> [b, C]`` float32."""
   log_p = chunk_sums(token_log_probs, chunk_ids, max_chunks)
   return jnp.clip(jnp.exp(log_p / temperature), PROB_MIN, PROB_MAX)
@@ -135,9 +151,15 @@ def chunk_tidal(s: Array, q: Array, lam: Array) -> Array:
   return _bce(jax.lax.stop_gradient(m), s)
 
 
-def chunk_objective(name: str, s: Array, q: Array, active: Array, *,
-                    lam: Array | None = None, weight: Array | None = None
-                    ) -> tuple[Array, Array]:
+def chunk_objective(
+    name: str,
+    s: Array,
+    q: Array,
+    active: Array,
+    *,
+    lam: Array | None = None,
+    weight: Array | None = None,
+) -> tuple[Array, Array]:
   """Sum of the named per-chunk objective over active chunks, and their count.
 
   Args:
@@ -158,8 +180,9 @@ def chunk_objective(name: str, s: Array, q: Array, active: Array, *,
       raise ValueError("chunk_tidal needs the TIDAL lambda; pass lam.")
     per_chunk = chunk_tidal(s, q, lam)
   else:
-    raise ValueError(f"Unknown chunk objective {name!r}; use one of "
-                     f"{', '.join(CHUNK_OBJECTIVES)}.")
+    raise ValueError(
+        f"Unknown chunk objective {name!r}; use one of " f"{', '.join(CHUNK_OBJECTIVES)}."
+    )
   if weight is not None:
     per_chunk = per_chunk * weight
   loss_sum = jnp.sum(jnp.where(active, per_chunk, 0.0))

@@ -33,8 +33,9 @@ def split_tokens(key: Array, masked: Array, ratio: Array | float) -> Array:
   return jax.random.bernoulli(key, ratio, masked.shape) & masked
 
 
-def split_chunks(key: Array, masked: Array, chunk_ids: Array, max_chunks: int,
-                 ratio: Array | float) -> tuple[Array, Array]:
+def split_chunks(
+    key: Array, masked: Array, chunk_ids: Array, max_chunks: int, ratio: Array | float
+) -> tuple[Array, Array]:
   """``M_A`` per chunk: every token of a chunk goes to the same side.
 
   Tokens in no chunk are drawn one by one. Returns ``(chunk_in_a [b, C], in_a [b, L])``;
@@ -65,12 +66,18 @@ def flags_to_teacher(student_flags: Array, pair_teacher_pos: Array, teacher_len:
   return jnp.zeros((b, teacher_len), bool).at[rows, target].set(student_flags, mode="drop")
 
 
-def teacher_split(key: Array, ratio: Array | float, student_masked: Array,
-                  teacher_masked: Array, *, granularity: str,
-                  pair_teacher_pos: Array | None = None,
-                  student_chunk_ids: Array | None = None,
-                  teacher_chunk_ids: Array | None = None,
-                  max_chunks: int | None = None) -> Array:
+def teacher_split(
+    key: Array,
+    ratio: Array | float,
+    student_masked: Array,
+    teacher_masked: Array,
+    *,
+    granularity: str,
+    pair_teacher_pos: Array | None = None,
+    student_chunk_ids: Array | None = None,
+    teacher_chunk_ids: Array | None = None,
+    max_chunks: int | None = None,
+) -> Array:
   """``M_A`` on the teacher side, ``[b, Lt]`` bool (a subset of ``teacher_masked``).
 
   ``token``: drawn per student token and carried through ``pair_teacher_pos``;
@@ -79,12 +86,15 @@ def teacher_split(key: Array, ratio: Array | float, student_masked: Array,
   if granularity == "token":
     if pair_teacher_pos is None:
       raise ValueError("Per-token CompDemo needs pair_teacher_pos (the position alignment).")
-    in_a = flags_to_teacher(split_tokens(key, student_masked, ratio), pair_teacher_pos,
-                            teacher_masked.shape[1])
+    in_a = flags_to_teacher(
+        split_tokens(key, student_masked, ratio), pair_teacher_pos, teacher_masked.shape[1]
+    )
   elif granularity == "chunk":
     if student_chunk_ids is None or teacher_chunk_ids is None or max_chunks is None:
-      raise ValueError("Per-chunk CompDemo needs student_chunk_ids, teacher_chunk_ids and "
-                       "max_chunks (the chunk alignment).")
+      raise ValueError(
+          "Per-chunk CompDemo needs student_chunk_ids, teacher_chunk_ids and "
+          "max_chunks (the chunk alignment)."
+      )
     chunk_in_a, _ = split_chunks(key, student_masked, student_chunk_ids, max_chunks, ratio)
     in_a = chunks_lib.chunk_flags_to_tokens(chunk_in_a, teacher_chunk_ids, False)
   else:
@@ -92,8 +102,9 @@ def teacher_split(key: Array, ratio: Array | float, student_masked: Array,
   return in_a & teacher_masked
 
 
-def make_doubled_inputs(clean_ids: Array, masked: Array, in_a: Array, *per_example: Array
-                        ) -> tuple[Array, ...]:
+def make_doubled_inputs(
+    clean_ids: Array, masked: Array, in_a: Array, *per_example: Array
+) -> tuple[Array, ...]:
   """Stack both passes on the batch axis.
 
   Args:
@@ -115,8 +126,9 @@ def select_from_passes(logits2: Array, in_a: Array) -> Array:
   """``[2b, Lt, ...] -> [b, Lt, ...]``: ``M_A`` positions from pass 2, all others pass 1."""
   b = in_a.shape[0]
   if logits2.shape[0] != 2 * b:
-    raise ValueError(f"Expected teacher logits for a doubled batch of {2 * b}, got "
-                     f"{logits2.shape[0]}.")
+    raise ValueError(
+        f"Expected teacher logits for a doubled batch of {2 * b}, got " f"{logits2.shape[0]}."
+    )
   pick_second = in_a.reshape(in_a.shape + (1,) * (logits2.ndim - 2))
   return jnp.where(pick_second, logits2[b:], logits2[:b])
 
@@ -138,9 +150,14 @@ def pass_rows(in_a: Array, *, rows_per_sequence: int | None = None, offset: int 
   return sequence * stride + offset + jnp.arange(length, dtype=jnp.int32)[None, :]
 
 
-def compdemo_teacher_logits(teacher_fn: Callable[..., Array], build_inputs: Callable[..., dict],
-                            clean_ids: Array, masked: Array, in_a: Array, *per_example: Array
-                            ) -> Array:
+def compdemo_teacher_logits(
+    teacher_fn: Callable[..., Array],
+    build_inputs: Callable[..., dict],
+    clean_ids: Array,
+    masked: Array,
+    in_a: Array,
+    *per_example: Array,
+) -> Array:
   """Doubled batch -> ONE teacher call -> per-position selection, ``[b, Lt, V]``.
 
   ``build_inputs(clean2, masked2, *per_example2)`` returns the teacher's keyword inputs

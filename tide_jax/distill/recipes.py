@@ -40,41 +40,51 @@ PRESETS = {
     "reverse_kl": {"positions": ("reverse_kl", False, False)},
     "tide_shared": {"positions": ("forward_kl", True, True), "chunks": ("calm", True, True)},
     "calm": {"chunks": ("calm", False, False)},
-    "tide_cross": {"positions": ("reverse_kl", False, False),
-                   "chunks": ("reverse_calm", False, False)},
+    "tide_cross": {
+        "positions": ("reverse_kl", False, False),
+        "chunks": ("reverse_calm", False, False),
+    },
 }
-METRIC_NAMES = ("forward_kl", "reverse_kl", "tidal", "calm", "reverse_calm",
-                "reverse_binary_kl", "chunk_tidal")
+METRIC_NAMES = (
+    "forward_kl",
+    "reverse_kl",
+    "tidal",
+    "calm",
+    "reverse_calm",
+    "reverse_binary_kl",
+    "chunk_tidal",
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
   """The ``config.distill`` section with its defaults (SPEC 3-4)."""
   c = ml_collections.ConfigDict()
-  c.recipe = "bd3lm"            # a preset name, or "custom"
-  c.alignment = "positions"     # "positions" (shared tokenizer) or "chunks" (cross tokenizer)
-  c.weight = 1.0                # multiplies the distillation term
-  c.temperature = 2.0           # token-level T (with the T^2 factor)
-  c.chunk_temperature = 5.0     # chunk-level T: s = exp(log P / T)
+  c.recipe = "bd3lm"  # a preset name, or "custom"
+  c.alignment = "positions"  # "positions" (shared tokenizer) or "chunks" (cross tokenizer)
+  c.weight = 1.0  # multiplies the distillation term
+  c.temperature = 2.0  # token-level T (with the T^2 factor)
+  c.chunk_temperature = 5.0  # chunk-level T: s = exp(log P / T)
   c.shared_vocab = ml_collections.config_dict.placeholder(int)  # e.g. 151646
-  c.max_chunks = 512            # static chunk slots per example
-  c.chunk_size = 128            # positions per block in the memory-bounded terms
-  c.tidal = ml_collections.ConfigDict(dict(
-      l0=0.1, l1=0.9, growth="cosine", axis="both", timestep_weight="midrange"))
+  c.max_chunks = 512  # static chunk slots per example
+  c.chunk_size = 128  # positions per block in the memory-bounded terms
+  c.tidal = ml_collections.ConfigDict(
+      dict(l0=0.1, l1=0.9, growth="cosine", axis="both", timestep_weight="midrange")
+  )
   c.compdemo = ml_collections.ConfigDict(dict(ratio=0.5, granularity="auto"))
-  c.custom = ml_collections.ConfigDict(dict(objective="forward_kl", tidal=False,
-                                            compdemo=False))
+  c.custom = ml_collections.ConfigDict(dict(objective="forward_kl", tidal=False, compdemo=False))
   return c
 
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """A validated recipe (hashable; every field static for jit)."""
+
   name: str
   alignment: str
   objective: str | None
   tidal: bool
-  compdemo_ratio: float          # 0 = one ordinary teacher pass
-  compdemo_granularity: str      # "token" or "chunk"
+  compdemo_ratio: float  # 0 = one ordinary teacher pass
+  compdemo_granularity: str  # "token" or "chunk"
   weight: float
   temperature: float
   chunk_temperature: float
@@ -110,8 +120,9 @@ def _choose(name: str, value, allowed) -> None:
     _fail(f"Unknown distill.{name} {value!r}; use one of {', '.join(map(str, allowed))}.")
 
 
-def validate_distill_config(cfg: ml_collections.ConfigDict, *, student_vocab: int,
-                            teacher_vocab: int | None) -> Recipe:
+def validate_distill_config(
+    cfg: ml_collections.ConfigDict, *, student_vocab: int, teacher_vocab: int | None
+) -> Recipe:
   """Checks ``config.distill`` and returns its :class:`Recipe` (one clear error otherwise).
 
   ``teacher_vocab`` may be None for ``bd3lm`` (no teacher).
@@ -120,26 +131,38 @@ def validate_distill_config(cfg: ml_collections.ConfigDict, *, student_vocab: in
   _choose("alignment", cfg.alignment, ALIGNMENTS)
   if cfg.recipe == "custom":
     _choose("custom.objective", cfg.custom.objective, (*TOKEN_OBJECTIVES, *CHUNK_OBJECTIVES))
-    objective, tidal, compdemo = cfg.custom.objective, bool(cfg.custom.tidal), bool(
-        cfg.custom.compdemo)
+    objective, tidal, compdemo = (
+        cfg.custom.objective,
+        bool(cfg.custom.tidal),
+        bool(cfg.custom.compdemo),
+    )
   else:
     if cfg.alignment not in PRESETS[cfg.recipe]:
       needed = next(iter(PRESETS[cfg.recipe]))
-      _fail(f"Recipe {cfg.recipe!r} needs distill.alignment={needed!r} "
-            f"({'chunk terms need a chunk alignment' if needed == 'chunks' else 'token terms need position pairs'}).")
+      _fail(
+          f"Recipe {cfg.recipe!r} needs distill.alignment={needed!r} "
+          f"({'chunk terms need a chunk alignment' if needed == 'chunks' else 'token terms need position pairs'})."
+      )
     objective, tidal, compdemo = PRESETS[cfg.recipe][cfg.alignment]
   if objective in CHUNK_OBJECTIVES and cfg.alignment != "chunks":
-    _fail(f"The chunk objective {objective!r} needs distill.alignment='chunks' "
-          "(a chunk alignment); set it or choose a token objective.")
+    _fail(
+        f"The chunk objective {objective!r} needs distill.alignment='chunks' "
+        "(a chunk alignment); set it or choose a token objective."
+    )
   if objective in TOKEN_OBJECTIVES and cfg.alignment != "positions":
-    _fail(f"The token objective {objective!r} needs distill.alignment='positions' (a shared "
-          "tokenizer); with a chunk alignment use calm, reverse_calm or reverse_binary_kl.")
+    _fail(
+        f"The token objective {objective!r} needs distill.alignment='positions' (a shared "
+        "tokenizer); with a chunk alignment use calm, reverse_calm or reverse_binary_kl."
+    )
   if tidal and objective in REVERSE_OBJECTIVES:
-    _fail(f"TIDAL cannot be combined with the reverse objective {objective!r}: its (1 - lambda) "
-          "factor suppresses the reverse objective's self-selection; use a forward objective "
-          "or turn TIDAL off.")
-  tidal_options = terms_lib.TidalOptions(**{k: cfg.tidal[k] for k in (
-      "l0", "l1", "growth", "axis", "timestep_weight")})
+    _fail(
+        f"TIDAL cannot be combined with the reverse objective {objective!r}: its (1 - lambda) "
+        "factor suppresses the reverse objective's self-selection; use a forward objective "
+        "or turn TIDAL off."
+    )
+  tidal_options = terms_lib.TidalOptions(
+      **{k: cfg.tidal[k] for k in ("l0", "l1", "growth", "axis", "timestep_weight")}
+  )
   if not 0.0 <= tidal_options.l0 <= 1.0 or not 0.0 <= tidal_options.l1 <= 1.0:
     _fail("distill.tidal.l0 and distill.tidal.l1 must lie in [0, 1].")
   granularity = cfg.compdemo.granularity
@@ -147,8 +170,10 @@ def validate_distill_config(cfg: ml_collections.ConfigDict, *, student_vocab: in
   if granularity == "auto":
     granularity = "token" if cfg.alignment == "positions" else "chunk"
   if (granularity == "chunk") != (cfg.alignment == "chunks"):
-    _fail(f"CompDemo granularity {granularity!r} does not fit distill.alignment="
-          f"{cfg.alignment!r}; use 'token' with positions and 'chunk' with chunks (or 'auto').")
+    _fail(
+        f"CompDemo granularity {granularity!r} does not fit distill.alignment="
+        f"{cfg.alignment!r}; use 'token' with positions and 'chunk' with chunks (or 'auto')."
+    )
   if not 0.0 <= cfg.compdemo.ratio <= 1.0:
     _fail(f"distill.compdemo.ratio must lie in [0, 1], got {cfg.compdemo.ratio}.")
   for field in ("temperature", "chunk_temperature"):
@@ -160,31 +185,51 @@ def validate_distill_config(cfg: ml_collections.ConfigDict, *, student_vocab: in
   if cfg.weight < 0:
     _fail(f"distill.weight must be non-negative, got {cfg.weight}.")
   shared_vocab = cfg.shared_vocab
-  if shared_vocab is not None and teacher_vocab is not None and not (
-      0 < shared_vocab <= min(student_vocab, teacher_vocab)):
-    _fail(f"distill.shared_vocab={shared_vocab} is larger than the student vocabulary "
-          f"({student_vocab}) or the teacher vocabulary ({teacher_vocab}); use at most "
-          f"{min(student_vocab, teacher_vocab)}.")
-  if (objective in TOKEN_OBJECTIVES and shared_vocab is None and teacher_vocab is not None
-      and teacher_vocab != student_vocab):
-    _fail(f"The student ({student_vocab}) and teacher ({teacher_vocab}) vocabularies differ; "
-          "set distill.shared_vocab to the size of their common prefix.")
+  if (
+      shared_vocab is not None
+      and teacher_vocab is not None
+      and not (0 < shared_vocab <= min(student_vocab, teacher_vocab))
+  ):
+    _fail(
+        f"distill.shared_vocab={shared_vocab} is larger than the student vocabulary "
+        f"({student_vocab}) or the teacher vocabulary ({teacher_vocab}); use at most "
+        f"{min(student_vocab, teacher_vocab)}."
+    )
+  if (
+      objective in TOKEN_OBJECTIVES
+      and shared_vocab is None
+      and teacher_vocab is not None
+      and teacher_vocab != student_vocab
+  ):
+    _fail(
+        f"The student ({student_vocab}) and teacher ({teacher_vocab}) vocabularies differ; "
+        "set distill.shared_vocab to the size of their common prefix."
+    )
   if objective is not None and teacher_vocab is None:
     _fail(f"Recipe {cfg.recipe!r} needs a teacher; configure one or use recipe 'bd3lm'.")
   return Recipe(
-      name=cfg.recipe, alignment=cfg.alignment, objective=objective, tidal=tidal,
+      name=cfg.recipe,
+      alignment=cfg.alignment,
+      objective=objective,
+      tidal=tidal,
       compdemo_ratio=float(cfg.compdemo.ratio) if compdemo else 0.0,
-      compdemo_granularity=granularity, weight=float(cfg.weight),
-      temperature=float(cfg.temperature), chunk_temperature=float(cfg.chunk_temperature),
+      compdemo_granularity=granularity,
+      weight=float(cfg.weight),
+      temperature=float(cfg.temperature),
+      chunk_temperature=float(cfg.chunk_temperature),
       shared_vocab=None if shared_vocab is None else int(shared_vocab),
-      max_chunks=int(cfg.max_chunks), chunk_size=int(cfg.chunk_size),
-      tidal_options=tidal_options)
+      max_chunks=int(cfg.max_chunks),
+      chunk_size=int(cfg.chunk_size),
+      tidal_options=tidal_options,
+  )
 
 
 def _aux(aux: dict, key: str, recipe: Recipe) -> Array:
   if key not in aux:
-    _fail(f"Recipe {recipe.name!r} with alignment {recipe.alignment!r} needs aux[{key!r}]; "
-          "build it in the batch (see docs/distill.md).")
+    _fail(
+        f"Recipe {recipe.name!r} with alignment {recipe.alignment!r} needs aux[{key!r}]; "
+        "build it in the batch (see docs/distill.md)."
+    )
   return aux[key]
 
 
@@ -201,11 +246,22 @@ def _token_level(recipe, student_logits, teacher_logits, aux, t, progress):
   rows = None if rows is None else rows.reshape(-1).astype(jnp.int32)
   student, teacher = _flat(student_logits), _flat(teacher_logits)
   t_pos = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(b, 1), (b, length)).reshape(-1)
-  common = dict(temperature=recipe.temperature, shared_vocab=recipe.shared_vocab,
-                teacher_rows=rows, chunk_size=recipe.chunk_size)
+  common = dict(
+      temperature=recipe.temperature,
+      shared_vocab=recipe.shared_vocab,
+      teacher_rows=rows,
+      chunk_size=recipe.chunk_size,
+  )
   if recipe.term == "tidal":
-    loss_sum, count = terms_lib.tidal(student, teacher, weights, t=t_pos, progress=progress,
-                                      options=recipe.tidal_options, **common)
+    loss_sum, count = terms_lib.tidal(
+        student,
+        teacher,
+        weights,
+        t=t_pos,
+        progress=progress,
+        options=recipe.tidal_options,
+        **common,
+    )
     lam = terms_lib.tidal_lambda(progress, t_pos, recipe.tidal_options)
   elif recipe.term == "forward_kl":
     loss_sum, count = terms_lib.forward_kl(student, teacher, weights, **common)
@@ -213,9 +269,14 @@ def _token_level(recipe, student_logits, teacher_logits, aux, t, progress):
   else:
     loss_sum, count = terms_lib.reverse_kl(student, teacher, weights, **common)
     lam = jnp.zeros_like(t_pos)
-  agree, _ = terms_lib.argmax_agreement(student, teacher, weights,
-                                        shared_vocab=recipe.shared_vocab, teacher_rows=rows,
-                                        chunk_size=recipe.chunk_size)
+  agree, _ = terms_lib.argmax_agreement(
+      student,
+      teacher,
+      weights,
+      shared_vocab=recipe.shared_vocab,
+      teacher_rows=rows,
+      chunk_size=recipe.chunk_size,
+  )
   return loss_sum, count, jnp.sum(weights * lam), agree
 
 
@@ -230,21 +291,23 @@ def _chunk_level(recipe, student_logits, teacher_logits, aux, t, progress):
   student, teacher = _flat(student_logits), _flat(teacher_logits)
   size = recipe.chunk_size
   s_logp = terms_lib.target_log_probs(student, s_targets.reshape(-1), chunk_size=size)
-  t_logp = terms_lib.gathered_target_log_probs(teacher, t_targets.reshape(-1), rows,
-                                               chunk_size=size)
+  t_logp = terms_lib.gathered_target_log_probs(
+      teacher, t_targets.reshape(-1), rows, chunk_size=size
+  )
   c, temp = recipe.max_chunks, recipe.chunk_temperature
   s = chunks_lib.chunk_probability(s_logp.reshape(s_ids.shape), s_ids, c, temp)
   q = chunks_lib.chunk_probability(t_logp.reshape(t_ids.shape), t_ids, c, temp)
-  active = chunks_lib.active_chunks(get("student_masked"), get("student_prompt"), s_ids,
-                                    t_ids, c, aux.get("teacher_prompt"))
+  active = chunks_lib.active_chunks(
+      get("student_masked"), get("student_prompt"), s_ids, t_ids, c, aux.get("teacher_prompt")
+  )
   t_seq = jnp.asarray(t, jnp.float32).reshape(b, 1)
   lam = weight = None
   if recipe.tidal:
     lam = terms_lib.tidal_lambda(progress, t_seq, recipe.tidal_options)
     weight = terms_lib.timestep_weight(t_seq, recipe.tidal_options.timestep_weight)
-  loss_sum, count = chunks_lib.chunk_objective(recipe.objective if not recipe.tidal else
-                                               "chunk_tidal", s, q, active, lam=lam,
-                                               weight=weight)
+  loss_sum, count = chunks_lib.chunk_objective(
+      recipe.objective if not recipe.tidal else "chunk_tidal", s, q, active, lam=lam, weight=weight
+  )
   # Agreement: both models' greedy tokens reproduce the whole chunk, or both fail.
   s_wrong = terms_lib.argmax_ids(student, chunk_size=size) != s_targets.reshape(-1)
   t_wrong = terms_lib.argmax_ids(teacher, rows, chunk_size=size) != t_targets.reshape(-1)
@@ -258,8 +321,15 @@ def _chunk_level(recipe, student_logits, teacher_logits, aux, t, progress):
 PART_NAMES = ("loss_sum", "count", "lambda_sum", "agree_sum")
 
 
-def distillation_parts(recipe: Recipe, *, student_logits: Array, teacher_logits: Array | None,
-                       aux: dict, t: Array, progress: Array | float) -> dict:
+def distillation_parts(
+    recipe: Recipe,
+    *,
+    student_logits: Array,
+    teacher_logits: Array | None,
+    aux: dict,
+    t: Array,
+    progress: Array | float,
+) -> dict:
   """The additive pieces of the distillation term: ``loss_sum``, ``count``, ``lambda_sum``,
   ``agree_sum`` (float32 scalars). Sums over disjoint shards of the batch add up, so a
   caller inside ``shard_map`` can ``psum`` them and then call :func:`finalize`.
@@ -282,16 +352,26 @@ def finalize(recipe: Recipe, parts: dict) -> tuple[Array, dict]:
   loss = recipe.weight * value if recipe.term is not None else zero
   if recipe.term is not None:
     metrics[f"distill/{recipe.term}"] = value
-  metrics.update({"distill/loss": loss,
-                  "distill/lambda_mean": terms_lib.masked_mean(parts["lambda_sum"], count),
-                  "distill/agreement": terms_lib.masked_mean(parts["agree_sum"], count),
-                  "distill/count": count})
+  metrics.update(
+      {
+          "distill/loss": loss,
+          "distill/lambda_mean": terms_lib.masked_mean(parts["lambda_sum"], count),
+          "distill/agreement": terms_lib.masked_mean(parts["agree_sum"], count),
+          "distill/count": count,
+      }
+  )
   return loss, metrics
 
 
-def distillation_loss(recipe: Recipe | ml_collections.ConfigDict, *, student_logits: Array,
-                      teacher_logits: Array | None, aux: dict, t: Array,
-                      progress: Array | float) -> tuple[Array, dict]:
+def distillation_loss(
+    recipe: Recipe | ml_collections.ConfigDict,
+    *,
+    student_logits: Array,
+    teacher_logits: Array | None,
+    aux: dict,
+    t: Array,
+    progress: Array | float,
+) -> tuple[Array, dict]:
   """The weighted distillation term of one step and its metrics.
 
   Args:
@@ -314,8 +394,16 @@ def distillation_loss(recipe: Recipe | ml_collections.ConfigDict, *, student_log
   """
   if isinstance(recipe, ml_collections.ConfigDict):
     recipe = validate_distill_config(
-        recipe, student_vocab=student_logits.shape[-1],
-        teacher_vocab=None if teacher_logits is None else teacher_logits.shape[-1])
-  parts = distillation_parts(recipe, student_logits=student_logits,
-                             teacher_logits=teacher_logits, aux=aux, t=t, progress=progress)
+        recipe,
+        student_vocab=student_logits.shape[-1],
+        teacher_vocab=None if teacher_logits is None else teacher_logits.shape[-1],
+    )
+  parts = distillation_parts(
+      recipe,
+      student_logits=student_logits,
+      teacher_logits=teacher_logits,
+      aux=aux,
+      t=t,
+      progress=progress,
+  )
   return finalize(recipe, parts)

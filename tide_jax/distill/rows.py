@@ -66,8 +66,9 @@ def map_blocks(fn, xs: Any, n: int, block: int) -> Any:
 
   def body(k, buffers):
     ys = fn(jax.tree.map(lambda a: take(a, k), xs))
-    return jax.tree.map(lambda buf, y: jax.lax.dynamic_update_index_in_dim(buf, y, k, axis=1),
-                        buffers, ys)
+    return jax.tree.map(
+        lambda buf, y: jax.lax.dynamic_update_index_in_dim(buf, y, k, axis=1), buffers, ys
+    )
 
   out = jax.lax.fori_loop(0, nb, body, init)
   return jax.tree.map(lambda o: o.reshape(block * nb, *o.shape[2:])[:n], out)
@@ -129,19 +130,26 @@ def _block_teacher(teacher, xs):
 def check_inputs(student: Array, teacher: Array | None, teacher_rows: Array | None) -> None:
   """Raises a clear error for mismatched shapes (static checks, at trace time)."""
   if student.ndim != 2:
-    raise ValueError(f"student logits must be [positions, vocab], got shape {student.shape}; "
-                     "flatten the batch and sequence axes first.")
+    raise ValueError(
+        f"student logits must be [positions, vocab], got shape {student.shape}; "
+        "flatten the batch and sequence axes first."
+    )
   if teacher is None:
     return
   if teacher.ndim != 2:
-    raise ValueError(f"teacher logits must be [rows, vocab], got shape {teacher.shape}; "
-                     "flatten the batch and sequence axes first.")
+    raise ValueError(
+        f"teacher logits must be [rows, vocab], got shape {teacher.shape}; "
+        "flatten the batch and sequence axes first."
+    )
   if teacher_rows is None and teacher.shape[0] != student.shape[0]:
-    raise ValueError(f"teacher logits have {teacher.shape[0]} rows but the student has "
-                     f"{student.shape[0]} positions; pass teacher_rows to pair them.")
+    raise ValueError(
+        f"teacher logits have {teacher.shape[0]} rows but the student has "
+        f"{student.shape[0]} positions; pass teacher_rows to pair them."
+    )
   if teacher_rows is not None and teacher_rows.shape != (student.shape[0],):
-    raise ValueError(f"teacher_rows must have shape ({student.shape[0]},), got "
-                     f"{teacher_rows.shape}.")
+    raise ValueError(
+        f"teacher_rows must have shape ({student.shape[0]},), got " f"{teacher_rows.shape}."
+    )
 
 
 def _map_value(kernel, chunk_size, student, teacher, teacher_rows, extra):
@@ -186,9 +194,15 @@ def _rowwise_bwd(kernel, chunk_size, res, cotangent):
 _rowwise.defvjp(_rowwise_fwd, _rowwise_bwd)
 
 
-def rowwise(kernel: Any, student: Array, teacher: Array | None = None,
-            teacher_rows: Array | None = None, extra: Any = None, *,
-            chunk_size: int = DEFAULT_CHUNK_SIZE) -> Array:
+def rowwise(
+    kernel: Any,
+    student: Array,
+    teacher: Array | None = None,
+    teacher_rows: Array | None = None,
+    extra: Any = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Array:
   """Per-row values ``[N]`` of ``kernel``, differentiable in ``student`` only.
 
   Args:
@@ -208,8 +222,14 @@ def rowwise(kernel: Any, student: Array, teacher: Array | None = None,
   return _rowwise(kernel, chunk_size, student, teacher, teacher_rows, extra)
 
 
-def map_rows(fn, logits: Array, rows: Array | None = None, extra: Any = None, *,
-             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Any:
+def map_rows(
+    fn,
+    logits: Array,
+    rows: Array | None = None,
+    extra: Any = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Any:
   """Non-differentiable per-row statistics ``fn(block [c, V] raw dtype, extra) -> [c, ...]``.
 
   ``rows`` (``[N]`` int32) gathers the rows to visit from ``logits [R, V]``; without it

@@ -30,6 +30,7 @@ class TeacherInputs(NamedTuple):
   ``position_ids [B, S]`` int32; the predictions for teacher position j are output
   position ``prediction_offset + j`` (``S = rows_per_sequence``).
   """
+
   input_ids: Array
   attention_mask: Array
   position_ids: Array
@@ -37,8 +38,11 @@ class TeacherInputs(NamedTuple):
   rows_per_sequence: int
 
   def model_kwargs(self) -> dict:
-    return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-            "position_ids": self.position_ids}
+    return {
+        "input_ids": self.input_ids,
+        "attention_mask": self.attention_mask,
+        "position_ids": self.position_ids,
+    }
 
 
 def noised_ids(clean_ids: Array, masked: Array, mask_token_id: int) -> Array:
@@ -46,8 +50,9 @@ def noised_ids(clean_ids: Array, masked: Array, mask_token_id: int) -> Array:
   return jnp.where(masked, jnp.asarray(mask_token_id, clean_ids.dtype), clean_ids)
 
 
-def bidirectional_inputs(clean_ids: Array, masked: Array, valid: Array, *,
-                         mask_token_id: int) -> TeacherInputs:
+def bidirectional_inputs(
+    clean_ids: Array, masked: Array, valid: Array, *, mask_token_id: int
+) -> TeacherInputs:
   """(a) ``[B, Lt]`` ids and masks -> bidirectional single-sequence teacher inputs."""
   batch, length = clean_ids.shape
   ids = noised_ids(clean_ids, masked, mask_token_id).astype(jnp.int32)
@@ -56,31 +61,40 @@ def bidirectional_inputs(clean_ids: Array, masked: Array, valid: Array, *,
   return TeacherInputs(ids, attention, positions, 0, length)
 
 
-def x0_xt_inputs(clean_ids: Array, masked: Array, *, block_size: int, mask_token_id: int,
-                 valid: Array | None = None) -> TeacherInputs:
+def x0_xt_inputs(
+    clean_ids: Array,
+    masked: Array,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    valid: Array | None = None,
+) -> TeacherInputs:
   """(b) ``[x0 ; x_t]`` of length 2 Lt with the swapped BD3LM mask.
 
   ``valid`` (optional ``[B, Lt]`` bool) removes padding keys from both halves; by default
   padding is attended like content, as in BD3LM training.
   """
   batch, length = clean_ids.shape
-  ids = jnp.concatenate([clean_ids, noised_ids(clean_ids, masked, mask_token_id)],
-                        axis=1).astype(jnp.int32)
+  ids = jnp.concatenate([clean_ids, noised_ids(clean_ids, masked, mask_token_id)], axis=1).astype(
+      jnp.int32
+  )
   base = np.asarray(masks_lib.bd3lm_attention_mask(length, block_size, x0_first=True))
   attention = jnp.broadcast_to(jnp.asarray(base)[None, None], (batch, 1, 2 * length, 2 * length))
   if valid is not None:
     keys = jnp.concatenate([valid, valid], axis=1)
     attention = (attention & keys[:, None, None, :]) | jnp.eye(2 * length, dtype=bool)
-  positions = jnp.broadcast_to(jnp.tile(jnp.arange(length, dtype=jnp.int32), 2),
-                               (batch, 2 * length))
+  positions = jnp.broadcast_to(
+      jnp.tile(jnp.arange(length, dtype=jnp.int32), 2), (batch, 2 * length)
+  )
   return TeacherInputs(ids, attention, positions, length, 2 * length)
 
 
 BUILDERS = ("bidirectional", "bd3lm_x0_first")
 
 
-def build(name: str, clean_ids: Array, masked: Array, valid: Array, *, block_size: int,
-          mask_token_id: int) -> TeacherInputs:
+def build(
+    name: str, clean_ids: Array, masked: Array, valid: Array, *, block_size: int, mask_token_id: int
+) -> TeacherInputs:
   """The registered builder ``name``: "bidirectional" is (a), "bd3lm_x0_first" is (b)."""
   if name == "bidirectional":
     return bidirectional_inputs(clean_ids, masked, valid, mask_token_id=mask_token_id)
@@ -92,16 +106,20 @@ def build(name: str, clean_ids: Array, masked: Array, valid: Array, *, block_siz
 def prediction_logits(inputs: TeacherInputs, logits: Array) -> Array:
   """The teacher's predictions ``[B, Lt, V]`` from its output ``[B, S, V]`` (x_t half for (b))."""
   length = inputs.rows_per_sequence - inputs.prediction_offset
-  return logits[:, inputs.prediction_offset:inputs.prediction_offset + length]
+  return logits[:, inputs.prediction_offset : inputs.prediction_offset + length]
 
 
-def position_rows(batch: int, length: int, *, rows_per_sequence: int | None = None,
-                  offset: int = 0) -> Array:
+def position_rows(
+    batch: int, length: int, *, rows_per_sequence: int | None = None, offset: int = 0
+) -> Array:
   """Row of each teacher position ``[batch, length]`` in the flattened output
   ``[batch * S, V]`` of a single (not doubled) teacher call."""
   stride = length if rows_per_sequence is None else rows_per_sequence
-  return (jnp.arange(batch, dtype=jnp.int32)[:, None] * stride + offset
-          + jnp.arange(length, dtype=jnp.int32)[None, :])
+  return (
+      jnp.arange(batch, dtype=jnp.int32)[:, None] * stride
+      + offset
+      + jnp.arange(length, dtype=jnp.int32)[None, :]
+  )
 
 
 def student_rows(teacher_rows: Array, pair_teacher_pos: Array) -> Array:

@@ -40,6 +40,7 @@ MIDRANGE_WIDTH = 0.15
 @dataclasses.dataclass(frozen=True)
 class TidalOptions:
   """TIDAL's schedule (SPEC 3.1): lambda grows from ``l0`` to ``l1`` over training."""
+
   l0: float = 0.1
   l1: float = 0.9
   growth: str = "cosine"
@@ -47,14 +48,18 @@ class TidalOptions:
   timestep_weight: str = "midrange"
 
   def __post_init__(self):
-    for name, value, allowed in (("growth", self.growth, GROWTHS), ("axis", self.axis, AXES),
-                                 ("timestep_weight", self.timestep_weight, TIMESTEP_WEIGHTS)):
+    for name, value, allowed in (
+        ("growth", self.growth, GROWTHS),
+        ("axis", self.axis, AXES),
+        ("timestep_weight", self.timestep_weight, TIMESTEP_WEIGHTS),
+    ):
       if value not in allowed:
         raise ValueError(f"Unknown TIDAL {name} {value!r}; use one of {', '.join(allowed)}.")
 
 
-def tidal_lambda(progress: Array | float, t: Array, options: TidalOptions = TidalOptions()
-                 ) -> Array:
+def tidal_lambda(
+    progress: Array | float, t: Array, options: TidalOptions = TidalOptions()
+) -> Array:
   """lambda(p, t) for training progress ``p`` in [0, 1] and diffusion times ``t`` (any shape).
 
   training axis ``l0 + (l1 - l0) g(p)`` with ``g(p) = (1 - cos(pi p)) / 2`` or ``p``;
@@ -79,7 +84,7 @@ def timestep_weight(t: Array, mode: str = "midrange") -> Array:
     return jnp.ones_like(t)
   if mode != "midrange":
     raise ValueError(f"Unknown timestep weight {mode!r}; use midrange or uniform.")
-  return jnp.exp(-((t - MIDRANGE_CENTER) ** 2) / (2.0 * MIDRANGE_WIDTH ** 2))
+  return jnp.exp(-((t - MIDRANGE_CENTER) ** 2) / (2.0 * MIDRANGE_WIDTH**2))
 
 
 # ----------------------------------------------------------------------------- row kernels
@@ -91,7 +96,7 @@ class _Kernel:
   shared_vocab: int | None = None
 
   def cut(self, z):
-    return z if self.shared_vocab is None else z[:, :self.shared_vocab]
+    return z if self.shared_vocab is None else z[:, : self.shared_vocab]
 
   def log_probs(self, z):
     return jax.nn.log_softmax(self.cut(z) / self.temperature, axis=-1)
@@ -102,7 +107,7 @@ class _ForwardKL(_Kernel):
 
   def value(self, zs, zt, extra):
     ls, lt = self.log_probs(zs), self.log_probs(zt)
-    return self.temperature ** 2 * jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
+    return self.temperature**2 * jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
 
   def grad(self, zs, zt, extra):
     return self.temperature * (jnp.exp(self.log_probs(zs)) - jnp.exp(self.log_probs(zt)))
@@ -113,7 +118,7 @@ class _ReverseKL(_Kernel):
 
   def value(self, zs, zt, extra):
     ls, lt = self.log_probs(zs), self.log_probs(zt)
-    return self.temperature ** 2 * jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
+    return self.temperature**2 * jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
 
   def grad(self, zs, zt, extra):
     ls, lt = self.log_probs(zs), self.log_probs(zt)
@@ -132,11 +137,12 @@ class _Tidal(_Kernel):
 
   def value(self, zs, zt, lam):
     ls, lr = self.log_probs(zs), self.target_log_probs(zs, zt, lam)
-    return self.temperature ** 2 * jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1)
+    return self.temperature**2 * jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1)
 
   def grad(self, zs, zt, lam):
-    return self.temperature * (jnp.exp(self.log_probs(zs))
-                               - jnp.exp(self.target_log_probs(zs, zt, lam)))
+    return self.temperature * (
+        jnp.exp(self.log_probs(zs)) - jnp.exp(self.target_log_probs(zs, zt, lam))
+    )
 
 
 class _TargetLogProb(_Kernel):
@@ -154,18 +160,23 @@ class _TargetLogProb(_Kernel):
 # ----------------------------------------------------------------------------- helpers
 
 
-def resolve_shared_vocab(student_vocab: int, teacher_vocab: int,
-                         shared_vocab: int | None) -> int | None:
+def resolve_shared_vocab(
+    student_vocab: int, teacher_vocab: int, shared_vocab: int | None
+) -> int | None:
   """The column cut to apply (None when the vocabularies already match)."""
   if shared_vocab is None:
     if student_vocab != teacher_vocab:
-      raise ValueError(f"The student vocabulary ({student_vocab}) and the teacher vocabulary "
-                       f"({teacher_vocab}) differ; set distill.shared_vocab to the size of "
-                       "their common prefix.")
+      raise ValueError(
+          f"The student vocabulary ({student_vocab}) and the teacher vocabulary "
+          f"({teacher_vocab}) differ; set distill.shared_vocab to the size of "
+          "their common prefix."
+      )
     return None
   if not 0 < shared_vocab <= min(student_vocab, teacher_vocab):
-    raise ValueError(f"distill.shared_vocab={shared_vocab} must be between 1 and the smaller "
-                     f"vocabulary ({min(student_vocab, teacher_vocab)}).")
+    raise ValueError(
+        f"distill.shared_vocab={shared_vocab} must be between 1 and the smaller "
+        f"vocabulary ({min(student_vocab, teacher_vocab)})."
+    )
   return None if shared_vocab == student_vocab == teacher_vocab else shared_vocab
 
 
@@ -193,33 +204,55 @@ def _pair_kernel(cls, student_logits, teacher_logits, temperature, shared_vocab)
 # ----------------------------------------------------------------------------- terms
 
 
-def forward_kl(student_logits: Array, teacher_logits: Array, weights: Array, *,
-               temperature: float = 2.0, shared_vocab: int | None = None,
-               teacher_rows: Array | None = None,
-               chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+def forward_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    weights: Array,
+    *,
+    temperature: float = 2.0,
+    shared_vocab: int | None = None,
+    teacher_rows: Array | None = None,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> tuple[Array, Array]:
   """Forward KL(teacher || student) at temperature T, times T^2. Returns (loss_sum, count)."""
   kernel = _pair_kernel(_ForwardKL, student_logits, teacher_logits, temperature, shared_vocab)
-  per_row = rows_lib.rowwise(kernel, student_logits, teacher_logits, teacher_rows,
-                             chunk_size=chunk_size)
+  per_row = rows_lib.rowwise(
+      kernel, student_logits, teacher_logits, teacher_rows, chunk_size=chunk_size
+  )
   return _weighted(per_row, weights)
 
 
-def reverse_kl(student_logits: Array, teacher_logits: Array, weights: Array, *,
-               temperature: float = 2.0, shared_vocab: int | None = None,
-               teacher_rows: Array | None = None,
-               chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+def reverse_kl(
+    student_logits: Array,
+    teacher_logits: Array,
+    weights: Array,
+    *,
+    temperature: float = 2.0,
+    shared_vocab: int | None = None,
+    teacher_rows: Array | None = None,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> tuple[Array, Array]:
   """Reverse KL(student || teacher) at temperature T, times T^2. Returns (loss_sum, count)."""
   kernel = _pair_kernel(_ReverseKL, student_logits, teacher_logits, temperature, shared_vocab)
-  per_row = rows_lib.rowwise(kernel, student_logits, teacher_logits, teacher_rows,
-                             chunk_size=chunk_size)
+  per_row = rows_lib.rowwise(
+      kernel, student_logits, teacher_logits, teacher_rows, chunk_size=chunk_size
+  )
   return _weighted(per_row, weights)
 
 
-def tidal(student_logits: Array, teacher_logits: Array, weights: Array, *, t: Array,
-          progress: Array | float, options: TidalOptions = TidalOptions(),
-          temperature: float = 2.0, shared_vocab: int | None = None,
-          teacher_rows: Array | None = None,
-          chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+def tidal(
+    student_logits: Array,
+    teacher_logits: Array,
+    weights: Array,
+    *,
+    t: Array,
+    progress: Array | float,
+    options: TidalOptions = TidalOptions(),
+    temperature: float = 2.0,
+    shared_vocab: int | None = None,
+    teacher_rows: Array | None = None,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> tuple[Array, Array]:
   """TIDAL (SPEC 3.1): ``T^2 w(t) KL(r || softmax(zs/T))`` with the constant target
   ``r = softmax(((1 - lambda) zs + lambda zt) / T)``.
 
@@ -231,39 +264,66 @@ def tidal(student_logits: Array, teacher_logits: Array, weights: Array, *, t: Ar
   """
   kernel = _pair_kernel(_Tidal, student_logits, teacher_logits, temperature, shared_vocab)
   lam = tidal_lambda(progress, t, options)
-  per_row = rows_lib.rowwise(kernel, student_logits, teacher_logits, teacher_rows, lam,
-                             chunk_size=chunk_size)
+  per_row = rows_lib.rowwise(
+      kernel, student_logits, teacher_logits, teacher_rows, lam, chunk_size=chunk_size
+  )
   return _weighted(per_row * timestep_weight(t, options.timestep_weight), weights)
 
 
-def target_log_probs(logits: Array, targets: Array, *,
-                     chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> Array:
+def target_log_probs(
+    logits: Array, targets: Array, *, chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE
+) -> Array:
   """``log softmax(logits)[targets]`` per row, ``[N, V], [N] -> [N]`` float32, differentiable."""
-  return rows_lib.rowwise(_TargetLogProb(), logits, None, None, targets.astype(jnp.int32),
-                          chunk_size=chunk_size)
+  return rows_lib.rowwise(
+      _TargetLogProb(), logits, None, None, targets.astype(jnp.int32), chunk_size=chunk_size
+  )
 
 
-def gathered_target_log_probs(logits: Array, targets: Array, rows: Array | None = None, *,
-                              chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> Array:
+def gathered_target_log_probs(
+    logits: Array,
+    targets: Array,
+    rows: Array | None = None,
+    *,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> Array:
   """Like :func:`target_log_probs` for a frozen model whose rows are gathered by ``rows``:
   ``logits [R, V]``, ``targets [N]``, ``rows [N]`` -> ``[N]`` float32, no gradient."""
   kernel = _TargetLogProb()
   return rows_lib.map_rows(
-      lambda z, x: kernel.value(z.astype(jnp.float32), None, x), logits, rows,
-      targets.astype(jnp.int32), chunk_size=chunk_size)
+      lambda z, x: kernel.value(z.astype(jnp.float32), None, x),
+      logits,
+      rows,
+      targets.astype(jnp.int32),
+      chunk_size=chunk_size,
+  )
 
 
-def argmax_ids(logits: Array, rows: Array | None = None, *, vocab: int | None = None,
-               chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> Array:
+def argmax_ids(
+    logits: Array,
+    rows: Array | None = None,
+    *,
+    vocab: int | None = None,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> Array:
   """Greedy token of each row (optionally within the first ``vocab`` ids), ``[N]`` int32."""
   return rows_lib.map_rows(
       lambda z, _: jnp.argmax(z if vocab is None else z[:, :vocab], axis=-1).astype(jnp.int32),
-      logits, rows, None, chunk_size=chunk_size)
+      logits,
+      rows,
+      None,
+      chunk_size=chunk_size,
+  )
 
 
-def argmax_agreement(student_logits: Array, teacher_logits: Array, weights: Array, *,
-                     shared_vocab: int | None = None, teacher_rows: Array | None = None,
-                     chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE) -> tuple[Array, Array]:
+def argmax_agreement(
+    student_logits: Array,
+    teacher_logits: Array,
+    weights: Array,
+    *,
+    shared_vocab: int | None = None,
+    teacher_rows: Array | None = None,
+    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+) -> tuple[Array, Array]:
   """(number of distilled positions where both models' argmax agree, count)."""
   cut = resolve_shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1], shared_vocab)
   s = argmax_ids(student_logits, vocab=cut, chunk_size=chunk_size)
@@ -272,7 +332,16 @@ def argmax_agreement(student_logits: Array, teacher_logits: Array, weights: Arra
 
 
 __all__ = [
-    "TidalOptions", "tidal_lambda", "timestep_weight", "resolve_shared_vocab", "masked_mean",
-    "forward_kl", "reverse_kl", "tidal", "target_log_probs", "gathered_target_log_probs",
-    "argmax_ids", "argmax_agreement",
+    "TidalOptions",
+    "tidal_lambda",
+    "timestep_weight",
+    "resolve_shared_vocab",
+    "masked_mean",
+    "forward_kl",
+    "reverse_kl",
+    "tidal",
+    "target_log_probs",
+    "gathered_target_log_probs",
+    "argmax_ids",
+    "argmax_agreement",
 ]

@@ -75,8 +75,15 @@ def midpoint_grid(n: int) -> np.ndarray:
   return ((np.arange(n) + 0.5) / n).astype(np.float32)
 
 
-def prepare_texts(tokenizer, texts: Sequence[str], *, max_len: int, block_size: int,
-                  pad_id: int | None = None, seed: int = 0) -> BpbData:
+def prepare_texts(
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    max_len: int,
+    block_size: int,
+    pad_id: int | None = None,
+    seed: int = 0,
+) -> BpbData:
   """Tokenizes texts (no special tokens) into ``max_len`` windows with fixed mask thresholds."""
   masks.check_block_multiple(max_len, block_size)
   if isinstance(texts, str):
@@ -85,20 +92,22 @@ def prepare_texts(tokenizer, texts: Sequence[str], *, max_len: int, block_size: 
     raise ValueError("The text list is empty; pass at least one non-empty held-out text.")
   pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
   if pad_id is None:
-    raise ValueError("The tokenizer has no pad token; pass pad_id (any id works: padding is "
-                     "never attended to).")
+    raise ValueError(
+        "The tokenizer has no pad token; pass pad_id (any id works: padding is "
+        "never attended to)."
+    )
   windows, num_bytes = [], 0
   for text in texts:
     num_bytes += len(text.encode("utf-8"))
     ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    windows += [ids[i:i + max_len] for i in range(0, len(ids), max_len)]
+    windows += [ids[i : i + max_len] for i in range(0, len(ids), max_len)]
   if num_bytes == 0 or not windows:
     raise ValueError("All texts are empty; bits per byte needs at least one byte of text.")
   ids = np.full((len(windows), max_len), pad_id, np.int32)
   valid = np.zeros((len(windows), max_len), bool)
   for row, window in enumerate(windows):
-    ids[row, :len(window)] = window
-    valid[row, :len(window)] = True
+    ids[row, : len(window)] = window
+    valid[row, : len(window)] = True
   uniforms = np.random.default_rng(seed).random((len(windows), max_len)).astype(np.float32)
   return BpbData(ids, valid, uniforms, num_bytes, len(texts))
 
@@ -120,9 +129,18 @@ def _token_nll(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.
   return jax.lax.map(one, (h, y)).swapaxes(0, 1).reshape(b, length)
 
 
-def elbo_nats(model, ids: jax.Array, valid: jax.Array, uniforms: jax.Array, grid_t: jax.Array,
-              *, block_size: int, mask_token_id: int, schedule: str = "linear",
-              chunk: int | None = None) -> jax.Array:
+def elbo_nats(
+    model,
+    ids: jax.Array,
+    valid: jax.Array,
+    uniforms: jax.Array,
+    grid_t: jax.Array,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    schedule: str = "linear",
+    chunk: int | None = None,
+) -> jax.Array:
   """The diffusion bound on ``-log p`` of each row, in nats: float32 ``[b]`` (jittable).
 
   Args:
@@ -157,15 +175,32 @@ def elbo_nats(model, ids: jax.Array, valid: jax.Array, uniforms: jax.Array, grid
 @functools.lru_cache(maxsize=16)
 def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str, chunk):
   def run(state, ids, valid, uniforms, grid_t):
-    return elbo_nats(nnx.merge(graphdef, state), ids, valid, uniforms, grid_t,
-                     block_size=block_size, mask_token_id=mask_token_id, schedule=schedule,
-                     chunk=chunk)
+    return elbo_nats(
+        nnx.merge(graphdef, state),
+        ids,
+        valid,
+        uniforms,
+        grid_t,
+        block_size=block_size,
+        mask_token_id=mask_token_id,
+        schedule=schedule,
+        chunk=chunk,
+    )
+
   return jax.jit(run)
 
 
-def window_nats(model: nnx.Module, data: BpbData, *, block_size: int, mask_token_id: int,
-                grid: int | Sequence[float] = 8, schedule: str = "linear", batch_size: int = 8,
-                chunk: int | None = None) -> np.ndarray:
+def window_nats(
+    model: nnx.Module,
+    data: BpbData,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    grid: int | Sequence[float] = 8,
+    schedule: str = "linear",
+    batch_size: int = 8,
+    chunk: int | None = None,
+) -> np.ndarray:
   """The bound for every window, float64 ``[n_windows]`` nats, in fixed-size batches."""
   schedules.check_schedule(schedule)
   grid_t = midpoint_grid(grid) if isinstance(grid, int) else np.asarray(grid, np.float32)
@@ -181,29 +216,65 @@ def window_nats(model: nnx.Module, data: BpbData, *, block_size: int, mask_token
     # A short last batch is filled with empty rows (no valid token, zero contribution)
     # so that every batch has the same shape and one compiled program.
     pad = lambda x: np.concatenate([x, np.zeros((fill,) + x.shape[1:], x.dtype)])
-    nats = fn(state, pad(data.ids[rows]), pad(data.valid[rows]), pad(data.uniforms[rows]),
-              jnp.asarray(grid_t))
-    out.append(np.asarray(nats, np.float64)[:batch_size - fill])
+    nats = fn(
+        state,
+        pad(data.ids[rows]),
+        pad(data.valid[rows]),
+        pad(data.uniforms[rows]),
+        jnp.asarray(grid_t),
+    )
+    out.append(np.asarray(nats, np.float64)[: batch_size - fill])
   return np.concatenate(out)
 
 
-def bits_per_byte_from_data(model: nnx.Module, data: BpbData, *, block_size: int,
-                            mask_token_id: int, grid: int | Sequence[float] = 8,
-                            schedule: str = "linear", batch_size: int = 8,
-                            chunk: int | None = None) -> BpbResult:
+def bits_per_byte_from_data(
+    model: nnx.Module,
+    data: BpbData,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    grid: int | Sequence[float] = 8,
+    schedule: str = "linear",
+    batch_size: int = 8,
+    chunk: int | None = None,
+) -> BpbResult:
   """Bits per byte of pre-tokenized text (use in a training loop: tokenize once)."""
-  nats = window_nats(model, data, block_size=block_size, mask_token_id=mask_token_id, grid=grid,
-                     schedule=schedule, batch_size=batch_size, chunk=chunk)
+  nats = window_nats(
+      model,
+      data,
+      block_size=block_size,
+      mask_token_id=mask_token_id,
+      grid=grid,
+      schedule=schedule,
+      batch_size=batch_size,
+      chunk=chunk,
+  )
   bits = float(nats.sum() / math.log(2.0))
-  return BpbResult(bits_per_byte=bits / data.num_bytes, bits_per_token=bits / data.num_tokens,
-                   total_bits=bits, num_bytes=data.num_bytes, num_tokens=data.num_tokens,
-                   num_windows=int(data.ids.shape[0]), num_texts=data.num_texts)
+  return BpbResult(
+      bits_per_byte=bits / data.num_bytes,
+      bits_per_token=bits / data.num_tokens,
+      total_bits=bits,
+      num_bytes=data.num_bytes,
+      num_tokens=data.num_tokens,
+      num_windows=int(data.ids.shape[0]),
+      num_texts=data.num_texts,
+  )
 
 
-def bits_per_byte(model: nnx.Module, tokenizer, texts: Sequence[str], *, block_size: int,
-                  max_len: int, mask_token_id: int, grid: int | Sequence[float] = 8,
-                  schedule: str = "linear", batch_size: int = 8, seed: int = 0,
-                  pad_id: int | None = None) -> BpbResult:
+def bits_per_byte(
+    model: nnx.Module,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    block_size: int,
+    max_len: int,
+    mask_token_id: int,
+    grid: int | Sequence[float] = 8,
+    schedule: str = "linear",
+    batch_size: int = 8,
+    seed: int = 0,
+    pad_id: int | None = None,
+) -> BpbResult:
   """Bits per UTF-8 byte of ``texts`` under the student's diffusion bound.
 
   Args:
@@ -218,7 +289,15 @@ def bits_per_byte(model: nnx.Module, tokenizer, texts: Sequence[str], *, block_s
     batch_size: windows per forward pass.
     seed: seed of the fixed mask thresholds.
   """
-  data = prepare_texts(tokenizer, texts, max_len=max_len, block_size=block_size, pad_id=pad_id,
-                       seed=seed)
-  return bits_per_byte_from_data(model, data, block_size=block_size, mask_token_id=mask_token_id,
-                                 grid=grid, schedule=schedule, batch_size=batch_size)
+  data = prepare_texts(
+      tokenizer, texts, max_len=max_len, block_size=block_size, pad_id=pad_id, seed=seed
+  )
+  return bits_per_byte_from_data(
+      model,
+      data,
+      block_size=block_size,
+      mask_token_id=mask_token_id,
+      grid=grid,
+      schedule=schedule,
+      batch_size=batch_size,
+  )

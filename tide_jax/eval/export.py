@@ -20,8 +20,16 @@ from tide_jax.convert.hf_checkpoint import save_dense_as_hf
 SAMPLER_FILE = "bd3lm.json"
 
 
-def export_student(model, tokenizer, out_dir: str, *, block_size: int, mask_token_id: int,
-                   schedule: str = "linear", max_shard_bytes: int = 2 * 1024**3) -> str:
+def export_student(
+    model,
+    tokenizer,
+    out_dir: str,
+    *,
+    block_size: int,
+    mask_token_id: int,
+    schedule: str = "linear",
+    max_shard_bytes: int = 2 * 1024**3,
+) -> str:
   """Writes the student, its tokenizer and sampler settings to ``out_dir``.
 
   The export is assembled in a temporary sibling directory and renamed at the end, so an
@@ -39,8 +47,10 @@ def export_student(model, tokenizer, out_dir: str, *, block_size: int, mask_toke
   """
   vocab = model.cfg.vocab_size
   if len(tokenizer) > vocab:
-    raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
-                     f"{vocab}; export the student with the tokenizer it was trained with.")
+    raise ValueError(
+        f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+        f"{vocab}; export the student with the tokenizer it was trained with."
+    )
   if not 0 <= mask_token_id < vocab:
     raise ValueError(f"mask_token_id {mask_token_id} is outside the model's vocabulary of {vocab}.")
   if tokenizer.eos_token_id is None:
@@ -50,14 +60,26 @@ def export_student(model, tokenizer, out_dir: str, *, block_size: int, mask_toke
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     generation = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": pad_id}
-    sampler_settings = {"block_size": block_size, "mask_token_id": mask_token_id,
-                        "schedule": schedule, "eos_token_id": tokenizer.eos_token_id}
+    sampler_settings = {
+        "block_size": block_size,
+        "mask_token_id": mask_token_id,
+        "schedule": schedule,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     model_dir = os.path.join(staging, "model")
-    save_dense_as_hf(model, model_dir, max_shard_bytes=max_shard_bytes, extra_files={
-        "generation_config.json": json.dumps(generation, indent=2),
-        SAMPLER_FILE: json.dumps(sampler_settings, indent=2)})
+    save_dense_as_hf(
+        model,
+        model_dir,
+        max_shard_bytes=max_shard_bytes,
+        extra_files={
+            "generation_config.json": json.dumps(generation, indent=2),
+            SAMPLER_FILE: json.dumps(sampler_settings, indent=2),
+        },
+    )
     tokenizer.save_pretrained(model_dir)
     _set_special_ids(os.path.join(model_dir, "config.json"), generation)
     if os.path.exists(out_dir):
@@ -83,7 +105,9 @@ def read_sampler_settings(model_dir: str) -> dict:
   """The ``bd3lm.json`` settings of an exported student."""
   path = os.path.join(model_dir, SAMPLER_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{model_dir} has no {SAMPLER_FILE}; it was not written by "
-                            "export_student, so pass block_size and mask_token_id explicitly.")
+    raise FileNotFoundError(
+        f"{model_dir} has no {SAMPLER_FILE}; it was not written by "
+        "export_student, so pass block_size and mask_token_id explicitly."
+    )
   with open(path) as f:
     return json.load(f)

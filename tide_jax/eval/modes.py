@@ -27,24 +27,29 @@ def load_trained_student(config, workdir: str):
   Returns ``(model, step)``; step is None when no checkpoint exists.
   """
   from tide_jax.train import loop
+
   workdir = loop.absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   latest = checkpoint.find_latest_step(workdir)
   if latest is None:
     if not config.model.get("init_from", ""):
-      raise FileNotFoundError(f"{workdir} holds no checkpoint and model.init_from is empty; "
-                              "train first (--mode=train) or set model.init_from.")
+      raise FileNotFoundError(
+          f"{workdir} holds no checkpoint and model.init_from is empty; "
+          "train first (--mode=train) or set model.init_from."
+      )
     return loop.build_model(config, model_cfg), None
   saved = checkpoint.read_model_meta(workdir, latest)
   if saved is not None:
     checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
   from tide_jax.models import dense
+
   abstract = dense.abstract_decoder(model_cfg)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
   abstract_state = jax.eval_shape(
-      lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params)
+      lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params
+  )
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
   try:
     state, _ = ckpt.restore(latest, abstract_state)
@@ -55,6 +60,7 @@ def load_trained_student(config, workdir: str):
 
 def student_tokenizer(config):
   from tide_jax.data import tokenizers
+
   return tokenizers.get_tokenizer(config.data.tokenizer, config.data.get("chat_template") or None)
 
 
@@ -69,7 +75,8 @@ def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
       temperature=float(s.get("temperature", 0.0)),
       order=s.get("order", "low_confidence"),
       schedule=config.objective.schedule,
-      context_len=int(s.get("context_len", 4096)))
+      context_len=int(s.get("context_len", 4096)),
+  )
 
 
 def held_out_texts(config, limit: int) -> list[str]:
@@ -97,15 +104,24 @@ def make_periodic_bpb(config):
   if not ev.get("bpb_during_training", False):
     return None
   from tide_jax.eval import bpb
+
   texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
-  data = bpb.prepare_texts(student_tokenizer(config), texts, max_len=int(config.data.max_len),
-                           block_size=int(config.block_size))
+  data = bpb.prepare_texts(
+      student_tokenizer(config),
+      texts,
+      max_len=int(config.data.max_len),
+      block_size=int(config.block_size),
+  )
 
   def evaluate(model) -> float:
     return bpb.bits_per_byte_from_data(
-        model, data, block_size=int(config.block_size),
-        mask_token_id=int(config.objective.mask_token_id), grid=int(ev.get("bpb_grid", 8)),
-        schedule=config.objective.schedule).bits_per_byte
+        model,
+        data,
+        block_size=int(config.block_size),
+        mask_token_id=int(config.objective.mask_token_id),
+        grid=int(ev.get("bpb_grid", 8)),
+        schedule=config.objective.schedule,
+    ).bits_per_byte
 
   return evaluate
 
@@ -113,26 +129,46 @@ def make_periodic_bpb(config):
 def run_eval(config, workdir: str) -> dict[str, Any]:
   """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
   from tide_jax.eval import bpb
+
   model, step = load_trained_student(config, workdir)
   tokenizer = student_tokenizer(config)
   ev = config.get("eval", {})
   texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
-  result = bpb.bits_per_byte(model, tokenizer, texts, block_size=int(config.block_size),
-                             max_len=int(config.data.max_len),
-                             mask_token_id=int(config.objective.mask_token_id),
-                             grid=int(ev.get("bpb_grid", 8)), schedule=config.objective.schedule)
-  out = {"step": step, "bits_per_byte": result.bits_per_byte,
-         "bits_per_token": result.bits_per_token, "num_texts": len(texts),
-         "num_bytes": result.num_bytes, "num_tokens": result.num_tokens}
-  print(f"step {step}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
-        f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)", flush=True)
+  result = bpb.bits_per_byte(
+      model,
+      tokenizer,
+      texts,
+      block_size=int(config.block_size),
+      max_len=int(config.data.max_len),
+      mask_token_id=int(config.objective.mask_token_id),
+      grid=int(ev.get("bpb_grid", 8)),
+      schedule=config.objective.schedule,
+  )
+  out = {
+      "step": step,
+      "bits_per_byte": result.bits_per_byte,
+      "bits_per_token": result.bits_per_token,
+      "num_texts": len(texts),
+      "num_bytes": result.num_bytes,
+      "num_tokens": result.num_tokens,
+  }
+  print(
+      f"step {step}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
+      f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)",
+      flush=True,
+  )
   if ev.get("humaneval", False):
     from tide_jax.eval import humaneval
+
     report = os.path.join(workdir, "humaneval.json")
     he = humaneval.evaluate_humaneval(
-        model, tokenizer, sampler_config(config, tokenizer), out_json=report,
+        model,
+        tokenizer,
+        sampler_config(config, tokenizer),
+        out_json=report,
         num_samples=int(ev.get("humaneval_samples", 1)),
-        task_ids=list(ev.get("humaneval_tasks", [])) or None)
+        task_ids=list(ev.get("humaneval_tasks", [])) or None,
+    )
     out["humaneval"] = he["summary"]
     print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
@@ -141,6 +177,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
 
 def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
   from tide_jax.eval import sample_cli
+
   model, _ = load_trained_student(config, workdir)
   tokenizer = student_tokenizer(config)
   cfg = sampler_config(config, tokenizer)
@@ -153,11 +190,17 @@ def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
 
 def run_export(config, workdir: str, out_dir: str | None) -> str:
   from tide_jax.eval import export
+
   model, step = load_trained_student(config, workdir)
   tokenizer = student_tokenizer(config)
   out_dir = out_dir or os.path.join(workdir, "hf_export")
-  path = export.export_student(model, tokenizer, out_dir, block_size=int(config.block_size),
-                               mask_token_id=int(config.objective.mask_token_id),
-                               schedule=config.objective.schedule)
+  path = export.export_student(
+      model,
+      tokenizer,
+      out_dir,
+      block_size=int(config.block_size),
+      mask_token_id=int(config.objective.mask_token_id),
+      schedule=config.objective.schedule,
+  )
   print(f"exported the student (step {step}) to {path}", flush=True)
   return path

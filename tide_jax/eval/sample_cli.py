@@ -36,8 +36,9 @@ class SampleStats:
     return self.new_tokens / max(self.generate_s, 1e-9)
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool = True,
-                   system: str | None = None) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, texts: Sequence[str], *, chat: bool = True, system: str | None = None
+) -> list[list[int]]:
   """Token ids of each prompt, as a single user turn of the chat template when ``chat``."""
   if isinstance(texts, str) or len(texts) == 0:
     raise ValueError("Give a non-empty list of prompt strings to sample from.")
@@ -46,7 +47,8 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool = True,
   out = []
   for text in texts:
     messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": text}]
+        {"role": "user", "content": text}
+    ]
     out.append(encode_chat(tokenizer, messages))
   return out
 
@@ -57,8 +59,9 @@ def encode_chat(tokenizer, messages: Sequence[dict]) -> list[int]:
   return tokenizer.encode(text, add_special_tokens=False)
 
 
-def timed_generate(model, prompts: Sequence[Sequence[int]], cfg: sampler.SamplerConfig,
-                   key: jax.Array) -> tuple[list[list[int]], SampleStats]:
+def timed_generate(
+    model, prompts: Sequence[Sequence[int]], cfg: sampler.SamplerConfig, key: jax.Array
+) -> tuple[list[list[int]], SampleStats]:
   """Generates with compile and run timed separately: (tokens up to EOS, stats)."""
   cfg.validate()
   ids, valid, lengths = sampler.pad_prompts(prompts, cfg)
@@ -69,30 +72,55 @@ def timed_generate(model, prompts: Sequence[Sequence[int]], cfg: sampler.Sampler
   tokens = np.asarray(jax.block_until_ready(tokens))
   done = time.perf_counter()
   new = sampler.truncate_at_eos(tokens, cfg.eos_token_id)
-  stats = SampleStats(compile_s=compiled - start, generate_s=done - compiled,
-                      new_tokens=sum(map(len, new)), blocks_run=int(blocks))
+  stats = SampleStats(
+      compile_s=compiled - start,
+      generate_s=done - compiled,
+      new_tokens=sum(map(len, new)),
+      blocks_run=int(blocks),
+  )
   return new, stats
 
 
-def run_sample(model, tokenizer, texts: Sequence[str], cfg: sampler.SamplerConfig, *,
-               chat: bool = True, system: str | None = None, seed: int = 0,
-               print_fn: Callable[[str], None] = print) -> tuple[list[Generation], SampleStats]:
+def run_sample(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    cfg: sampler.SamplerConfig,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    seed: int = 0,
+    print_fn: Callable[[str], None] = print,
+) -> tuple[list[Generation], SampleStats]:
   """Generates a reply to every prompt in one batch and prints them with tokens/s."""
   prompts = encode_prompts(tokenizer, texts, chat=chat, system=system)
   new, stats = timed_generate(model, prompts, cfg, jax.random.PRNGKey(seed))
-  generations = [Generation(prompt=text, text=tokenizer.decode(ids, skip_special_tokens=True),
-                            new_tokens=len(ids)) for text, ids in zip(texts, new)]
+  generations = [
+      Generation(
+          prompt=text, text=tokenizer.decode(ids, skip_special_tokens=True), new_tokens=len(ids)
+      )
+      for text, ids in zip(texts, new)
+  ]
   for i, g in enumerate(generations):
     print_fn(f"=== prompt {i}: {g.prompt}\n{g.text}\n--- {g.new_tokens} new tokens")
-  print_fn(f"batch of {len(texts)}: {stats.new_tokens} new tokens in {stats.generate_s:.2f} s "
-           f"= {stats.tokens_per_s:.1f} tokens/s ({stats.blocks_run} blocks; compile "
-           f"{stats.compile_s:.1f} s)")
+  print_fn(
+      f"batch of {len(texts)}: {stats.new_tokens} new tokens in {stats.generate_s:.2f} s "
+      f"= {stats.tokens_per_s:.1f} tokens/s ({stats.blocks_run} blocks; compile "
+      f"{stats.compile_s:.1f} s)"
+  )
   return generations, stats
 
 
-def interactive_chat(model, tokenizer, cfg: sampler.SamplerConfig, *, system: str | None = None,
-                     seed: int = 0, input_fn: Callable[[str], str] = input,
-                     print_fn: Callable[[str], None] = print) -> list[dict]:
+def interactive_chat(
+    model,
+    tokenizer,
+    cfg: sampler.SamplerConfig,
+    *,
+    system: str | None = None,
+    seed: int = 0,
+    input_fn: Callable[[str], str] = input,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict]:
   """A terminal chat; ``/reset`` clears the conversation, ``/exit`` (or end of input) quits.
 
   Returns the final conversation (list of chat messages).
@@ -117,8 +145,9 @@ def interactive_chat(model, tokenizer, cfg: sampler.SamplerConfig, *, system: st
       continue
     attempt = messages + [{"role": "user", "content": line}]
     try:
-      new, stats = timed_generate(model, [encode_chat(tokenizer, attempt)], cfg,
-                                  jax.random.fold_in(key, turn))
+      new, stats = timed_generate(
+          model, [encode_chat(tokenizer, attempt)], cfg, jax.random.fold_in(key, turn)
+      )
     except ValueError as err:
       print_fn(f"error: {err} Type /reset to start a new conversation.")
       continue
@@ -141,9 +170,13 @@ def load_student(model_dir: str, **overrides) -> tuple[object, object, sampler.S
   settings = read_sampler_settings(model_dir)
   model = load_dense_from_hf(model_dir)
   tokenizer = get_tokenizer(model_dir)
-  fields = {"block_size": settings["block_size"], "steps_per_block": settings["block_size"],
-            "mask_token_id": settings["mask_token_id"], "eos_token_id": settings["eos_token_id"],
-            "schedule": settings.get("schedule", "linear"),
-            "context_len": model.cfg.max_position_embeddings}
+  fields = {
+      "block_size": settings["block_size"],
+      "steps_per_block": settings["block_size"],
+      "mask_token_id": settings["mask_token_id"],
+      "eos_token_id": settings["eos_token_id"],
+      "schedule": settings.get("schedule", "linear"),
+      "context_len": model.cfg.max_position_embeddings,
+  }
   fields.update(overrides)
   return model, tokenizer, sampler.SamplerConfig(**fields)

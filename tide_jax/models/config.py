@@ -110,35 +110,47 @@ def _rope_settings(hf: Mapping[str, Any]) -> tuple[float, float]:
   if rope_type not in ("default", None):
     raise ValueError(
         f"RoPE type {rope_type!r} is not supported; only the default (unscaled) RoPE is "
-        "implemented; remove rope_scaling from config.json or add the variant.")
+        "implemented; remove rope_scaling from config.json or add the variant."
+    )
   theta = rope.get("rope_theta", hf.get("rope_theta"))
   if theta is None:
-    raise ValueError("config.json has no RoPE base; expected rope_parameters.rope_theta "
-                     "or rope_theta.")
+    raise ValueError(
+        "config.json has no RoPE base; expected rope_parameters.rope_theta " "or rope_theta."
+    )
   factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
   return float(theta), float(factor)
 
 
-def decoder_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32",
-                           dtype: str = "float32") -> DecoderConfig:
+def decoder_config_from_hf(
+    hf: Mapping[str, Any], *, param_dtype: str = "float32", dtype: str = "float32"
+) -> DecoderConfig:
   """Builds a :class:`DecoderConfig` from the parsed ``config.json`` of a Qwen2/Qwen3 model."""
   model_type = hf.get("model_type")
   if model_type not in DENSE_MODEL_TYPES:
     raise ValueError(
         f"Unsupported architecture model_type={model_type!r} for the dense decoder; "
-        f"supported: {', '.join(DENSE_MODEL_TYPES)}.")
-  required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-              "intermediate_size")
+        f"supported: {', '.join(DENSE_MODEL_TYPES)}."
+    )
+  required = (
+      "vocab_size",
+      "hidden_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "intermediate_size",
+  )
   missing = [k for k in required if k not in hf]
   if missing:
     raise ValueError(f"config.json lacks required keys: {', '.join(missing)}.")
   if hf.get("use_sliding_window", False):
-    raise ValueError("Sliding-window attention is not supported; set use_sliding_window "
-                     "to false in config.json.")
+    raise ValueError(
+        "Sliding-window attention is not supported; set use_sliding_window "
+        "to false in config.json."
+    )
   hidden_act = hf.get("hidden_act", "silu")
   if hidden_act != "silu":
-    raise ValueError(f"Only the SwiGLU (silu) MLP is supported, config.json has "
-                     f"hidden_act={hidden_act!r}.")
+    raise ValueError(
+        f"Only the SwiGLU (silu) MLP is supported, config.json has " f"hidden_act={hidden_act!r}."
+    )
   num_heads = int(hf["num_attention_heads"])
   theta, partial = _rope_settings(hf)
   head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // num_heads
@@ -174,10 +186,13 @@ def read_hf_config(model_dir: str) -> dict[str, Any]:
   """Reads ``config.json`` from a local or remote (``gs://``) HF model directory."""
   path = epath.Path(model_dir)
   if not path.exists():
-    raise FileNotFoundError(f"HF model directory {model_dir} does not exist; pass the "
-                            "directory that holds config.json and the safetensors files.")
+    raise FileNotFoundError(
+        f"HF model directory {model_dir} does not exist; pass the "
+        "directory that holds config.json and the safetensors files."
+    )
   config_path = path / "config.json"
   if not config_path.exists():
-    raise FileNotFoundError(f"{model_dir} has no config.json; pass an HF model directory "
-                            "saved with save_pretrained.")
+    raise FileNotFoundError(
+        f"{model_dir} has no config.json; pass an HF model directory " "saved with save_pretrained."
+    )
   return json.loads(config_path.read_text())

@@ -49,10 +49,12 @@ class Attention(nnx.Module):
     if cfg.o_bias:
       self.o_bias = layers.make_param(rngs, (e,), ("embed",), pd, init="zeros")
     if cfg.qk_norm:
-      self.q_norm = layers.RMSNorm(d, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs,
-                                   axis_name="head_dim")
-      self.k_norm = layers.RMSNorm(d, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs,
-                                   axis_name="head_dim")
+      self.q_norm = layers.RMSNorm(
+          d, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="head_dim"
+      )
+      self.k_norm = layers.RMSNorm(
+          d, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="head_dim"
+      )
 
   def project_qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
     """Queries, keys and values after bias, q/k norm and RoPE: ``[b, L, heads, D]``."""
@@ -68,8 +70,14 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               prefix_kv: KVPair | None = None) -> tuple[jax.Array, KVPair]:
+  def __call__(
+      self,
+      x: jax.Array,
+      cos: jax.Array,
+      sin: jax.Array,
+      mask: jax.Array,
+      prefix_kv: KVPair | None = None,
+  ) -> tuple[jax.Array, KVPair]:
     """Attention output ``[b, L, E]`` and this call's (k, v) ``[b, L, K, D]`` each.
 
     ``prefix_kv`` holds cached keys/values ``[b, S0, K, D]`` that are prepended to this
@@ -80,7 +88,7 @@ class Attention(nnx.Module):
     if prefix_kv is not None:
       k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    attn = layers.masked_gqa_attention(q, k, v, mask, self.cfg.head_dim ** -0.5)
+    attn = layers.masked_gqa_attention(q, k, v, mask, self.cfg.head_dim**-0.5)
     out = jnp.einsum("blhd,hde->ble", attn, self.o[...].astype(x.dtype))
     if self.cfg.o_bias:
       out = out + self.o_bias[...].astype(x.dtype)
@@ -92,11 +100,13 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs):
     pd = resolve_dtype(cfg.param_dtype)
-    self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                     rngs=rngs, axis_name="embed")
+    self.input_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     self.attn = Attention(cfg, rngs=rngs)
-    self.post_attn_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                         rngs=rngs, axis_name="embed")
+    self.post_attn_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask, prefix_kv=None):
@@ -114,14 +124,22 @@ class DenseDecoder(layers.LanguageModelHead, nnx.Module):
     self.cfg = cfg
     self.embed = layers.make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                     rngs=rngs, axis_name="embed")
+    self.final_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     if not cfg.tie_word_embeddings:
-      self.lm_head = layers.make_param(rngs, (cfg.hidden_size, cfg.vocab_size),
-                                       ("embed", "vocab"), pd)
+      self.lm_head = layers.make_param(
+          rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd
+      )
 
-  def hidden_states(self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array,
-                    prefix_kv: Sequence[KVPair] | None = None, return_kv: bool = False):
+  def hidden_states(
+      self,
+      input_ids: jax.Array,
+      positions: jax.Array,
+      attention_mask: jax.Array,
+      prefix_kv: Sequence[KVPair] | None = None,
+      return_kv: bool = False,
+  ):
     """Final-norm hidden states ``[b, L, E]`` (and per-layer (k, v) when ``return_kv``).
 
     Args:
@@ -148,7 +166,6 @@ class DenseDecoder(layers.LanguageModelHead, nnx.Module):
       new_kvs.append(kv)
     x = self.final_norm(x)
     return (x, tuple(new_kvs)) if return_kv else x
-
 
 
 def build_decoder(cfg: DecoderConfig, seed: int = 0) -> DenseDecoder:

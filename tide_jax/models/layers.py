@@ -19,8 +19,14 @@ from tide_jax.parallel import sharding
 NEG_INF = -1e30
 
 
-def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype: Any,
-               init: str = "normal", scale: float = 0.02) -> nnx.Param:
+def make_param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: Any,
+    init: str = "normal",
+    scale: float = 0.02,
+) -> nnx.Param:
   """A parameter with its logical axis names; ``init`` is "normal", "zeros" or "ones"."""
   if len(shape) != len(axes):
     raise ValueError(f"shape {shape} and logical axes {axes} differ in rank.")
@@ -38,8 +44,9 @@ def make_param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None],
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, computed in float32, scaled by a learned weight."""
 
-  def __init__(self, dim: int, eps: float, *, param_dtype: Any, rngs: nnx.Rngs,
-               axis_name: str = "norm"):
+  def __init__(
+      self, dim: int, eps: float, *, param_dtype: Any, rngs: nnx.Rngs, axis_name: str = "norm"
+  ):
     self.eps = eps
     self.weight = make_param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
 
@@ -83,8 +90,9 @@ def as_4d_mask(mask: jax.Array) -> jax.Array:
   raise ValueError(f"attention mask must have rank 2, 3 or 4, got shape {mask.shape}.")
 
 
-def masked_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                         scale: float) -> jax.Array:
+def masked_gqa_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
   """Softmax attention with grouped kv heads and an explicit boolean mask.
 
   Args:
@@ -103,7 +111,7 @@ def masked_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
   scores = jnp.einsum("blkgd,bskd->bkgls", qg, k, preferred_element_type=jnp.float32) * scale
   mask4 = as_4d_mask(mask)
   if mask4.shape[1] == 1:
-    mask5 = mask4[:, :, None]                      # [b, 1, 1, L, S]
+    mask5 = mask4[:, :, None]  # [b, 1, 1, L, S]
   else:
     mask5 = mask4.reshape(mask4.shape[0], kv_heads, groups, length, -1)
   scores = jnp.where(mask5, scores, NEG_INF)
@@ -116,8 +124,15 @@ def masked_gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
 class SwiGLU(nnx.Module):
   """``down(silu(gate(x)) * up(x))`` with ``[in, out]`` kernels."""
 
-  def __init__(self, hidden: int, intermediate: int, *, param_dtype: Any, rngs: nnx.Rngs,
-               mlp_axis: str = "mlp"):
+  def __init__(
+      self,
+      hidden: int,
+      intermediate: int,
+      *,
+      param_dtype: Any,
+      rngs: nnx.Rngs,
+      mlp_axis: str = "mlp",
+  ):
     self.gate = make_param(rngs, (hidden, intermediate), ("embed", mlp_axis), param_dtype)
     self.up = make_param(rngs, (hidden, intermediate), ("embed", mlp_axis), param_dtype)
     self.down = make_param(rngs, (intermediate, hidden), (mlp_axis, "embed"), param_dtype)
@@ -142,8 +157,9 @@ class LanguageModelHead:
   def logits(self, hidden: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
     """Output projection of hidden states ``[..., E] -> [..., V]`` (float32 accumulation)."""
     kernel = self.output_kernel().astype(hidden.dtype)
-    out = jnp.einsum("...e,ev->...v", hidden, kernel,
-                     preferred_element_type=jnp.float32).astype(out_dtype)
+    out = jnp.einsum("...e,ev->...v", hidden, kernel, preferred_element_type=jnp.float32).astype(
+        out_dtype
+    )
     if out.ndim == 3:
       # Keep [b, L, V] logits split over the batch axes (and vocab over tensor) on a mesh.
       out = sharding.constrain(out, ("batch", "length", "vocab"))

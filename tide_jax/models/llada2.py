@@ -31,10 +31,22 @@ MODEL_TYPE = "llada2_moe"
 
 # Keys that change the computation and have no safe default.
 REQUIRED_KEYS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "intermediate_size", "moe_intermediate_size", "num_experts",
-    "num_experts_per_tok", "num_shared_experts", "n_group", "topk_group",
-    "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "rms_norm_eps",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_experts",
+    "num_experts_per_tok",
+    "num_shared_experts",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "norm_topk_prob",
+    "first_k_dense_replace",
+    "rms_norm_eps",
     "use_qk_norm",
 )
 
@@ -83,8 +95,14 @@ class LLaDA2Config:
 
   @property
   def router(self) -> moe.RouterConfig:
-    return moe.RouterConfig(self.num_experts, self.num_experts_per_tok, self.n_group,
-                            self.topk_group, self.routed_scaling_factor, self.norm_topk_prob)
+    return moe.RouterConfig(
+        self.num_experts,
+        self.num_experts_per_tok,
+        self.n_group,
+        self.topk_group,
+        self.routed_scaling_factor,
+        self.norm_topk_prob,
+    )
 
   def is_moe_layer(self, index: int) -> bool:
     return index >= self.first_k_dense_replace
@@ -98,8 +116,9 @@ class LLaDA2Config:
     return dataclasses.replace(self, param_dtype=param_dtype, dtype=dtype)
 
 
-def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32",
-                          dtype: str = "float32") -> LLaDA2Config:
+def llada2_config_from_hf(
+    hf: Mapping[str, Any], *, param_dtype: str = "float32", dtype: str = "float32"
+) -> LLaDA2Config:
   """Builds an :class:`LLaDA2Config` from a parsed ``config.json``.
 
   Raises:
@@ -107,33 +126,46 @@ def llada2_config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32"
       or an unsupported feature (non-sigmoid router, non-silu activation).
   """
   if hf.get("model_type") != MODEL_TYPE:
-    raise ValueError(f"config.json has model_type={hf.get('model_type')!r}, expected "
-                     f"{MODEL_TYPE!r} for the LLaDA2 teacher.")
+    raise ValueError(
+        f"config.json has model_type={hf.get('model_type')!r}, expected "
+        f"{MODEL_TYPE!r} for the LLaDA2 teacher."
+    )
   missing = [k for k in REQUIRED_KEYS if k not in hf]
   if hf.get("rotary_dim") is None and "partial_rotary_factor" not in hf:
     missing.append("partial_rotary_factor")
   if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
     missing.append("rope_theta")
   if missing:
-    raise ValueError(f"config.json of the LLaDA2 model lacks required keys: "
-                     f"{', '.join(missing)}; use the config.json shipped with the checkpoint.")
+    raise ValueError(
+        f"config.json of the LLaDA2 model lacks required keys: "
+        f"{', '.join(missing)}; use the config.json shipped with the checkpoint."
+    )
   score_function = hf.get("score_function", "sigmoid")
   if score_function != "sigmoid":
-    raise ValueError(f"Only the sigmoid router is implemented; config.json has "
-                     f"score_function={score_function!r}.")
+    raise ValueError(
+        f"Only the sigmoid router is implemented; config.json has "
+        f"score_function={score_function!r}."
+    )
   unsupported = [k for k in ("norm_head", "use_sliding_window") if hf.get(k)]
   if unsupported:
-    raise ValueError(f"config.json enables {', '.join(unsupported)}, which the LLaDA2 module "
-                     "does not implement; set them to false only if the weights allow it.")
+    raise ValueError(
+        f"config.json enables {', '.join(unsupported)}, which the LLaDA2 module "
+        "does not implement; set them to false only if the weights allow it."
+    )
   if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"Only SwiGLU (silu) MLPs are implemented; config.json has "
-                     f"hidden_act={hf.get('hidden_act')!r}.")
+    raise ValueError(
+        f"Only SwiGLU (silu) MLPs are implemented; config.json has "
+        f"hidden_act={hf.get('hidden_act')!r}."
+    )
   theta, _ = _rope_settings(hf)
   heads = int(hf["num_attention_heads"])
   head_dim = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
   # An explicit rotary_dim (some configs carry one) wins over the factor.
-  partial = (int(hf["rotary_dim"]) / head_dim if hf.get("rotary_dim") is not None
-             else float(hf["partial_rotary_factor"]))
+  partial = (
+      int(hf["rotary_dim"]) / head_dim
+      if hf.get("rotary_dim") is not None
+      else float(hf["partial_rotary_factor"])
+  )
   eos = hf.get("eos_token_id")
   return LLaDA2Config(
       vocab_size=int(hf["vocab_size"]),
@@ -172,20 +204,28 @@ class LLaDA2Layer(nnx.Module):
 
   def __init__(self, cfg: LLaDA2Config, index: int, *, rngs: nnx.Rngs):
     pd = resolve_dtype(cfg.param_dtype)
-    self.input_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                     rngs=rngs, axis_name="embed")
+    self.input_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     # cfg has the attention fields of DecoderConfig, so the dense decoder's attention serves.
     self.attn = dense.Attention(cfg, rngs=rngs)
-    self.post_attn_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                         rngs=rngs, axis_name="embed")
+    self.post_attn_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     if cfg.is_moe_layer(index):
-      self.mlp = moe.MoEBlock(cfg.hidden_size, cfg.moe_intermediate_size,
-                              cfg.num_shared_experts, cfg.router,
-                              use_expert_bias=cfg.use_expert_bias, param_dtype=pd, rngs=rngs,
-                              dispatch=cfg.moe_dispatch, mesh=cfg.expert_mesh)
+      self.mlp = moe.MoEBlock(
+          cfg.hidden_size,
+          cfg.moe_intermediate_size,
+          cfg.num_shared_experts,
+          cfg.router,
+          use_expert_bias=cfg.use_expert_bias,
+          param_dtype=pd,
+          rngs=rngs,
+          dispatch=cfg.moe_dispatch,
+          mesh=cfg.expert_mesh,
+      )
     else:
-      self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd,
-                               rngs=rngs)
+      self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, param_dtype=pd, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask):
     attn_out, _ = self.attn(self.input_norm(x), cos, sin, mask)
@@ -198,21 +238,25 @@ class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
 
   def __init__(self, cfg: LLaDA2Config, *, rngs: nnx.Rngs):
     if cfg.num_heads % cfg.num_kv_heads:
-      raise ValueError(f"num_attention_heads {cfg.num_heads} is not a multiple of "
-                       f"num_key_value_heads {cfg.num_kv_heads}.")
+      raise ValueError(
+          f"num_attention_heads {cfg.num_heads} is not a multiple of "
+          f"num_key_value_heads {cfg.num_kv_heads}."
+      )
     pd = resolve_dtype(cfg.param_dtype)
     self.cfg = cfg
-    self.embed = layers.make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                   pd)
+    self.embed = layers.make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([LLaDA2Layer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = layers.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd,
-                                     rngs=rngs, axis_name="embed")
+    self.final_norm = layers.RMSNorm(
+        cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, rngs=rngs, axis_name="embed"
+    )
     if not cfg.tie_word_embeddings:
-      self.lm_head = layers.make_param(rngs, (cfg.hidden_size, cfg.vocab_size),
-                                       ("embed", "vocab"), pd)
+      self.lm_head = layers.make_param(
+          rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd
+      )
 
-  def hidden_states(self, input_ids: jax.Array, positions: jax.Array,
-                    attention_mask: jax.Array) -> jax.Array:
+  def hidden_states(
+      self, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array
+  ) -> jax.Array:
     """Final-norm hidden states ``[b, L, E]``.
 
     Args:
@@ -221,8 +265,9 @@ class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
       attention_mask: bool ``[L, L]``, ``[b, L, L]`` or ``[b, 1|H, L, L]`` (True = attend).
     """
     dtype = resolve_dtype(self.cfg.dtype)
-    x = sharding.constrain(jnp.take(self.embed[...], input_ids, axis=0).astype(dtype),
-                           dense.ACTIVATION_AXES)
+    x = sharding.constrain(
+        jnp.take(self.embed[...], input_ids, axis=0).astype(dtype), dense.ACTIVATION_AXES
+    )
     cos, sin = layers.rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
     mask = layers.as_4d_mask(attention_mask)
     for layer in self.layers:

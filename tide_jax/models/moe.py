@@ -53,18 +53,23 @@ class RouterConfig:
 
   def __post_init__(self):
     if self.num_experts % self.n_group:
-      raise ValueError(f"num_experts {self.num_experts} is not divisible by n_group "
-                       f"{self.n_group}; fix n_group in config.json.")
+      raise ValueError(
+          f"num_experts {self.num_experts} is not divisible by n_group "
+          f"{self.n_group}; fix n_group in config.json."
+      )
     if not 1 <= self.topk_group <= self.n_group:
       raise ValueError(f"topk_group {self.topk_group} must be in [1, n_group={self.n_group}].")
     per_group = self.num_experts // self.n_group
     if not 1 <= self.top_k <= self.topk_group * per_group:
-      raise ValueError(f"num_experts_per_tok {self.top_k} must be in [1, "
-                       f"{self.topk_group * per_group}] (experts in the kept groups).")
+      raise ValueError(
+          f"num_experts_per_tok {self.top_k} must be in [1, "
+          f"{self.topk_group * per_group}] (experts in the kept groups)."
+      )
 
 
-def route(router_logits: jax.Array, expert_bias: jax.Array | None,
-          cfg: RouterConfig) -> tuple[jax.Array, jax.Array]:
+def route(
+    router_logits: jax.Array, expert_bias: jax.Array | None, cfg: RouterConfig
+) -> tuple[jax.Array, jax.Array]:
   """Chooses experts and their weights.
 
   Args:
@@ -81,10 +86,10 @@ def route(router_logits: jax.Array, expert_bias: jax.Array | None,
   per_group = e // cfg.n_group
   grouped = biased.reshape(t, cfg.n_group, per_group)
   best_two = jax.lax.top_k(grouped, min(2, per_group))[0]
-  group_scores = jnp.sum(best_two, axis=-1)                        # [T, G]
-  _, kept_groups = jax.lax.top_k(group_scores, cfg.topk_group)     # [T, topk_group]
+  group_scores = jnp.sum(best_two, axis=-1)  # [T, G]
+  _, kept_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [T, topk_group]
   group_kept = jnp.any(kept_groups[..., None] == jnp.arange(cfg.n_group), axis=-2)
-  expert_kept = jnp.repeat(group_kept, per_group, axis=-1)         # [T, E]
+  expert_kept = jnp.repeat(group_kept, per_group, axis=-1)  # [T, E]
   candidates = jnp.where(expert_kept, biased, -jnp.inf)
   _, experts = jax.lax.top_k(candidates, cfg.top_k)
   weights = jnp.take_along_axis(scores, experts, axis=-1)
@@ -93,8 +98,14 @@ def route(router_logits: jax.Array, expert_bias: jax.Array | None,
   return weights * cfg.routed_scaling_factor, experts.astype(jnp.int32)
 
 
-def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
-                   up: jax.Array, down: jax.Array) -> jax.Array:
+def sparse_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+) -> jax.Array:
   """Weighted sum of the chosen experts' SwiGLU outputs by sorted ragged matmuls.
 
   Args:
@@ -110,7 +121,7 @@ def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: j
   t, k = experts.shape
   num_experts = gate.shape[0]
   flat_experts = experts.reshape(-1)
-  order = jnp.argsort(flat_experts, stable=True)                   # [T*k] sorted by expert
+  order = jnp.argsort(flat_experts, stable=True)  # [T*k] sorted by expert
   token_of = order // k
   rows = jnp.take(x, token_of, axis=0)
   # Ids equal to num_experts (experts held elsewhere) sort last and fall outside every group.
@@ -120,16 +131,23 @@ def sparse_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: j
   g = jax.lax.ragged_dot(rows, gate.astype(dtype), group_sizes)
   u = jax.lax.ragged_dot(rows, up.astype(dtype), group_sizes)
   h = (jax.nn.silu(g) * u).astype(dtype)
-  y = jax.lax.ragged_dot(h, down.astype(dtype), group_sizes,
-                         preferred_element_type=jnp.float32)       # [T*k, H]
+  y = jax.lax.ragged_dot(
+      h, down.astype(dtype), group_sizes, preferred_element_type=jnp.float32
+  )  # [T*k, H]
   y = y * jnp.take(weights.reshape(-1), order)[:, None]
   # Undo the sort with the inverse permutation, then sum each token's k rows in a fixed order.
   unsorted = jnp.take(y, jnp.argsort(order), axis=0).reshape(t, k, -1)
   return jnp.sum(unsorted, axis=1).astype(dtype)
 
 
-def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
-                  up: jax.Array, down: jax.Array) -> jax.Array:
+def dense_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+) -> jax.Array:
   """Reference: runs all E experts on every token and weights them by the routing.
 
   The routing weights scale the ``[T, E, I]`` activations before the down projection, so
@@ -142,12 +160,20 @@ def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
   g = jnp.einsum("th,ehi->tei", x, gate.astype(dtype))
   u = jnp.einsum("th,ehi->tei", x, up.astype(dtype))
   h = (jax.nn.silu(g) * u * combine[:, :, None]).astype(dtype)
-  return jnp.einsum("tei,eih->th", h, down.astype(dtype),
-                    preferred_element_type=jnp.float32).astype(dtype)
+  return jnp.einsum(
+      "tei,eih->th", h, down.astype(dtype), preferred_element_type=jnp.float32
+  ).astype(dtype)
 
 
-def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
-                  up: jax.Array, down: jax.Array, tile: int = 128) -> jax.Array:
+def tiled_experts(
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    tile: int = 128,
+) -> jax.Array:
   """Same result (and arguments) as :func:`sparse_experts`, as a loop over row tiles of
   one expert each.
 
@@ -178,8 +204,9 @@ def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
   dest = jnp.where(owned, (padded_end - padded)[safe] + rank, num_rows - 1)
   rows = jnp.zeros((num_rows, hidden), x.dtype).at[dest].set(jnp.take(x, order // k, axis=0))
   tile_starts = jnp.arange(num_rows // tile) * tile
-  tile_expert = jnp.minimum(jnp.searchsorted(padded_end, tile_starts, side="right"),
-                            num_experts - 1)
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(padded_end, tile_starts, side="right"), num_experts - 1
+  )
   dtype = x.dtype
 
   def one_tile(i, out):
@@ -199,9 +226,17 @@ def tiled_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: ja
 DISPATCH = {"ragged": sparse_experts, "tiled": tiled_experts, "dense": dense_experts}
 
 
-def expert_parallel(dispatch: str, mesh: Mesh, token_axes: tuple[str, ...], x: jax.Array,
-                    weights: jax.Array, experts: jax.Array, gate: jax.Array, up: jax.Array,
-                    down: jax.Array) -> jax.Array:
+def expert_parallel(
+    dispatch: str,
+    mesh: Mesh,
+    token_axes: tuple[str, ...],
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+) -> jax.Array:
   """Expert parallelism over the mesh axis ``expert``: tokens move, expert weights stay.
 
   Each device holds ``E / n`` experts (``n`` = size of the expert axis). Inside
@@ -231,17 +266,21 @@ def expert_parallel(dispatch: str, mesh: Mesh, token_axes: tuple[str, ...], x: j
     mine = (es >= first) & (es < first + local_experts)
     ids = jnp.where(mine, es - first, local_experts)
     y = DISPATCH[dispatch](xs, jnp.where(mine, ws, 0.0), ids, gate, up, down)
-    out = jax.lax.psum_scatter(y.astype(jnp.float32), "expert", scatter_dimension=0,
-                               tiled=True)
+    out = jax.lax.psum_scatter(y.astype(jnp.float32), "expert", scatter_dimension=0, tiled=True)
     return out.astype(x.dtype)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, stacked, stacked,
-                                                   stacked),
-                       out_specs=tokens, check_vma=False)(x, weights, experts, gate, up, down)
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(tokens, tokens, tokens, stacked, stacked, stacked),
+      out_specs=tokens,
+      check_vma=False,
+  )(x, weights, experts, gate, up, down)
 
 
-def expert_parallel_axes(mesh: Mesh | None, num_tokens: int, num_experts: int,
-                         batch_axes: tuple[str, ...]) -> tuple[str, ...] | None:
+def expert_parallel_axes(
+    mesh: Mesh | None, num_tokens: int, num_experts: int, batch_axes: tuple[str, ...]
+) -> tuple[str, ...] | None:
   """The token axes for :func:`expert_parallel`, or None when it does not apply (no mesh,
   an expert axis of size 1, or sizes that do not divide)."""
   if mesh is None or mesh.shape.get("expert", 1) == 1 or num_experts % mesh.shape["expert"]:
@@ -272,10 +311,20 @@ class MoEBlock(nnx.Module):
   ``("expert", "embed", "expert_mlp")``; ``shared`` a SwiGLU of width ``I * num_shared``.
   """
 
-  def __init__(self, hidden: int, expert_width: int, num_shared: int, router_cfg: RouterConfig,
-               *, use_expert_bias: bool, param_dtype: Any, rngs: nnx.Rngs,
-               dispatch: str = "auto", mesh: Mesh | None = None,
-               batch_axes: tuple[str, ...] = ("data", "fsdp", "expert")):
+  def __init__(
+      self,
+      hidden: int,
+      expert_width: int,
+      num_shared: int,
+      router_cfg: RouterConfig,
+      *,
+      use_expert_bias: bool,
+      param_dtype: Any,
+      rngs: nnx.Rngs,
+      dispatch: str = "auto",
+      mesh: Mesh | None = None,
+      batch_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+  ):
     e, i = router_cfg.num_experts, expert_width
     self.router_cfg = router_cfg
     self.dispatch = resolve_dispatch(dispatch)
@@ -283,19 +332,24 @@ class MoEBlock(nnx.Module):
     self.mesh = mesh
     self.batch_axes = tuple(batch_axes)
     self.router = layers.make_param(rngs, (hidden, e), ("embed", None), jnp.float32)
-    self.expert_bias = (layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
-                        if use_expert_bias else None)
+    self.expert_bias = (
+        layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
+        if use_expert_bias
+        else None
+    )
     axes_in, axes_out = ("expert", "embed", "expert_mlp"), ("expert", "expert_mlp", "embed")
     self.gate = layers.make_param(rngs, (e, hidden, i), axes_in, param_dtype)
     self.up = layers.make_param(rngs, (e, hidden, i), axes_in, param_dtype)
     self.down = layers.make_param(rngs, (e, i, hidden), axes_out, param_dtype)
-    self.shared = (layers.SwiGLU(hidden, i * num_shared, param_dtype=param_dtype, rngs=rngs)
-                   if num_shared else None)
+    self.shared = (
+        layers.SwiGLU(hidden, i * num_shared, param_dtype=param_dtype, rngs=rngs)
+        if num_shared
+        else None
+    )
 
   def routing(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(weights, experts)`` ``[T, k]`` for tokens ``x [T, H]``."""
-    logits = jnp.dot(x.astype(jnp.float32), self.router[...],
-                     precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.dot(x.astype(jnp.float32), self.router[...], precision=jax.lax.Precision.HIGHEST)
     bias = None if self.expert_bias is None else self.expert_bias[...]
     return route(logits, bias, self.router_cfg)
 
@@ -305,8 +359,11 @@ class MoEBlock(nnx.Module):
     flat = x.reshape(-1, shape[-1])
     weights, experts = self.routing(flat)
     stacked = (self.gate[...], self.up[...], self.down[...])
-    axes = (None if self.dispatch == "dense" else
-            expert_parallel_axes(self.mesh, flat.shape[0], stacked[0].shape[0], self.batch_axes))
+    axes = (
+        None
+        if self.dispatch == "dense"
+        else expert_parallel_axes(self.mesh, flat.shape[0], stacked[0].shape[0], self.batch_axes)
+    )
     if axes is None:
       out = DISPATCH[self.dispatch](flat, weights, experts, *stacked)
     else:

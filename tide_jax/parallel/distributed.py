@@ -29,8 +29,9 @@ def _int_env(env: Mapping[str, str], name: str) -> int | None:
   try:
     return int(raw)
   except ValueError:
-    raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number or unset "
-                     "it.") from None
+    raise ValueError(
+        f"{name}={raw!r} is not an integer; set it to a whole number or unset " "it."
+    ) from None
 
 
 def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
@@ -48,9 +49,12 @@ def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
   return None
 
 
-def explicit_layout(coordinator: str | None = None, num_processes: int | None = None,
-                    process_id: int | None = None, env: Mapping[str, str] | None = None
-                    ) -> tuple[str, int, int] | None:
+def explicit_layout(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[str, int, int] | None:
   """(coordinator, num_processes, process_id) from arguments or TIDE_* variables, or None."""
   env = os.environ if env is None else env
   coordinator = coordinator or env.get(ENV_COORDINATOR, "").strip() or None
@@ -60,24 +64,31 @@ def explicit_layout(coordinator: str | None = None, num_processes: int | None = 
   if not any(given):
     return None
   if not all(given):
-    raise ValueError(f"A multi-process run needs all of {ENV_COORDINATOR} (host:port), "
-                     f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}; set the missing ones.")
+    raise ValueError(
+        f"A multi-process run needs all of {ENV_COORDINATOR} (host:port), "
+        f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}; set the missing ones."
+    )
   if num_processes < 1 or not 0 <= process_id < num_processes:
-    raise ValueError(f"{ENV_PROCESS_ID}={process_id} must lie in [0, {ENV_NUM_PROCESSES}="
-                     f"{num_processes}); fix the process numbering.")
+    raise ValueError(
+        f"{ENV_PROCESS_ID}={process_id} must lie in [0, {ENV_NUM_PROCESSES}="
+        f"{num_processes}); fix the process numbering."
+    )
   if ":" not in coordinator:
     raise ValueError(f"{ENV_COORDINATOR}={coordinator!r} needs a port, e.g. 10.0.0.2:8476.")
   return coordinator, num_processes, process_id
 
 
-def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> tuple[int, int]:
+def maybe_initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> tuple[int, int]:
   """Initialises JAX's distributed runtime when needed; returns (process_index, count)."""
   import jax
+
   layout = explicit_layout(coordinator, num_processes, process_id)
   if layout is not None and layout[1] > 1:
-    jax.distributed.initialize(coordinator_address=layout[0], num_processes=layout[1],
-                               process_id=layout[2])
+    jax.distributed.initialize(
+        coordinator_address=layout[0], num_processes=layout[1], process_id=layout[2]
+    )
   elif layout is None and detected_cluster() is not None:
     jax.distributed.initialize()
   return jax.process_index(), jax.process_count()

@@ -39,7 +39,8 @@ def check_host_rows(target: NamedSharding, global_rows: int, process_count: int)
     raise ValueError(
         f"This host's devices hold {covered} of the {global_rows} batch rows, not "
         f"{global_rows // process_count}: the mesh's batch axes (data x fsdp x expert) must "
-        "span the hosts; put the tensor axis within a host (e.g. raise data or fsdp).")
+        "span the hosts; put the tensor axis within a host (e.g. raise data or fsdp)."
+    )
 
 
 def _interleave(x: jax.Array, process_count: int) -> jax.Array:
@@ -56,11 +57,12 @@ def make_global_batch_fn(mesh: Mesh, rules: Mapping[str, Any], process_count: in
   def reorder(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
     key = tuple((k, v.shape, v.dtype) for k, v in sorted(arrays.items()))
     if key not in reorder_cache:
-      out_sh = {k: sharding.batch_sharding(mesh, rules, v.ndim, v.shape[0])
-                for k, v in arrays.items()}
+      out_sh = {
+          k: sharding.batch_sharding(mesh, rules, v.ndim, v.shape[0]) for k, v in arrays.items()
+      }
       reorder_cache[key] = jax.jit(
-          lambda t: {k: _interleave(v, process_count) for k, v in t.items()},
-          out_shardings=out_sh)
+          lambda t: {k: _interleave(v, process_count) for k, v in t.items()}, out_shardings=out_sh
+      )
     return reorder_cache[key](arrays)
 
   def global_batch(local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -70,8 +72,7 @@ def make_global_batch_fn(mesh: Mesh, rules: Mapping[str, Any], process_count: in
       rows = value.shape[0] * process_count
       target = sharding.batch_sharding(mesh, rules, value.ndim, rows)
       check_host_rows(target, rows, process_count)
-      out[key] = jax.make_array_from_process_local_data(target, value,
-                                                        (rows,) + value.shape[1:])
+      out[key] = jax.make_array_from_process_local_data(target, value, (rows,) + value.shape[1:])
     return reorder(out) if process_count > 1 else out
 
   return global_batch
@@ -101,8 +102,9 @@ def gather_iterator_states(local_state: Mapping[str, Any]) -> dict[str, Any]:
   return {"hosts": hosts}
 
 
-def local_iterator_state(saved: Mapping[str, Any], process_index: int,
-                         process_count: int) -> dict[str, Any]:
+def local_iterator_state(
+    saved: Mapping[str, Any], process_index: int, process_count: int
+) -> dict[str, Any]:
   """This host's iterator position from a checkpoint's ``gather_iterator_states`` record.
 
   A checkpoint written by a different number of hosts is converted when all hosts stood
@@ -120,8 +122,13 @@ def local_iterator_state(saved: Mapping[str, Any], process_index: int,
     raise ValueError(
         f"The checkpoint's data position was written by {len(hosts)} hosts and cannot be "
         f"split over {process_count}: resume with {len(hosts)} hosts, or with a host count "
-        f"that divides the {consumed} records read so far in the epoch.")
+        f"that divides the {consumed} records read so far in the epoch."
+    )
   state = dict(hosts[0])
-  state.update(epoch=epochs.pop(), offset=consumed // process_count,
-               process_index=process_index, process_count=process_count)
+  state.update(
+      epoch=epochs.pop(),
+      offset=consumed // process_count,
+      process_index=process_index,
+      process_count=process_count,
+  )
   return state

@@ -53,6 +53,8 @@ def describe(stats: dict[str, int] | None, name: str = "train step") -> str:
   """One line for the start-up log."""
   if stats is None:
     return f"{name}: this backend reports no compiled memory statistics"
-  return (f"{name} memory per device: arguments {gib(stats['arguments'])}, outputs "
-          f"{gib(stats['outputs'])} ({gib(stats['aliased'])} donated), temporaries "
-          f"{gib(stats['temporaries'])}; peak about {gib(stats['peak_estimate'])}")
+  return (
+      f"{name} memory per device: arguments {gib(stats['arguments'])}, outputs "
+      f"{gib(stats['outputs'])} ({gib(stats['aliased'])} donated), temporaries "
+      f"{gib(stats['temporaries'])}; peak about {gib(stats['peak_estimate'])}"
+  )

@@ -18,8 +18,9 @@ from tide_jax.parallel import sharding
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs that carry their target sharding (what orbax restores onto)."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def init_sharded(create: Callable[..., Any], shardings: Any, *args: Any) -> Any:
@@ -39,11 +40,14 @@ def shardings_of(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def batch_shardings(example: Mapping[str, np.ndarray], mesh: Mesh,
-                    rules: Mapping[str, Any]) -> dict[str, Any]:
+def batch_shardings(
+    example: Mapping[str, np.ndarray], mesh: Mesh, rules: Mapping[str, Any]
+) -> dict[str, Any]:
   """Per-key batch shardings for a global batch dict (only ranks and rows matter)."""
-  return {k: sharding.batch_sharding(mesh, rules, np.ndim(v), np.shape(v)[0])
-          for k, v in example.items()}
+  return {
+      k: sharding.batch_sharding(mesh, rules, np.ndim(v), np.shape(v)[0])
+      for k, v in example.items()
+  }
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:

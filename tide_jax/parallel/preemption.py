@@ -18,8 +18,10 @@ class Preempted(Exception):
   """Raised by the loop after the preemption checkpoint is safely written (exit code 0)."""
 
   def __init__(self, step: int, workdir: str):
-    super().__init__(f"Preempted: checkpoint of step {step} written to {workdir}; re-run the "
-                     "same command to resume.")
+    super().__init__(
+        f"Preempted: checkpoint of step {step} written to {workdir}; re-run the "
+        "same command to resume."
+    )
     self.step = step
     self.workdir = workdir
 
@@ -61,10 +63,12 @@ class PreemptionGuard:
   def should_stop(self, step: int) -> bool:
     """True on every host once any host was notified (checked every ``check_every`` steps)."""
     import jax
+
     if jax.process_count() == 1:
       return self.notified()
     if step % self.check_every:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.asarray(int(self.notified()), np.int32))
     return bool(np.any(np.asarray(flags)))

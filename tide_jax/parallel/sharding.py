@@ -49,13 +49,17 @@ def resolve_mesh_shape(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
   known = math.prod(n for n in shape.values() if n != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot be split as {dict(sizes)}: the fixed "
-                       f"axes multiply to {known}, which does not divide {num_devices}.")
+      raise ValueError(
+          f"{num_devices} devices cannot be split as {dict(sizes)}: the fixed "
+          f"axes multiply to {known}, which does not divide {num_devices}."
+      )
     shape[fill[0]] = num_devices // known
   if math.prod(shape.values()) != num_devices:
-    raise ValueError(f"Mesh {shape} uses {math.prod(shape.values())} devices but "
-                     f"{num_devices} are present; make the axis sizes multiply to "
-                     f"{num_devices} or set one axis to -1.")
+    raise ValueError(
+        f"Mesh {shape} uses {math.prod(shape.values())} devices but "
+        f"{num_devices} are present; make the axis sizes multiply to "
+        f"{num_devices} or set one axis to -1."
+    )
   return shape
 
 
@@ -72,18 +76,20 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
   arr = None
   if devices[0].platform == "tpu" and len(devices) == jax.device_count():
     from jax.experimental import mesh_utils
+
     try:
       arr = mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
-      arr = None   # unusual slice shapes: fall back to process order below
+      arr = None  # unusual slice shapes: fall back to process order below
   if arr is None:
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
     arr = np.asarray(ordered).reshape(dims)
   return Mesh(arr, MESH_AXES)
 
 
-def _fill_for_batch(sizes: Mapping[str, int], num_devices: int, global_batch: int,
-                    rules: Mapping[str, Any]) -> int | None:
+def _fill_for_batch(
+    sizes: Mapping[str, int], num_devices: int, global_batch: int, rules: Mapping[str, Any]
+) -> int | None:
   """A smaller size for the ``-1`` batch axis when the full fill would not divide the batch.
 
   Returns None when no shrinking is needed or possible.
@@ -101,8 +107,11 @@ def _fill_for_batch(sizes: Mapping[str, int], num_devices: int, global_batch: in
   return max(d for d in range(1, full + 1) if global_batch % (others * d) == 0)
 
 
-def mesh_from_config(mesh_config: Mapping[str, Any] | None, global_batch: int | None = None,
-                     rules: Mapping[str, Any] = STUDENT_RULES) -> tuple[Mesh, str | None]:
+def mesh_from_config(
+    mesh_config: Mapping[str, Any] | None,
+    global_batch: int | None = None,
+    rules: Mapping[str, Any] = STUDENT_RULES,
+) -> tuple[Mesh, str | None]:
   """The mesh a ``config.mesh`` section describes, and a notice for the log (or None).
 
   Fields: one size per axis of ``MESH_AXES`` (-1 = the remaining devices; absent = 1 except
@@ -120,11 +129,15 @@ def mesh_from_config(mesh_config: Mapping[str, Any] | None, global_batch: int | 
   devices = jax.devices()
   if num_devices:
     if jax.process_count() > 1:
-      raise ValueError(f"mesh.num_devices={num_devices} selects a subset of devices, which a "
-                       "multi-host run cannot do; set mesh.num_devices=0.")
+      raise ValueError(
+          f"mesh.num_devices={num_devices} selects a subset of devices, which a "
+          "multi-host run cannot do; set mesh.num_devices=0."
+      )
     if not 0 < num_devices <= len(devices):
-      raise ValueError(f"mesh.num_devices={num_devices} but {len(devices)} devices are "
-                       f"present; use a value from 1 to {len(devices)} (0 = all).")
+      raise ValueError(
+          f"mesh.num_devices={num_devices} but {len(devices)} devices are "
+          f"present; use a value from 1 to {len(devices)} (0 = all)."
+      )
     devices = devices[:num_devices]
   notice = None
   if global_batch is not None and jax.process_count() == 1:
@@ -133,16 +146,22 @@ def mesh_from_config(mesh_config: Mapping[str, Any] | None, global_batch: int | 
       axis = next(a for a, n in sizes.items() if int(n) == -1)
       fixed = math.prod(int(n) for n in sizes.values() if int(n) != -1)
       used = fixed * shrunk
-      notice = (f"notice: mesh {axis}=-1 is {shrunk}, not {len(devices) // fixed}, so that "
-                f"train.batch_size={global_batch} splits evenly; {used} of {len(devices)} "
-                "devices are used.")
+      notice = (
+          f"notice: mesh {axis}=-1 is {shrunk}, not {len(devices) // fixed}, so that "
+          f"train.batch_size={global_batch} splits evenly; {used} of {len(devices)} "
+          "devices are used."
+      )
       sizes[axis] = shrunk
       devices = devices[:used]
   return make_mesh(sizes, devices), notice
 
 
-def logical_to_spec(logical_axes: Sequence[str | None] | None, rules: Mapping[str, Any],
-                    mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
+def logical_to_spec(
+    logical_axes: Sequence[str | None] | None,
+    rules: Mapping[str, Any],
+    mesh: Mesh,
+    shape: Sequence[int] | None = None,
+) -> PartitionSpec:
   """PartitionSpec for a tensor with these logical axes.
 
   A mesh axis is used at most once per tensor, and an axis is only applied when it divides
@@ -181,15 +200,15 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any]) -> n
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, rules: Mapping[str, Any], ndim: int,
-                   rows: int | None = None) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, rules: Mapping[str, Any], ndim: int, rows: int | None = None
+) -> NamedSharding:
   """Sharding of a batch-major array: the batch axis over the rules' batch axes.
 
   With ``rows`` given, only the batch axes that divide it are used (see logical_to_spec).
   """
   shape = None if rows is None else (rows,) + (1,) * (ndim - 1)
-  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh,
-                                             shape))
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh, shape))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -202,6 +221,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
   Variables (parameters and the optimizer moments that mirror them) are sharded by their
   ``logical_axes``; every other leaf (step counters, RNG keys, scalars) is replicated.
   """
+
   def one(leaf):
     if isinstance(leaf, nnx.Variable):
       axes = leaf.get_metadata().get("logical_axes")
@@ -220,8 +240,9 @@ def batch_shard_count(mesh: Mesh, rules: Mapping[str, Any]) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def check_batch_size(global_batch: int, mesh: Mesh, rules: Mapping[str, Any],
-                     process_count: int) -> tuple[int, str | None]:
+def check_batch_size(
+    global_batch: int, mesh: Mesh, rules: Mapping[str, Any], process_count: int
+) -> tuple[int, str | None]:
   """Rows per host for a global batch, and a notice when devices would repeat work.
 
   A batch that the batch axes (data x fsdp x expert) do not divide is still correct: the
@@ -230,8 +251,10 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules: Mapping[str, Any],
   host reads different rows), which ``host_data.check_host_rows`` refuses.
   """
   if global_batch % process_count:
-    raise ValueError(f"train.batch_size={global_batch} cannot be split over {process_count} "
-                     f"hosts; use a multiple of {process_count}.")
+    raise ValueError(
+        f"train.batch_size={global_batch} cannot be split over {process_count} "
+        f"hosts; use a multiple of {process_count}."
+    )
   ways = batch_shard_count(mesh, rules)
   used = 1
   spec = batch_sharding(mesh, rules, 1, global_batch).spec[0]
@@ -239,14 +262,17 @@ def check_batch_size(global_batch: int, mesh: Mesh, rules: Mapping[str, Any],
     used *= mesh.shape[axis]
   notice = None
   if used < ways:
-    notice = (f"notice: train.batch_size={global_batch} is split {used} ways, not over all "
-              f"{ways} batch shards of mesh {dict(mesh.shape)}, so {ways // used} devices "
-              f"compute each row; use a multiple of {ways} to use every device.")
+    notice = (
+        f"notice: train.batch_size={global_batch} is split {used} ways, not over all "
+        f"{ways} batch shards of mesh {dict(mesh.shape)}, so {ways // used} devices "
+        f"compute each row; use a multiple of {ways} to use every device."
+    )
   return global_batch // process_count, notice
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None],
-              rules: Mapping[str, Any] = STUDENT_RULES) -> jax.Array:
+def constrain(
+    x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping[str, Any] = STUDENT_RULES
+) -> jax.Array:
   """Pins an activation's layout by logical names, e.g. ``("batch", "length", "embed")``.
 
   Uses the mesh set with ``jax.set_mesh(mesh)`` around tracing; without one (single

@@ -15,9 +15,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 # Shape fields that must agree between a checkpoint and the model being trained.
-SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "intermediate_size", "tie_word_embeddings",
-                "qk_norm", "qkv_bias", "o_bias", "param_dtype")
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "tie_word_embeddings",
+    "qk_norm",
+    "qkv_bias",
+    "o_bias",
+    "param_dtype",
+)
 
 
 class Checkpointer:
@@ -28,28 +40,41 @@ class Checkpointer:
     self.async_save = async_save
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        ),
     )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: Mapping[str, Any],
-           model_meta: Mapping[str, Any], *, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: Any,
+      data_state: Mapping[str, Any],
+      model_meta: Mapping[str, Any],
+      *,
+      force: bool = False,
+  ) -> bool:
     return self.manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                data=ocp.args.JsonSave(dict(data_state)),
-                                model=ocp.args.JsonSave(dict(model_meta))),
-        force=force)
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(dict(data_state)),
+            model=ocp.args.JsonSave(dict(model_meta)),
+        ),
+        force=force,
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores onto the shardings carried by ``abstract_state`` (resharding if needed)."""
     restored = self.manager.restore(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                data=ocp.args.JsonRestore()))
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+        ),
+    )
     return restored.state, restored.data
 
   def saved_model_meta(self, step: int) -> dict[str, Any]:
@@ -70,11 +95,17 @@ def model_meta(model_cfg) -> dict[str, Any]:
 
 def check_same_model(workdir: str, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
   """Refuses to resume a checkpoint of a different model shape, naming the fields."""
-  diffs = [f"{k} {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
-           for k in SHAPE_FIELDS if saved.get(k) != current.get(k)]
+  diffs = [
+      f"{k} {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
+      for k in SHAPE_FIELDS
+      if saved.get(k) != current.get(k)
+  ]
   if diffs:
-    raise ValueError(f"Workdir {workdir} holds a checkpoint of a different model ("
-                     + "; ".join(diffs) + "); use a new --workdir or the config that made it.")
+    raise ValueError(
+        f"Workdir {workdir} holds a checkpoint of a different model ("
+        + "; ".join(diffs)
+        + "); use a new --workdir or the config that made it."
+    )
 
 
 def find_latest_step(workdir: str) -> int | None:
@@ -85,14 +116,18 @@ def find_latest_step(workdir: str) -> int | None:
   # Finalised only: a local step directory is renamed into place when complete; on GCS,
   # where there is no rename, orbax writes commit_success.txt last. A save cut short by a
   # kill leaves neither and is ignored.
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()
-           and ocp.path.step.is_path_finalized(p)]
+  steps = [
+      int(p.name)
+      for p in directory.iterdir()
+      if p.name.isdigit() and ocp.path.step.is_path_finalized(p)
+  ]
   return max(steps) if steps else None
 
 
 def read_model_meta(workdir: str, step: int) -> dict[str, Any] | None:
   """Reads the saved model shape of a step directly (no manager, no writes)."""
   import json
+
   path = epath.Path(workdir) / "checkpoints" / str(step) / "model" / "metadata"
   if not path.exists():
     return None

@@ -47,9 +47,11 @@ def absolute_workdir(workdir: str) -> str:
 def load_hf_params(config, model_cfg: DecoderConfig) -> nnx.State:
   """The parameters of the HF directory ``config.model.init_from`` (host memory)."""
   from tide_jax.convert import hf_checkpoint
+
   _say(f"Loading student weights from {config.model.init_from}")
-  model = hf_checkpoint.load_dense_from_hf(config.model.init_from,
-                                           param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype)
+  model = hf_checkpoint.load_dense_from_hf(
+      config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
+  )
   return nnx.split(model, nnx.Param)[1]
 
 
@@ -57,8 +59,9 @@ def student_state_plan(config, model_cfg: DecoderConfig, tx, mesh):
   """GraphDef, abstract train state and its shardings (STUDENT_RULES), nothing allocated."""
   seed = int(config.seed)
   graphdef, abstract_params = nnx.split(dense.abstract_decoder(model_cfg), nnx.Param)
-  abstract_state = jax.eval_shape(lambda p: step_lib.create_train_state(p, tx, seed),
-                                  abstract_params)
+  abstract_state = jax.eval_shape(
+      lambda p: step_lib.create_train_state(p, tx, seed), abstract_params
+  )
   shardings = placement.state_shardings(abstract_state, mesh, sharding.STUDENT_RULES)
   return graphdef, abstract_state, shardings
 
@@ -68,8 +71,9 @@ def init_student_state(config, model_cfg: DecoderConfig, tx, shardings) -> step_
   seed = int(config.seed)
   if config.model.get("init_from", ""):
     params = placement.put_sharded(load_hf_params(config, model_cfg), shardings.params)
-    return jax.jit(lambda p: step_lib.create_train_state(p, tx, seed),
-                   out_shardings=shardings)(params)
+    return jax.jit(lambda p: step_lib.create_train_state(p, tx, seed), out_shardings=shardings)(
+        params
+    )
 
   def create():
     params = nnx.split(dense.build_decoder(model_cfg, seed=seed), nnx.Param)[1]
@@ -88,8 +92,7 @@ def make_sharded_eval(graphdef, config, mesh, params_shardings, batch_shardings)
     return eval_step(params, batch, jax.random.fold_in(base, index))
 
   rep = sharding.replicated(mesh)
-  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings, rep),
-                 out_shardings=rep)
+  return jax.jit(eval_fn, in_shardings=(params_shardings, batch_shardings, rep), out_shardings=rep)
 
 
 def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
@@ -97,7 +100,7 @@ def evaluate(eval_fn, params, eval_batches, mesh) -> dict[str, float]:
   totals: dict[str, float] = {}
   for i, batch in enumerate(eval_batches):
     index = jax.device_put(np.int32(i), sharding.replicated(mesh))
-    with jax.set_mesh(mesh):     # traced on the first call; see _compile_train_step
+    with jax.set_mesh(mesh):  # traced on the first call; see _compile_train_step
       out = jax.device_get(eval_fn(params, batch, index))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
@@ -117,12 +120,15 @@ def _teacher_hf_config(section) -> dict[str, Any]:
   """The teacher's HF config from its converted checkpoint or its HF directory (no weights)."""
   from tide_jax.convert import streaming
   from tide_jax.models import config as mcfg
+
   if section.checkpoint and (epath.Path(section.checkpoint) / streaming.MANIFEST).exists():
     return streaming.read_manifest(section.checkpoint)["hf_config"]
   if section.hf_dir:
     return mcfg.read_hf_config(section.hf_dir)
-  raise ValueError("The recipe needs a teacher but neither teacher.checkpoint (a converted "
-                   "teacher) nor teacher.hf_dir is set; set one of them.")
+  raise ValueError(
+      "The recipe needs a teacher but neither teacher.checkpoint (a converted "
+      "teacher) nor teacher.hf_dir is set; set one of them."
+  )
 
 
 def _validate_distillation(config, model_cfg):
@@ -131,17 +137,21 @@ def _validate_distillation(config, model_cfg):
   Returns the teacher section when the recipe needs a teacher, else None.
   """
   from tide_jax.distill import recipes
+
   if "distill" not in config:
     return None
   teacher_vocab = None
   needs_teacher = config.distill.recipe != "bd3lm"
   if needs_teacher:
     if "teacher" not in config:
-      raise ValueError(f"Recipe {config.distill.recipe!r} needs a teacher section; add "
-                       "config.teacher or use recipe 'bd3lm'.")
+      raise ValueError(
+          f"Recipe {config.distill.recipe!r} needs a teacher section; add "
+          "config.teacher or use recipe 'bd3lm'."
+      )
     teacher_vocab = int(_teacher_hf_config(config.teacher)["vocab_size"])
-  recipes.validate_distill_config(config.distill, student_vocab=model_cfg.vocab_size,
-                                  teacher_vocab=teacher_vocab)
+  recipes.validate_distill_config(
+      config.distill, student_vocab=model_cfg.vocab_size, teacher_vocab=teacher_vocab
+  )
   return config.teacher if needs_teacher else None
 
 
@@ -149,15 +159,22 @@ def _load_distillation(config, model_cfg, teacher_section, mesh):
   """Loads the frozen teacher sharded by TEACHER_RULES and builds the distillation pieces."""
   from tide_jax.models import teachers
   from tide_jax.train import distillation
+
   if teacher_section is None:
     return None, None
-  _say(f"Loading teacher {teacher_section.name!r} from "
-       f"{teacher_section.checkpoint or teacher_section.hf_dir}")
+  _say(
+      f"Loading teacher {teacher_section.name!r} from "
+      f"{teacher_section.checkpoint or teacher_section.hf_dir}"
+  )
   teacher = teachers.load_teacher(teacher_section, mesh, sharding.TEACHER_RULES)
   plan = distillation.make_distillation(
-      config, model_cfg, teacher_graphdef=teacher.graphdef,
-      teacher_vocab=teacher.config.vocab_size, teacher_mask_token_id=teacher.mask_token_id,
-      teacher_input_builder=teacher.family.input_builder)
+      config,
+      model_cfg,
+      teacher_graphdef=teacher.graphdef,
+      teacher_vocab=teacher.config.vocab_size,
+      teacher_mask_token_id=teacher.mask_token_id,
+      teacher_input_builder=teacher.family.input_builder,
+  )
   return plan, teacher.params
 
 
@@ -168,10 +185,12 @@ def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_
   instead of a silent second compilation.
   """
   batch_sh = placement.batch_shardings(example_batch, mesh, sharding.STUDENT_RULES)
-  jitted = jax.jit(step_fn,
-                   in_shardings=(state_shardings, batch_sh, placement.shardings_of(teacher_params)),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)),
-                   donate_argnums=(0,))
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_sh, placement.shardings_of(teacher_params)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+  )
   # The mesh context lets sharding.constrain pin activation layouts inside the step.
   with jax.set_mesh(mesh):
     compiled = jitted.lower(state, example_batch, teacher_params).compile()
@@ -226,31 +245,47 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   batch_size = int(config.train.batch_size)
   mesh, mesh_notice = sharding.mesh_from_config(config.get("mesh"), batch_size)
   process_index, process_count = jax.process_index(), jax.process_count()
-  host_rows, batch_notice = sharding.check_batch_size(batch_size, mesh, sharding.STUDENT_RULES,
-                                                      process_count)
+  host_rows, batch_notice = sharding.check_batch_size(
+      batch_size, mesh, sharding.STUDENT_RULES, process_count
+  )
   latest = _check_resume(workdir, model_cfg)
   primary = process_index == 0
 
   train_iter = pipeline.make_iterator(
-      config.data, split="train", batch_size=host_rows, seed=int(config.seed),
-      process_index=process_index, process_count=process_count, workdir_cache=workdir)
+      config.data,
+      split="train",
+      batch_size=host_rows,
+      seed=int(config.seed),
+      process_index=process_index,
+      process_count=process_count,
+      workdir_cache=workdir,
+  )
   eval_iter = pipeline.make_iterator(
-      config.data, split="eval", batch_size=host_rows, seed=0,
-      process_index=process_index, process_count=process_count, workdir_cache=workdir)
+      config.data,
+      split="eval",
+      batch_size=host_rows,
+      seed=0,
+      process_index=process_index,
+      process_count=process_count,
+      workdir_cache=workdir,
+  )
   num_steps = resolve_num_steps(config, train_iter.num_records)
   to_global = host_data.make_global_batch_fn(mesh, sharding.STUDENT_RULES, process_count)
   eval_batches = [to_global(next(eval_iter)) for _ in range(int(config.train.eval_batches))]
 
   tx, lr_schedule = optimizer.make_optimizer(config.optim, num_steps)
   graphdef, abstract_state, state_sh = student_state_plan(config, model_cfg, tx, mesh)
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
-                                 async_save=bool(config.train.get("async_checkpoint", False)))
+  ckpt = checkpoint.Checkpointer(
+      workdir,
+      keep=int(config.train.keep_checkpoints),
+      async_save=bool(config.train.get("async_checkpoint", False)),
+  )
   start_step = 0
   if latest is not None:
-    state, data_state = ckpt.restore(latest, placement.abstract_with_shardings(abstract_state,
-                                                                              state_sh))
-    train_iter.set_state(host_data.local_iterator_state(data_state, process_index,
-                                                        process_count))
+    state, data_state = ckpt.restore(
+        latest, placement.abstract_with_shardings(abstract_state, state_sh)
+    )
+    train_iter.set_state(host_data.local_iterator_state(data_state, process_index, process_count))
     start_step = int(state.step)
     _say(f"Resuming from checkpoint at step {start_step} in {workdir}")
   else:
@@ -264,24 +299,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   wd.mkdir(parents=True, exist_ok=True)
   if primary:
     (wd / "config.json").write_text(config.to_json_best_effort(indent=2))
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step if latest is not None else None,
-                                     active=primary)
+  writer = metrics_lib.MetricsWriter(
+      workdir, resume_step=start_step if latest is not None else None, active=primary
+  )
 
-  step_fn = step_lib.make_train_step(graphdef, tx, lr_schedule, config, num_steps, extra_loss,
-                                    mask_fn)
+  step_fn = step_lib.make_train_step(
+      graphdef, tx, lr_schedule, config, num_steps, extra_loss, mask_fn
+  )
   example = to_global(_peek(train_iter))
-  train_step, batch_sh = _compile_train_step(step_fn, state, state_sh, example, teacher_params,
-                                             mesh)
+  train_step, batch_sh = _compile_train_step(
+      step_fn, state, state_sh, example, teacher_params, mesh
+  )
   del example
   mem = memory.memory_stats(train_step)
-  _say(f"mesh {dict(mesh.shape)} over {mesh.size} devices, {process_count} process(es); "
-       f"global batch {batch_size} ({host_rows} rows per host)")
+  _say(
+      f"mesh {dict(mesh.shape)} over {mesh.size} devices, {process_count} process(es); "
+      f"global batch {batch_size} ({host_rows} rows per host)"
+  )
   for notice in (mesh_notice, batch_notice):
     if notice:
       _say(notice)
   _say(memory.describe(mem))
   eval_fn = make_sharded_eval(graphdef, config, mesh, state_sh.params, batch_sh)
-  from tide_jax.eval import modes   # imported here: eval modules import the train package
+  from tide_jax.eval import modes  # imported here: eval modules import the train package
+
   periodic_bpb = modes.make_periodic_bpb(config)
 
   def held_out(params) -> dict[str, float]:
@@ -303,9 +344,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     _say(f"step 0  eval {_eval_line(initial)}")
 
   def save(step: int) -> None:
-    writer.flush()   # metrics up to this step are durable before the checkpoint claims it
-    ckpt.save(step, state, host_data.gather_iterator_states(train_iter.get_state()), meta,
-              force=True)
+    writer.flush()  # metrics up to this step are durable before the checkpoint claims it
+    ckpt.save(
+        step, state, host_data.gather_iterator_states(train_iter.get_state()), meta, force=True
+    )
     _say(f"checkpoint of step {step} {'queued' if ckpt.async_save else 'written'}")
 
   last_metrics: dict[str, float] = {}
@@ -328,7 +370,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ev = held_out(state.params)
         writer.write(step, ev, prefix="eval/")
         _say(f"step {step}  eval {_eval_line(ev)}")
-      stop = guard.should_stop(step)    # the same answer on every host
+      stop = guard.should_stop(step)  # the same answer on every host
       if stop or step % ckpt_every == 0 or step in (num_steps, stop_at):
         save(step)
       if stop and step < min(stop_at, num_steps):
@@ -340,10 +382,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt.close()
   writer.close()
   final_eval = evaluate(eval_fn, state.params, eval_batches, mesh)
-  summary = {"step": int(state.step), "train": last_metrics, "eval": final_eval,
-             "train_step_compilations": step_fn.traces, "mesh": dict(mesh.shape),
-             "process_count": process_count, "memory": mem, "history": history}
+  summary = {
+      "step": int(state.step),
+      "train": last_metrics,
+      "eval": final_eval,
+      "train_step_compilations": step_fn.traces,
+      "mesh": dict(mesh.shape),
+      "process_count": process_count,
+      "memory": mem,
+      "history": history,
+  }
   if primary:
-    (wd / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
-                                                 if k != "history"}, indent=2))
+    (wd / "summary.json").write_text(
+        json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2)
+    )
   return {**summary, "state": state, "graphdef": graphdef, "teacher_params": teacher_params}

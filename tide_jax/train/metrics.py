@@ -36,6 +36,7 @@ class _TensorBoard:
     self.remote = None if _is_local(tb_dir) else tb_dir
     self.local = tempfile.mkdtemp(prefix="tide_tb_") if self.remote else str(tb_dir)
     from tensorboardX import SummaryWriter
+
     self.writer = SummaryWriter(self.local)
 
   def add(self, values: Mapping[str, float], step: int) -> None:
@@ -139,8 +140,10 @@ class Progress:
     done = step - self.start_step
     eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
     self.last_t, self.last_step, self.tokens_since = now, step, 0
-    return (f"step {step}/{self.total}  loss {loss:.4f}  {tok_s:,.0f} tok/s  "
-            f"elapsed {_fmt(elapsed)}  eta {_fmt(eta)}")
+    return (
+        f"step {step}/{self.total}  loss {loss:.4f}  {tok_s:,.0f} tok/s  "
+        f"elapsed {_fmt(elapsed)}  eta {_fmt(eta)}"
+    )
 
 
 def _fmt(seconds: float) -> str:

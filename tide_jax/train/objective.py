@@ -42,8 +42,9 @@ class NoisedBatch:
   logits: jax.Array | None = None
 
 
-def chunked_target_logprob(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
-                           chunk: int = 256) -> jax.Array:
+def chunked_target_logprob(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int = 256
+) -> jax.Array:
   """``log softmax(hidden @ kernel)[target]`` per row without a full ``[N, V]`` float32 copy.
 
   Rows are processed ``chunk`` at a time under ``jax.checkpoint``, so neither the forward
@@ -69,13 +70,15 @@ def chunked_target_logprob(hidden: jax.Array, kernel: jax.Array, targets: jax.Ar
     picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
     return picked - lse
 
-  out = jax.lax.map(one, (hidden_p.reshape(-1, chunk, hidden.shape[-1]),
-                          targets_p.reshape(-1, chunk)))
+  out = jax.lax.map(
+      one, (hidden_p.reshape(-1, chunk, hidden.shape[-1]), targets_p.reshape(-1, chunk))
+  )
   return out.reshape(-1)[:n]
 
 
-def noise_batch(key: jax.Array, batch: dict[str, jax.Array], obj_cfg,
-                mask_fn: MaskFn | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def noise_batch(
+    key: jax.Array, batch: dict[str, jax.Array], obj_cfg, mask_fn: MaskFn | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Draws t and noises ``batch['input_ids']`` where ``batch['maskable']``.
 
   ``mask_fn(masked, batch) -> masked`` may adjust the drawn mask before it is applied
@@ -84,8 +87,9 @@ def noise_batch(key: jax.Array, batch: dict[str, jax.Array], obj_cfg,
   key_t, key_mask = jax.random.split(key)
   ids = batch["input_ids"]
   t = schedules.sample_t(key_t, ids.shape[0], float(obj_cfg.t_eps))
-  x_t, masked = noising.noise_tokens(key_mask, ids, batch["maskable"], t,
-                                     int(obj_cfg.mask_token_id), obj_cfg.schedule)
+  x_t, masked = noising.noise_tokens(
+      key_mask, ids, batch["maskable"], t, int(obj_cfg.mask_token_id), obj_cfg.schedule
+  )
   if mask_fn is not None:
     masked = mask_fn(masked, batch)
     x_t = jnp.where(masked, jnp.asarray(int(obj_cfg.mask_token_id), ids.dtype), ids)
@@ -107,9 +111,14 @@ def student_hidden(model, batch: dict[str, jax.Array], x_t: jax.Array, obj_cfg) 
   raise ValueError(f"Unknown objective {obj_cfg.kind!r}; choose one of {', '.join(OBJECTIVES)}.")
 
 
-def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array, obj_cfg,
-                   mask_fn: MaskFn | None = None, keep_logits: bool = False
-                   ) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
+def diffusion_loss(
+    model,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    obj_cfg,
+    mask_fn: MaskFn | None = None,
+    keep_logits: bool = False,
+) -> tuple[jax.Array, dict[str, Any], NoisedBatch]:
   """Weighted masked-token cross-entropy with token normalisation.
 
   ``keep_logits`` (set when a distillation term needs the student's logits anyway) projects
@@ -129,19 +138,28 @@ def diffusion_loss(model, batch: dict[str, jax.Array], key: jax.Array, obj_cfg,
     # still run a block of rows at a time (one block when loss_chunk <= 0).
     logits = model.logits(hidden)
     rows = b * length
-    logp = terms.target_log_probs(logits.reshape(rows, -1), batch["input_ids"].reshape(rows),
-                                  chunk_size=loss_chunk if loss_chunk > 0 else rows
-                                  ).reshape(b, length)
+    logp = terms.target_log_probs(
+        logits.reshape(rows, -1),
+        batch["input_ids"].reshape(rows),
+        chunk_size=loss_chunk if loss_chunk > 0 else rows,
+    ).reshape(b, length)
   else:
-    logp = chunked_target_logprob(hidden.reshape(-1, width),
-                                  model.output_kernel().astype(hidden.dtype),
-                                  batch["input_ids"].reshape(-1), loss_chunk).reshape(b, length)
+    logp = chunked_target_logprob(
+        hidden.reshape(-1, width),
+        model.output_kernel().astype(hidden.dtype),
+        batch["input_ids"].reshape(-1),
+        loss_chunk,
+    ).reshape(b, length)
   weight = schedules.loss_weight(t, obj_cfg.schedule)[:, None] * masked
   n_maskable = jnp.maximum(jnp.sum(batch["maskable"]), 1)
   loss = -jnp.sum(weight * logp) / n_maskable
   # Unweighted masked-token NLL: comparable across t draws and recipes (the eval metric).
   n_masked = jnp.sum(masked)
   masked_nll = -jnp.sum(jnp.where(masked, logp, 0.0)) / jnp.maximum(n_masked, 1)
-  metrics = {"ce_loss": loss, "masked_nll": masked_nll,
-             "masked_fraction": n_masked / n_maskable, "maskable_tokens": n_maskable}
+  metrics = {
+      "ce_loss": loss,
+      "masked_nll": masked_nll,
+      "masked_fraction": n_masked / n_maskable,
+      "maskable_tokens": n_maskable,
+  }
   return loss, metrics, NoisedBatch(x_t=x_t, masked=masked, t=t, hidden=hidden, logits=logits)

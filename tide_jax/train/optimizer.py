@@ -19,7 +19,9 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   if warmup >= total_steps and total_steps > 0:
     warmup = max(total_steps - 1, 0)
   decay_steps = max(total_steps - warmup, 1)
-  warm = optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else optax.constant_schedule(peak)
+  warm = (
+      optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else optax.constant_schedule(peak)
+  )
   if decay == "cosine":
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
   elif decay == "linear":
@@ -34,12 +36,19 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim_cfg, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(float(optim_cfg.grad_clip)),
-      optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                  eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
-                  mask=_decay_mask),
+      optax.adamw(
+          schedule,
+          b1=float(optim_cfg.b1),
+          b2=float(optim_cfg.b2),
+          eps=float(optim_cfg.eps),
+          weight_decay=float(optim_cfg.weight_decay),
+          mask=_decay_mask,
+      ),
   )
   return tx, schedule

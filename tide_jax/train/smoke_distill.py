@@ -52,13 +52,14 @@ def teacher_training_config(config, root: str | None = None) -> config_dict.Conf
   t.train.eval_every = int(smoke.teacher_steps)
   t.train.checkpoint_every = int(smoke.teacher_steps)
   t.optim.learning_rate = float(smoke.teacher_learning_rate)
-  t.eval.bpb_during_training = False   # the bound is the BD3LM student's, not an MDLM's
+  t.eval.bpb_during_training = False  # the bound is the BD3LM student's, not an MDLM's
   del t["distill"], t["teacher"], t["smoke"], t["runner"]
   return t
 
 
-def student_config(config, recipe: str, teacher_hf_dir: str, teacher_ckpt: str,
-                   root: str | None = None):
+def student_config(
+    config, recipe: str, teacher_hf_dir: str, teacher_ckpt: str, root: str | None = None
+):
   s = _unlocked_copy(config, root)
   s.distill.recipe = recipe
   s.teacher.hf_dir = teacher_hf_dir
@@ -78,8 +79,11 @@ def run(config, workdir: str) -> dict[str, Any]:
   # Fail on a bad student setting now, not after the teacher has trained.
   configs_lib.validate(config)
   configs_lib.student_model_config(config)
-  print(f"== smoke distillation ({config.smoke.variant}): teacher -> {recipe} student "
-        f"vs bd3lm student, in {root}", flush=True)
+  print(
+      f"== smoke distillation ({config.smoke.variant}): teacher -> {recipe} student "
+      f"vs bd3lm student, in {root}",
+      flush=True,
+  )
 
   teacher_dir = os.path.join(root, "teacher")
   teacher_hf = os.path.join(teacher_dir, "hf")
@@ -91,11 +95,15 @@ def run(config, workdir: str) -> dict[str, Any]:
     print(f"teacher written as an HF directory: {teacher_hf}", flush=True)
 
   print(f"== stage 2/3: student with recipe {recipe}", flush=True)
-  distilled = loop.train_and_evaluate(student_config(config, recipe, teacher_hf, teacher_ckpt, root),
-                                      os.path.join(root, f"student_{recipe}"))
+  distilled = loop.train_and_evaluate(
+      student_config(config, recipe, teacher_hf, teacher_ckpt, root),
+      os.path.join(root, f"student_{recipe}"),
+  )
   print("== stage 3/3: student with recipe bd3lm (baseline)", flush=True)
-  baseline = loop.train_and_evaluate(student_config(config, "bd3lm", teacher_hf, teacher_ckpt, root),
-                                     os.path.join(root, "student_bd3lm"))
+  baseline = loop.train_and_evaluate(
+      student_config(config, "bd3lm", teacher_hf, teacher_ckpt, root),
+      os.path.join(root, "student_bd3lm"),
+  )
 
   comparison = {
       "variant": config.smoke.variant,
@@ -110,10 +118,17 @@ def run(config, workdir: str) -> dict[str, Any]:
   width = max(len(recipe), len("bd3lm"))
   print("\nHeld-out masked-token loss of the student (nats per masked token, fixed noise):")
   print(f"  {'recipe':<{width}}  masked NLL  weighted CE")
-  print(f"  {recipe:<{width}}  {distilled['eval']['masked_nll']:10.4f}  "
-        f"{distilled['eval']['ce_loss']:11.4f}")
-  print(f"  {'bd3lm':<{width}}  {baseline['eval']['masked_nll']:10.4f}  "
-        f"{baseline['eval']['ce_loss']:11.4f}")
-  print(f"  (teacher's own held-out masked NLL: {teacher_result['eval']['masked_nll']:.4f}, "
-        "in its tokenizer)", flush=True)
+  print(
+      f"  {recipe:<{width}}  {distilled['eval']['masked_nll']:10.4f}  "
+      f"{distilled['eval']['ce_loss']:11.4f}"
+  )
+  print(
+      f"  {'bd3lm':<{width}}  {baseline['eval']['masked_nll']:10.4f}  "
+      f"{baseline['eval']['ce_loss']:11.4f}"
+  )
+  print(
+      f"  (teacher's own held-out masked NLL: {teacher_result['eval']['masked_nll']:.4f}, "
+      "in its tokenizer)",
+      flush=True,
+  )
   return comparison

@@ -38,27 +38,39 @@ class TrainState:
   rng: jax.Array
 
 
-def create_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+def create_train_state(
+    params: nnx.State, tx: optax.GradientTransformation, seed: int
+) -> TrainState:
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)),
+  )
 
 
 def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, config, total_steps: int,
-                    extra_loss: ExtraLoss | None = None,
-                    mask_fn: objective.MaskFn | None = None):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    config,
+    total_steps: int,
+    extra_loss: ExtraLoss | None = None,
+    mask_fn: objective.MaskFn | None = None,
+):
   """Builds the pure step function (not yet jitted; see ``loop`` for jit + shardings)."""
   obj_cfg = config.objective
 
   def loss_fn(params, batch, key, progress, teacher_params):
     model = nnx.merge(graphdef, params)
     key_student, key_extra = jax.random.split(key)
-    loss, metrics, noised = objective.diffusion_loss(model, batch, key_student, obj_cfg, mask_fn,
-                                                     keep_logits=extra_loss is not None)
+    loss, metrics, noised = objective.diffusion_loss(
+        model, batch, key_student, obj_cfg, mask_fn, keep_logits=extra_loss is not None
+    )
     if extra_loss is not None:
       extra, extra_metrics = extra_loss(model, batch, noised, key_extra, progress, teacher_params)
       loss = loss + extra
@@ -67,11 +79,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return loss, metrics
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
-    train_step.traces += 1   # Python side effect: runs once per trace, i.e. per compilation
+    train_step.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
     key = step_key(state)
     progress = state.step.astype(jnp.float32) / max(total_steps, 1)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, progress, teacher_params)
+        state.params, batch, key, progress, teacher_params
+    )
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -106,4 +119,5 @@ def check_finite(step: int, metrics: dict[str, Any]) -> None:
     if not jnp.isfinite(value):
       raise NonFiniteError(
           f"Training stopped at step {step}: {name} is {value}; lower optim.learning_rate, "
-          "check the data, or resume from the last checkpoint with a different seed.")
+          "check the data, or resume from the last checkpoint with a different seed."
+      )
