@@ -33,7 +33,7 @@ from flax import nnx  # noqa: E402
 from configs import pipeline_a, pipeline_b  # noqa: E402
 from tide_jax import configs_lib  # noqa: E402
 from tide_jax.data import features  # noqa: E402
-from tide_jax.models import teachers  # noqa: E402
+from tide_jax import teachers  # noqa: E402
 from tide_jax.parallel import memory, placement, sharding  # noqa: E402
 from tide_jax.train import distillation, loop, optimizer, step as step_lib  # noqa: E402
 

@@ -36,7 +36,7 @@ from tests import teachers_fixtures as tf  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from tide_jax.convert import streaming
-from tide_jax.models import teachers
+from tide_jax import teachers
 from tide_jax.parallel import sharding
 streaming.release_freed_memory_eagerly()   # as the CLI does
 mesh = sharding.make_mesh({"fsdp": 8})

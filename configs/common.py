@@ -34,7 +34,7 @@ def base_config() -> config_dict.ConfigDict:
   ob.t_eps = 1e-3
   ob.mask_token_id = 151669
   ob.block_size = c.get_ref("block_size")
-  ob.loss_chunk = 256  # rows per block of the memory-bounded CE; 0 = one block
+  ob.row_block = 256  # rows per block of every fused vocabulary statistic (CE, terms, bpb)
 
   c.data = config_dict.ConfigDict()
   d = c.data
@@ -63,6 +63,7 @@ def base_config() -> config_dict.ConfigDict:
   c.train = config_dict.ConfigDict()
   t = c.train
   t.batch_size = 32
+  t.microbatches = 1  # > 1: accumulate gradients over this many slices inside the step
   t.num_steps = 1000
   t.epochs = 0  # > 0: num_steps = ceil(epochs * train records / batch_size)
   t.log_every = 50

@@ -16,7 +16,7 @@ from ml_collections import config_dict
 
 from configs import common
 from tide_jax.distill import recipes
-from tide_jax.models import teachers
+from tide_jax import teachers
 
 RECIPES = ("tide_cross", "tide_shared", "calm", "bd3lm")
 ROOT = "gs://YOUR_BUCKET/tide"
@@ -42,7 +42,7 @@ def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: 
   m.dtype = "bfloat16"  # bf16 compute
   m.remat = True  # recompute each layer in the backward pass
   config.objective.mask_token_id = 151669  # first free Qwen3 slot (SPEC)
-  config.objective.loss_chunk = 256
+  config.objective.row_block = 256
   d = config.data
   d.format = "chat"
   d.tokenizer = "qwen3"

@@ -12,7 +12,7 @@ from ml_collections import config_dict
 from configs import common
 from configs.pipeline_a import ROOT, paper_common
 from tide_jax.distill import recipes
-from tide_jax.models import teachers
+from tide_jax import teachers
 
 RECIPES = ("tide_shared", "tide_cross", "kl", "bd3lm")
 TEACHER_HF_ID = "tencent/WeDLM-8B-Instruct"

@@ -17,7 +17,7 @@ from ml_collections import config_dict
 
 from configs import common
 from tide_jax.distill import recipes
-from tide_jax.models import teachers
+from tide_jax import teachers
 
 VARIANTS = ("shared", "cross", "bd3lm")
 
@@ -43,9 +43,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   m.tie_word_embeddings = True
 
   config.objective.mask_token_id = 151669  # first free slot after the Qwen3 special tokens
-  # 512 tokens x 151,936 float32 logits = 311 MB: small enough for one block, which saves
-  # the recomputation of the chunked loss and lets the distillation reuse the logits.
-  config.objective.loss_chunk = 0
+  # Rows per block of the fused vocabulary statistics: 128 rows x 151,936 float32 logits
+  # = 78 MB per block.
+  config.objective.row_block = 128
 
   d = config.data
   d.format = "text"

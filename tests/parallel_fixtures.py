@@ -19,7 +19,7 @@ from configs import common
 from tests import teachers_fixtures
 from tests.hf_fixtures import tiny_qwen
 from tide_jax.distill import recipes
-from tide_jax.models import teachers
+from tide_jax import teachers
 
 SPECIALS = ["<|endoftext|>", "<|mask|>"]
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}<|endoftext|>{% endfor %}"
@@ -133,7 +133,7 @@ def tiny_config(
   m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size = 4, 2, 8, 64
   m.max_position_embeddings = 256
   c.objective.mask_token_id = 257
-  c.objective.loss_chunk = 0
+  c.objective.row_block = 256
   d = c.data
   d.format, d.tokenizer, d.max_len = "text", tokenizer, 32
   d.train_files, d.eval_files, d.cache_dir = list(train_files), list(eval_files), cache_dir

@@ -1,6 +1,4 @@
-"""CompDemo (SPEC 3.2) and the teacher input builders (SPEC 3.4)."""
-
-import functools
+"""CompDemo (method 3.2) and the teacher input builders (method 3.4)."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -9,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tide_jax.distill import chunks, compdemo, teacher_inputs
+from tide_jax.diffusion import noising
+from tide_jax.distill import chunks, compdemo
+from tide_jax.teachers import inputs as teacher_inputs
 
 MASK_ID = 97
 
@@ -40,10 +40,25 @@ class RecordingTeacher:
     return jnp.concatenate([row_id, was_masked, whole_row], axis=-1)
 
 
-def build_bidirectional(clean2, masked2, valid2):
-  return teacher_inputs.bidirectional_inputs(
-      clean2, masked2, valid2, mask_token_id=MASK_ID
-  ).model_kwargs()
+def build_bidirectional(clean, masked, valid):
+  inputs = teacher_inputs.bidirectional_inputs(clean, masked, valid, mask_token_id=MASK_ID)
+  return dict(
+      input_ids=inputs.input_ids,
+      attention_mask=inputs.attention_mask,
+      position_ids=inputs.position_ids,
+  )
+
+
+def doubled_call(teacher, clean, masked, in_a, valid):
+  """Both passes in one call, then each position read from its pass: ``[b, Lt, ...]``."""
+  out2 = teacher(
+      **build_bidirectional(
+          compdemo.repeat_passes(clean),
+          compdemo.doubled_masks(masked, in_a),
+          compdemo.repeat_passes(valid),
+      )
+  )
+  return compdemo.select_from_passes(out2, in_a)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.3])
@@ -52,14 +67,14 @@ def test_one_teacher_call_on_the_doubled_batch_and_provenance(ratio):
   b, length = clean.shape
   in_a = np.asarray(compdemo.split_tokens(jax.random.key(1), masked, ratio))
   teacher = RecordingTeacher()
-  run = jax.jit(functools.partial(compdemo.compdemo_teacher_logits, teacher, build_bidirectional))
+  run = jax.jit(lambda *args: doubled_call(teacher, *args))
   out = np.asarray(run(clean, masked, in_a, valid))
   assert teacher.calls == [(2 * b, length)]  # traced once, one call, batch 2b
   assert in_a.any() and (masked & ~in_a).any()
   for i in range(b):
     for j in range(length):
       row, was_masked, row_ids = int(out[i, j, 0]), out[i, j, 1], out[i, j, 2:]
-      assert row in (i, b + i)
+      assert row in (2 * i, 2 * i + 1)  # both passes of a sequence sit next to it
       if masked[i, j]:
         # Masked in the pass it was read from, and the other part of M revealed there.
         assert was_masked == 1
@@ -67,13 +82,13 @@ def test_one_teacher_call_on_the_doubled_batch_and_provenance(ratio):
         other_side = masked[i] & ~same_side
         assert np.all(row_ids[same_side] == MASK_ID)
         assert np.array_equal(row_ids[other_side], clean[i][other_side])
-        assert row == (b + i if in_a[i, j] else i)
+        assert row == (2 * i + 1 if in_a[i, j] else 2 * i)
       else:
         # Outside M: pass 1, and the token itself is clean as in a single pass.
-        assert row == i and was_masked == 0 and row_ids[j] == clean[i, j]
+        assert row == 2 * i and was_masked == 0 and row_ids[j] == clean[i, j]
   # Every position outside M sees the same input in both passes.
   assert np.array_equal(
-      np.asarray(teacher_inputs.noised_ids(clean, masked, MASK_ID))[~masked], clean[~masked]
+      np.asarray(noising.apply_mask(clean, masked, MASK_ID))[~masked], clean[~masked]
   )
 
 
@@ -89,27 +104,20 @@ def test_ratio_zero_equals_the_single_pass_exactly():
   clean, masked, valid = random_batch(2)
   in_a = compdemo.split_tokens(jax.random.key(0), masked, 0.0)
   assert not np.asarray(in_a).any()
-  doubled = compdemo.compdemo_teacher_logits(
-      toy_teacher, build_bidirectional, clean, masked, in_a, valid
-  )
+  doubled = doubled_call(toy_teacher, clean, masked, in_a, valid)
   single = toy_teacher(**build_bidirectional(clean, masked, valid))
   np.testing.assert_array_equal(doubled, single)
 
 
-def test_pass_rows_match_select_from_passes_for_both_layouts():
+def test_pass_of_indexes_the_same_rows_as_select_from_passes():
   clean, masked, valid = random_batch(3)
   b, length = clean.shape
   in_a = compdemo.split_tokens(jax.random.key(2), masked, 0.5)
-  logits2 = jnp.asarray(np.random.default_rng(0).normal(size=(2 * b, 2 * length, 5)))
-  # Single-sequence layout.
-  rows = compdemo.pass_rows(in_a)
-  flat = logits2[:, :length].reshape(-1, 5)
-  np.testing.assert_array_equal(flat[rows], compdemo.select_from_passes(logits2[:, :length], in_a))
-  # [x0 ; x_t] layout: predictions in the second half.
-  rows = compdemo.pass_rows(in_a, rows_per_sequence=2 * length, offset=length)
-  np.testing.assert_array_equal(
-      logits2.reshape(-1, 5)[rows], compdemo.select_from_passes(logits2[:, length:], in_a)
-  )
+  out2 = jnp.asarray(np.random.default_rng(0).normal(size=(2 * b, length, 5)))
+  passes = compdemo.pass_of(in_a, (b, length))
+  rows = (2 * jnp.arange(b)[:, None] + passes) * length + jnp.arange(length)[None]
+  np.testing.assert_array_equal(out2.reshape(-1, 5)[rows], compdemo.select_from_passes(out2, in_a))
+  assert not np.asarray(compdemo.pass_of(None, (b, length))).any()
 
 
 @hypothesis.settings(max_examples=25, deadline=None)
@@ -177,7 +185,7 @@ def test_bidirectional_inputs():
       expected[q] = True  # each query keeps itself
       np.testing.assert_array_equal(got.attention_mask[i, 0, q], expected)
   np.testing.assert_array_equal(got.position_ids, np.tile(np.arange(length), (b, 1)))
-  assert (got.prediction_offset, got.rows_per_sequence) == (0, length)
+  assert got.prediction_offset == 0
 
 
 def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
@@ -188,7 +196,7 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
   np.testing.assert_array_equal(got.input_ids[:, :length], clean)
   np.testing.assert_array_equal(got.input_ids[:, length:], np.where(masked, MASK_ID, clean))
   np.testing.assert_array_equal(got.position_ids[0], np.tile(np.arange(length), 2))
-  # SPEC 2 rules written out, with the clean half first.
+  # The BD3LM rules (method 2) written out, with the clean half first.
   expected = np.zeros((2 * length, 2 * length), bool)
   for q in range(2 * length):
     for k in range(2 * length):
@@ -201,10 +209,7 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
       )
   for i in range(2):
     np.testing.assert_array_equal(got.attention_mask[i, 0], expected)
-  logits = jnp.arange(2 * 2 * length * 3, dtype=jnp.float32).reshape(2, 2 * length, 3)
-  np.testing.assert_array_equal(teacher_inputs.prediction_logits(got, logits), logits[:, length:])
-  rows = teacher_inputs.position_rows(2, length, rows_per_sequence=2 * length, offset=length)
-  np.testing.assert_array_equal(logits.reshape(-1, 3)[rows], logits[:, length:])
+  assert got.prediction_offset == length
   # Padding keys can be removed; a padded query still attends to itself.
   valid = np.ones((2, length), bool)
   valid[1, -2:] = False
@@ -213,11 +218,3 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
   )
   assert not padded.attention_mask[1, 0, 0, length - 1]
   assert padded.attention_mask[1, 0, length - 1, length - 1]
-
-
-def test_student_rows_compose_pairs_with_teacher_rows():
-  teacher_rows = np.array([[10, 11, 12], [20, 21, 22]], np.int32)
-  pairs = np.array([[2, -1], [0, 1]], np.int32)
-  np.testing.assert_array_equal(
-      teacher_inputs.student_rows(teacher_rows, pairs), [[12, 10], [20, 21]]
-  )

@@ -12,7 +12,7 @@ import transformers
 from configs import smoke
 from tests.test_train_e2e import run_main
 from tide_jax.diffusion.masks import causal_attention_mask
-from tide_jax.eval import modes
+from tide_jax import modes
 from tide_jax.train import loop
 
 

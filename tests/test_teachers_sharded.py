@@ -135,7 +135,7 @@ def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
 CHILD = textwrap.dedent("""
     import json, resource, sys
     from tide_jax.convert import streaming
-    from tide_jax.models import teachers
+    from tide_jax import teachers
     from tide_jax.parallel import sharding
     streaming.release_freed_memory_eagerly()     # as the convert CLI does
     mesh = sharding.make_mesh({"fsdp": 8})

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from tide_jax.diffusion import masks, schedules
 from tide_jax.models import config as mcfg
-from tide_jax.train import objective
+from tide_jax.diffusion import forward
+
+# Fields that changed names, with their new names (refused with one sentence).
+RENAMED = {
+    "objective.loss_chunk": "objective.row_block",
+    "distill.chunk_size": "objective.row_block",
+}
 
 
 def validate(config) -> None:
@@ -21,10 +27,21 @@ def validate(config) -> None:
         f"to a multiple of {block} (for example {-(-max_len // block) * block})."
     )
   masks.check_block_multiple(max_len, block)
-  if config.objective.kind not in objective.OBJECTIVES:
+  for old, new in RENAMED.items():
+    section, field = old.split(".")
+    if section in config and field in config[section]:
+      raise ValueError(f"{old} was renamed {new}; set {new} instead.")
+  forward.check_objective(config.objective.kind)
+  if int(config.objective.row_block) <= 0:
     raise ValueError(
-        f"objective.kind={config.objective.kind!r} is unknown; choose one of "
-        f"{', '.join(objective.OBJECTIVES)}."
+        f"objective.row_block={config.objective.row_block} must be positive (rows per "
+        "block of the vocabulary statistics; 256 is a good default)."
+    )
+  micro = int(config.train.microbatches)
+  if micro < 1 or int(config.train.batch_size) % micro:
+    raise ValueError(
+        f"train.microbatches={micro} must be at least 1 and divide "
+        f"train.batch_size={config.train.batch_size}."
     )
   schedules.check_schedule(config.objective.schedule)
   if not 0.0 <= float(config.objective.t_eps) < 1.0:

@@ -1,7 +1,7 @@
 """Entrypoint: ``python -m tide_jax.main --config=configs/<name>.py[:arg] --workdir=DIR``.
 
 Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``eval``,
-``sample`` and ``export`` (see ``tide_jax.eval.modes``).
+``sample`` and ``export`` (see ``tide_jax.modes``).
 Config fields are overridden with ``--config.<field>=value``. All logic lives in
 importable functions (``tide_jax.train.loop.train_and_evaluate``) so tests and notebooks
 call the same code.
@@ -55,7 +55,7 @@ def run(config, workdir: str, mode: str):
     if runner:
       raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
     return loop.train_and_evaluate(config, workdir)
-  from tide_jax.eval import modes
+  from tide_jax import modes
 
   if mode == "eval":
     return modes.run_eval(config, workdir)

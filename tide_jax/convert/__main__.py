@@ -51,7 +51,7 @@ def _peak_rss_gb() -> float:
 def main(argv):
   del argv
   from tide_jax.convert import streaming  # after flag parsing: imports jax
-  from tide_jax.models import teachers
+  from tide_jax import teachers
   from tide_jax.parallel import sharding
 
   streaming.release_freed_memory_eagerly()

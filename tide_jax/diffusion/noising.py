@@ -33,8 +33,16 @@ def noise_tokens(
   keep_prob = schedules.alpha(t, schedule)[:, None]
   u = jax.random.uniform(key, input_ids.shape, jnp.float32)
   masked = (u >= keep_prob) & maskable
-  x_t = jnp.where(masked, jnp.asarray(mask_token_id, input_ids.dtype), input_ids)
-  return x_t, masked
+  return apply_mask(input_ids, masked, mask_token_id), masked
+
+
+def apply_mask(ids: jax.Array, masked: jax.Array, mask_token_id: int) -> jax.Array:
+  """``ids`` with every ``masked`` position replaced by ``mask_token_id`` (same shape, dtype).
+
+  The one place that writes the mask token: student noising, teacher inputs, the sampler
+  and the bits-per-byte bound all call it.
+  """
+  return jnp.where(masked, jnp.asarray(mask_token_id, ids.dtype), ids)
 
 
 def pad_to_block_multiple(ids: np.ndarray | list[int], block_size: int, eos_id: int) -> np.ndarray:

@@ -1,23 +1,23 @@
-"""CompDemo (SPEC 3.2): complementary demonstrations, both teacher passes in one call.
+"""CompDemo (method 3.2): complementary demonstrations, both teacher passes in one call.
 
 The masked set ``M`` of each teacher sequence is split at random into ``M_A`` (each token,
 or each chunk, with probability ``rho``) and ``M_B = M \\ M_A``. Pass 1 reveals ``M_A`` and
-masks ``M_B``; pass 2 reveals ``M_B`` and masks ``M_A``. Both passes are stacked on the
-batch axis and the teacher is called once on ``[2b, ...]``:
+masks ``M_B``; pass 2 reveals ``M_B`` and masks ``M_A``. Both passes are interleaved on the
+batch axis (sequence ``i``'s passes are rows ``2i`` and ``2i + 1``) and the teacher is
+called once on ``[2b, ...]``:
 
-    clean2, masked2, valid2 = make_doubled_inputs(clean, masked, in_a, valid)
-    logits2 = teacher(build_inputs(clean2, masked2, valid2))     # the one call, [2b, Lt, V]
-    logits = select_from_passes(logits2, in_a)                   # [b, Lt, V]
+    masked2 = doubled_masks(masked, in_a)                        # [2b, Lt]
+    hidden2 = teacher.prediction_hidden(params, repeat_passes(clean), masked2,
+                                        repeat_passes(valid))    # the one call
+    hidden = select_from_passes(hidden2, in_a)                   # [b, Lt, E]
 
-(or, without copying the logits, :func:`pass_rows` gives each position's row in
-``logits2.reshape(-1, V)`` for the row-indexed distillation terms). Each position of
-``M_B`` reads pass 1, each of ``M_A`` pass 2, every other position pass 1, which is the
-single pass; with ``rho = 0``, ``M_A`` is empty and the result equals the single pass.
+(or, without copying, :func:`pass_of` says which pass each position reads, and the
+distillation plan indexes the rows of ``hidden2`` directly). Each position of ``M_B``
+reads pass 1, each of ``M_A`` pass 2, every other position pass 1, which is the single
+pass; with ``rho = 0``, ``M_A`` is empty and the result equals the single pass.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -102,68 +102,43 @@ def teacher_split(
   return in_a & teacher_masked
 
 
-def make_doubled_inputs(
-    clean_ids: Array, masked: Array, in_a: Array, *per_example: Array
-) -> tuple[Array, ...]:
-  """Stack both passes on the batch axis.
+PASSES = 2  # CompDemo's two complementary teacher passes
 
-  Args:
-    clean_ids: ``[b, Lt]`` clean teacher token ids.
-    masked: ``[b, Lt]`` bool, the teacher's masked set M.
-    in_a: ``[b, Lt]`` bool, ``M_A`` (subset of M).
-    *per_example: further ``[b, ...]`` arrays (e.g. the padding mask) to repeat.
-  Returns:
-    ``(clean_ids [2b, Lt], masked [2b, Lt], *per_example [2b, ...])``; rows ``0..b-1``
-    are pass 1 (``M_B`` masked), rows ``b..2b-1`` pass 2 (``M_A`` masked).
+
+def doubled_masks(masked: Array, in_a: Array) -> Array:
+  """Both passes' masks, interleaved per sequence: ``[b, Lt] -> [2b, Lt]`` bool.
+
+  Row ``2i`` is pass 1 of sequence ``i`` (``M_B`` masked, ``M_A`` revealed) and row
+  ``2i + 1`` its pass 2 (``M_A`` masked). Interleaving keeps both passes of a sequence
+  next to it: when the batch is split over devices in contiguous pieces, a sequence's
+  teacher rows live on the device that holds the sequence, so reading them is local.
   """
   in_a = in_a & masked
-  doubled_mask = jnp.concatenate([masked & ~in_a, in_a], axis=0)
-  twice = lambda x: jnp.concatenate([x, x], axis=0)
-  return (twice(clean_ids), doubled_mask, *(twice(x) for x in per_example))
+  return jnp.stack([masked & ~in_a, in_a], axis=1).reshape(-1, masked.shape[1])
 
 
-def select_from_passes(logits2: Array, in_a: Array) -> Array:
+def repeat_passes(x: Array) -> Array:
+  """``[b, ...] -> [2b, ...]``: each sequence's row twice, matching :func:`doubled_masks`."""
+  return jnp.repeat(x, PASSES, axis=0)
+
+
+def select_from_passes(out2: Array, in_a: Array) -> Array:
   """``[2b, Lt, ...] -> [b, Lt, ...]``: ``M_A`` positions from pass 2, all others pass 1."""
   b = in_a.shape[0]
-  if logits2.shape[0] != 2 * b:
+  if out2.shape[0] != PASSES * b:
     raise ValueError(
-        f"Expected teacher logits for a doubled batch of {2 * b}, got " f"{logits2.shape[0]}."
+        f"Expected teacher outputs for a doubled batch of {2 * b}, got {out2.shape[0]}."
     )
-  pick_second = in_a.reshape(in_a.shape + (1,) * (logits2.ndim - 2))
-  return jnp.where(pick_second, logits2[b:], logits2[:b])
+  both = out2.reshape((b, PASSES) + out2.shape[1:])
+  pick_second = in_a.reshape(in_a.shape + (1,) * (out2.ndim - 2))
+  return jnp.where(pick_second, both[:, 1], both[:, 0])
 
 
-def pass_rows(in_a: Array, *, rows_per_sequence: int | None = None, offset: int = 0) -> Array:
-  """Row of each teacher position in the flattened doubled logits ``[2b * S, V]``.
+def pass_of(in_a: Array | None, shape: tuple[int, int]) -> Array:
+  """Which teacher pass (0 or 1) predicts each teacher position: ``[b, Lt]`` int32.
 
-  Args:
-    in_a: ``[b, Lt]`` bool, ``M_A``.
-    rows_per_sequence: S, the teacher's output length per sequence (Lt, or 2 Lt for the
-      ``[x0 ; x_t]`` layout); defaults to Lt.
-    offset: where the predictions start inside a sequence (Lt for ``[x0 ; x_t]``).
-  Returns:
-    ``[b, Lt]`` int32 rows; pass 2 for ``M_A``, pass 1 otherwise.
+  Without CompDemo (``in_a`` None) every position reads the single pass 0.
   """
-  b, length = in_a.shape
-  stride = length if rows_per_sequence is None else rows_per_sequence
-  sequence = jnp.arange(b, dtype=jnp.int32)[:, None] + b * in_a.astype(jnp.int32)
-  return sequence * stride + offset + jnp.arange(length, dtype=jnp.int32)[None, :]
-
-
-def compdemo_teacher_logits(
-    teacher_fn: Callable[..., Array],
-    build_inputs: Callable[..., dict],
-    clean_ids: Array,
-    masked: Array,
-    in_a: Array,
-    *per_example: Array,
-) -> Array:
-  """Doubled batch -> ONE teacher call -> per-position selection, ``[b, Lt, V]``.
-
-  ``build_inputs(clean2, masked2, *per_example2)`` returns the teacher's keyword inputs
-  (see ``teacher_inputs.py``) and ``teacher_fn(**inputs)`` its prediction logits
-  ``[2b, Lt, V]`` (already cut to the x_t half for the ``[x0 ; x_t]`` layout).
-  """
-  doubled = make_doubled_inputs(clean_ids, masked, in_a, *per_example)
-  logits2 = jax.lax.stop_gradient(teacher_fn(**build_inputs(*doubled)))
-  return select_from_passes(logits2, in_a)
+  if in_a is None:
+    return jnp.zeros(shape, jnp.int32)
+  return in_a.astype(jnp.int32)

@@ -1,19 +1,23 @@
-"""Token-level distillation terms over flat positions (SPEC 3.1 and 3.4).
+"""Token-level terms: the student's cross-entropy and the distillation terms (method 3.1, 3.4).
 
-Every term takes
+A *token term* compares the student's and the teacher's distributions at one position,
+on logits already cut to the shared vocabulary: ``value(zs, zt, lam) -> [c]`` and its
+derivative ``grad(zs, zt, lam) -> [c, V']`` with respect to ``zs`` (closed forms, float32).
+``TOKEN_TERMS`` names them; adding a term is one class here and one line in the recipe
+table (``recipes.py``).
 
-* ``student_logits [N, Vs]`` (any float dtype, usually bfloat16; differentiated),
-* ``teacher_logits [N, Vt]``, or ``[R, Vt]`` together with ``teacher_rows [N]`` int32
-  naming the teacher row paired with each student position (never differentiated),
-* ``weights [N]`` float32: the per-position weight, 0 where a position is not distilled,
+Row kernels (see ``fused.py``) evaluate terms one block of rows at a time from hidden
+states and output kernels, never from materialised ``[rows, vocab]`` logits:
 
-computes in float32 one block of ``chunk_size`` positions at a time (see ``rows.py``)
-and returns ``(loss_sum, count)``: the weighted sum of the per-position losses (the
-``T^2`` factor included) and the number of positions with a positive weight. The term's
-value is ``masked_mean(loss_sum, count)``, exactly 0 when nothing is distilled.
+* :class:`TargetRows`: ``log softmax(z)[target]`` (the cross-entropy) and whether the
+  argmax is the target;
+* :class:`PairedRows`: the cross-entropy of the student and one token term against the
+  teacher row paired with it, from ONE projection of the student's hidden states, and
+  whether both models' argmax agree on the shared vocabulary.
 
-``shared_vocab`` cuts both logits to their first ``shared_vocab`` entries before any
-softmax; without it both vocabularies must have the same size.
+Functions over flat rows return ``(loss_sum, count)``: the weighted sum of the
+per-position losses (the ``T^2`` factor included) and the number of positions with a
+positive weight; the term's value is ``masked_mean(loss_sum, count)``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from tide_jax.distill import rows as rows_lib
+from tide_jax.distill import fused
 
 Array = jax.Array
+Projection = fused.Projection
 
 GROWTHS = ("cosine", "linear")
 AXES = ("both", "training_only", "timestep_only")
@@ -87,74 +92,140 @@ def timestep_weight(t: Array, mode: str = "midrange") -> Array:
   return jnp.exp(-((t - MIDRANGE_CENTER) ** 2) / (2.0 * MIDRANGE_WIDTH**2))
 
 
-# ----------------------------------------------------------------------------- row kernels
+# ----------------------------------------------------------------------------- token terms
 
 
 @dataclasses.dataclass(frozen=True)
-class _Kernel:
-  temperature: float = 1.0
-  shared_vocab: int | None = None
-
-  def cut(self, z):
-    return z if self.shared_vocab is None else z[:, : self.shared_vocab]
-
-  def log_probs(self, z):
-    return jax.nn.log_softmax(self.cut(z) / self.temperature, axis=-1)
-
-
-class _ForwardKL(_Kernel):
+class ForwardKL:
   """``T^2 KL(softmax(zt/T) || softmax(zs/T))``; d/dzs = ``T (p_s - p_t)``."""
 
-  def value(self, zs, zt, extra):
-    ls, lt = self.log_probs(zs), self.log_probs(zt)
+  temperature: float = 2.0
+
+  def value(self, zs, zt, lam):
+    ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
     return self.temperature**2 * jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
 
-  def grad(self, zs, zt, extra):
-    return self.temperature * (jnp.exp(self.log_probs(zs)) - jnp.exp(self.log_probs(zt)))
+  def grad(self, zs, zt, lam):
+    t = self.temperature
+    return t * (jnp.exp(_log_probs(zs, t)) - jnp.exp(_log_probs(zt, t)))
 
 
-class _ReverseKL(_Kernel):
+@dataclasses.dataclass(frozen=True)
+class ReverseKL:
   """``T^2 KL(softmax(zs/T) || softmax(zt/T))``; d/dzs = ``T p_s (a - KL)``, a = log p_s - log p_t."""
 
-  def value(self, zs, zt, extra):
-    ls, lt = self.log_probs(zs), self.log_probs(zt)
+  temperature: float = 2.0
+
+  def value(self, zs, zt, lam):
+    ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
     return self.temperature**2 * jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
 
-  def grad(self, zs, zt, extra):
-    ls, lt = self.log_probs(zs), self.log_probs(zt)
+  def grad(self, zs, zt, lam):
+    ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
     ps, a = jnp.exp(ls), ls - lt
     kl = jnp.sum(ps * a, axis=-1, keepdims=True)
     return self.temperature * ps * (a - kl)
 
 
-class _Tidal(_Kernel):
+@dataclasses.dataclass(frozen=True)
+class Tidal:
   """``T^2 KL(r || softmax(zs/T))`` with the constant target
-  ``r = softmax(((1 - lam) zs + lam zt) / T)``; d/dzs = ``T (p_s - r)``. extra = lam [c]."""
+  ``r = softmax(((1 - lam) zs + lam zt) / T)``; d/dzs = ``T (p_s - r)``. ``lam [c]``."""
+
+  temperature: float = 2.0
 
   def target_log_probs(self, zs, zt, lam):
     lam = lam[:, None]
-    return self.log_probs((1.0 - lam) * zs + lam * zt)
+    return _log_probs((1.0 - lam) * zs + lam * zt, self.temperature)
 
   def value(self, zs, zt, lam):
-    ls, lr = self.log_probs(zs), self.target_log_probs(zs, zt, lam)
+    ls, lr = _log_probs(zs, self.temperature), self.target_log_probs(zs, zt, lam)
     return self.temperature**2 * jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1)
 
   def grad(self, zs, zt, lam):
-    return self.temperature * (
-        jnp.exp(self.log_probs(zs)) - jnp.exp(self.target_log_probs(zs, zt, lam))
-    )
+    t = self.temperature
+    return t * (jnp.exp(_log_probs(zs, t)) - jnp.exp(self.target_log_probs(zs, zt, lam)))
 
 
-class _TargetLogProb(_Kernel):
-  """``log softmax(z)[x]``; d/dz = ``onehot(x) - softmax(z)``. extra = x [c] int32."""
+# Terms by the name a recipe uses (recipes.py); each takes the temperature.
+TOKEN_TERMS = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "tidal": Tidal}
 
-  def value(self, z, _, targets):
-    picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(z, axis=-1)
 
-  def grad(self, z, _, targets):
-    onehot = jnp.arange(z.shape[-1])[None, :] == targets[:, None]
-    return onehot.astype(jnp.float32) - jax.nn.softmax(z, axis=-1)
+def _log_probs(z: Array, temperature: float) -> Array:
+  return jax.nn.log_softmax(z / temperature, axis=-1)
+
+
+def make_token_term(name: str, temperature: float):
+  if name not in TOKEN_TERMS:
+    raise ValueError(f"Unknown token term {name!r}; use one of {', '.join(TOKEN_TERMS)}.")
+  if not temperature > 0:
+    raise ValueError(f"The distillation temperature must be positive, got {temperature}.")
+  return TOKEN_TERMS[name](temperature=float(temperature))
+
+
+# ----------------------------------------------------------------------------- row kernels
+
+
+def _target_log_prob(z: Array, targets: Array) -> tuple[Array, Array]:
+  """``(log softmax(z)[target], softmax(z))`` per row."""
+  lse = jax.nn.logsumexp(z, axis=-1)
+  picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
+  return picked - lse, jnp.exp(z - lse[:, None])
+
+
+def _onehot(targets: Array, width: int) -> Array:
+  return (jnp.arange(width)[None, :] == targets[:, None]).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetRows:
+  """``log softmax(z)[target]`` (values ``[c, 1]``) and ``argmax(z) == target`` (stats
+  ``[c, 1]``); d/dz = ``onehot(target) - softmax(z)``. ``extra = targets [c]`` int32."""
+
+  def forward(self, z, _, targets):
+    logp, _ = _target_log_prob(z, targets)
+    correct = jnp.argmax(z, axis=-1) == targets
+    return logp[:, None], correct[:, None].astype(jnp.float32)
+
+  def vjp(self, z, _, targets, g):
+    _, probs = _target_log_prob(z, targets)
+    return g[:, :1] * (_onehot(targets, z.shape[-1]) - probs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedRows:
+  """The student's cross-entropy and a token term against its paired teacher row.
+
+  ``extra = {"targets": [c] int32, "lam": [c] float32}``. Values ``[c, 2]``:
+  ``log softmax(zs)[target]`` over the student's whole vocabulary and the term on both
+  logits cut to ``shared_vocab`` (the cut comes first: vocabularies may differ beyond
+  it). Stats ``[c, 2]``: whether the student's argmax is the target, and whether both
+  argmaxes over the shared vocabulary agree.
+  """
+
+  term: ForwardKL | ReverseKL | Tidal
+  shared_vocab: int | None = None
+
+  def _cut(self, z):
+    return z if self.shared_vocab is None else z[:, : self.shared_vocab]
+
+  def forward(self, zs, zt, extra):
+    targets = extra["targets"]
+    logp, _ = _target_log_prob(zs, targets)
+    cs, ct = self._cut(zs), self._cut(zt)
+    value = self.term.value(cs, ct, extra["lam"])
+    correct = jnp.argmax(zs, axis=-1) == targets
+    agree = jnp.argmax(cs, axis=-1) == jnp.argmax(ct, axis=-1)
+    return jnp.stack([logp, value], axis=1), jnp.stack([correct, agree], 1).astype(jnp.float32)
+
+  def vjp(self, zs, zt, extra, g):
+    targets = extra["targets"]
+    _, probs = _target_log_prob(zs, targets)
+    grad = g[:, :1] * (_onehot(targets, zs.shape[-1]) - probs)
+    term_grad = g[:, 1:2] * self.term.grad(self._cut(zs), self._cut(zt), extra["lam"])
+    if term_grad.shape[1] < zs.shape[1]:  # columns beyond the shared vocabulary: no term
+      term_grad = jnp.pad(term_grad, [(0, 0), (0, zs.shape[1] - term_grad.shape[1])])
+    return grad + term_grad
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -185,75 +256,121 @@ def masked_mean(loss_sum: Array, count: Array) -> Array:
   return jnp.where(count > 0, loss_sum / jnp.maximum(count, 1.0), 0.0)
 
 
-def _weighted(per_row: Array, weights: Array) -> tuple[Array, Array]:
+def weighted_sum(per_row: Array, weights: Array) -> tuple[Array, Array]:
+  """``(sum of weights * per_row where weights != 0, number of positive weights)``."""
   weights = jnp.asarray(weights, jnp.float32)
   if weights.shape != per_row.shape:
     raise ValueError(f"weights must have shape {per_row.shape}, got {weights.shape}.")
-  active = weights != 0
-  loss_sum = jnp.sum(jnp.where(active, weights * per_row, 0.0))
+  loss_sum = jnp.sum(jnp.where(weights != 0, weights * per_row, 0.0))
   return loss_sum, jnp.sum(weights > 0).astype(jnp.float32)
 
 
-def _pair_kernel(cls, student_logits, teacher_logits, temperature, shared_vocab):
-  if temperature <= 0:
-    raise ValueError(f"The distillation temperature must be positive, got {temperature}.")
-  cut = resolve_shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1], shared_vocab)
-  return cls(temperature=float(temperature), shared_vocab=cut)
+# ----------------------------------------------------------------------------- over flat rows
 
 
-# ----------------------------------------------------------------------------- terms
+def target_log_probs(
+    model: Projection, targets: Array, *, block_rows: int = fused.DEFAULT_BLOCK_ROWS
+) -> tuple[Array, Array]:
+  """``log softmax(h W)[target]`` and ``argmax(h W) == target`` per row: ``[N]`` float32 each.
+
+  Differentiable in ``model.hidden`` and ``model.kernel`` (the first output).
+  """
+  values, stats = fused.row_statistics(
+      TargetRows(), model, extra=targets.astype(jnp.int32), block_rows=block_rows
+  )
+  return values[:, 0], stats[:, 0]
 
 
-def forward_kl(
-    student_logits: Array,
-    teacher_logits: Array,
-    weights: Array,
+def paired_rows(
+    name: str,
+    student: Projection,
+    teacher: Projection,
+    targets: Array,
     *,
+    lam: Array | None = None,
     temperature: float = 2.0,
     shared_vocab: int | None = None,
     teacher_rows: Array | None = None,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
-) -> tuple[Array, Array]:
-  """Forward KL(teacher || student) at temperature T, times T^2. Returns (loss_sum, count)."""
-  kernel = _pair_kernel(_ForwardKL, student_logits, teacher_logits, temperature, shared_vocab)
-  per_row = rows_lib.rowwise(
-      kernel, student_logits, teacher_logits, teacher_rows, chunk_size=chunk_size
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+) -> tuple[Array, Array, Array]:
+  """Per-row student log-probability of ``targets``, token term ``name`` and argmax agreement.
+
+  Args:
+    name: a key of ``TOKEN_TERMS``.
+    student: ``[N, E]`` hidden states and ``[E, Vs]`` kernel (differentiated).
+    teacher: ``[N, Et]`` (or ``[R, Et]`` with ``teacher_rows``) and ``[Et, Vt]``.
+    targets: ``[N]`` int32 clean tokens (for the cross-entropy).
+    lam: ``[N]`` TIDAL lambda (``tidal`` only).
+    temperature: T of the term (the value includes ``T^2``).
+    shared_vocab: cut both logits to this many columns before the term.
+    teacher_rows: ``[N]`` int32, the teacher row paired with each student row.
+    block_rows: rows per block.
+
+  Returns:
+    ``(log_prob [N], term [N], agree [N])`` float32.
+  """
+  cut = resolve_shared_vocab(student.kernel.shape[-1], teacher.kernel.shape[-1], shared_vocab)
+  kernel = PairedRows(make_token_term(name, temperature), cut)
+  n = student.hidden.shape[0]
+  extra = {
+      "targets": targets.astype(jnp.int32),
+      "lam": jnp.zeros((n,), jnp.float32) if lam is None else jnp.asarray(lam, jnp.float32),
+  }
+  values, stats = fused.row_statistics(
+      kernel, student, teacher, teacher_rows, extra, block_rows=block_rows
   )
-  return _weighted(per_row, weights)
+  return values[:, 0], values[:, 1], stats[:, 1]
 
 
-def reverse_kl(
-    student_logits: Array,
-    teacher_logits: Array,
+def token_term(
+    name: str,
+    student: Projection,
+    teacher: Projection,
     weights: Array,
     *,
+    lam: Array | None = None,
     temperature: float = 2.0,
     shared_vocab: int | None = None,
     teacher_rows: Array | None = None,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
 ) -> tuple[Array, Array]:
-  """Reverse KL(student || teacher) at temperature T, times T^2. Returns (loss_sum, count)."""
-  kernel = _pair_kernel(_ReverseKL, student_logits, teacher_logits, temperature, shared_vocab)
-  per_row = rows_lib.rowwise(
-      kernel, student_logits, teacher_logits, teacher_rows, chunk_size=chunk_size
+  """``(loss_sum, count)`` of token term ``name`` over rows with ``weights [N]`` float32."""
+  n = student.hidden.shape[0]
+  _, per_row, _ = paired_rows(
+      name,
+      student,
+      teacher,
+      jnp.zeros((n,), jnp.int32),
+      lam=lam,
+      temperature=temperature,
+      shared_vocab=shared_vocab,
+      teacher_rows=teacher_rows,
+      block_rows=block_rows,
   )
-  return _weighted(per_row, weights)
+  return weighted_sum(per_row, weights)
+
+
+def forward_kl(student, teacher, weights, **kwargs) -> tuple[Array, Array]:
+  """Forward KL(teacher || student) at temperature T, times T^2: ``(loss_sum, count)``."""
+  return token_term("forward_kl", student, teacher, weights, **kwargs)
+
+
+def reverse_kl(student, teacher, weights, **kwargs) -> tuple[Array, Array]:
+  """Reverse KL(student || teacher) at temperature T, times T^2: ``(loss_sum, count)``."""
+  return token_term("reverse_kl", student, teacher, weights, **kwargs)
 
 
 def tidal(
-    student_logits: Array,
-    teacher_logits: Array,
-    weights: Array,
+    student,
+    teacher,
+    weights,
     *,
     t: Array,
     progress: Array | float,
     options: TidalOptions = TidalOptions(),
-    temperature: float = 2.0,
-    shared_vocab: int | None = None,
-    teacher_rows: Array | None = None,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
+    **kwargs,
 ) -> tuple[Array, Array]:
-  """TIDAL (SPEC 3.1): ``T^2 w(t) KL(r || softmax(zs/T))`` with the constant target
+  """TIDAL (method 3.1): ``T^2 w(t) KL(r || softmax(zs/T))`` with the constant target
   ``r = softmax(((1 - lambda) zs + lambda zt) / T)``.
 
   Args:
@@ -262,86 +379,6 @@ def tidal(
   Returns:
     ``(loss_sum, count)``; the loss sum includes the timestep weight ``w(t)``.
   """
-  kernel = _pair_kernel(_Tidal, student_logits, teacher_logits, temperature, shared_vocab)
   lam = tidal_lambda(progress, t, options)
-  per_row = rows_lib.rowwise(
-      kernel, student_logits, teacher_logits, teacher_rows, lam, chunk_size=chunk_size
-  )
-  return _weighted(per_row * timestep_weight(t, options.timestep_weight), weights)
-
-
-def target_log_probs(
-    logits: Array, targets: Array, *, chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE
-) -> Array:
-  """``log softmax(logits)[targets]`` per row, ``[N, V], [N] -> [N]`` float32, differentiable."""
-  return rows_lib.rowwise(
-      _TargetLogProb(), logits, None, None, targets.astype(jnp.int32), chunk_size=chunk_size
-  )
-
-
-def gathered_target_log_probs(
-    logits: Array,
-    targets: Array,
-    rows: Array | None = None,
-    *,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
-) -> Array:
-  """Like :func:`target_log_probs` for a frozen model whose rows are gathered by ``rows``:
-  ``logits [R, V]``, ``targets [N]``, ``rows [N]`` -> ``[N]`` float32, no gradient."""
-  kernel = _TargetLogProb()
-  return rows_lib.map_rows(
-      lambda z, x: kernel.value(z.astype(jnp.float32), None, x),
-      logits,
-      rows,
-      targets.astype(jnp.int32),
-      chunk_size=chunk_size,
-  )
-
-
-def argmax_ids(
-    logits: Array,
-    rows: Array | None = None,
-    *,
-    vocab: int | None = None,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
-) -> Array:
-  """Greedy token of each row (optionally within the first ``vocab`` ids), ``[N]`` int32."""
-  return rows_lib.map_rows(
-      lambda z, _: jnp.argmax(z if vocab is None else z[:, :vocab], axis=-1).astype(jnp.int32),
-      logits,
-      rows,
-      None,
-      chunk_size=chunk_size,
-  )
-
-
-def argmax_agreement(
-    student_logits: Array,
-    teacher_logits: Array,
-    weights: Array,
-    *,
-    shared_vocab: int | None = None,
-    teacher_rows: Array | None = None,
-    chunk_size: int = rows_lib.DEFAULT_CHUNK_SIZE,
-) -> tuple[Array, Array]:
-  """(number of distilled positions where both models' argmax agree, count)."""
-  cut = resolve_shared_vocab(student_logits.shape[-1], teacher_logits.shape[-1], shared_vocab)
-  s = argmax_ids(student_logits, vocab=cut, chunk_size=chunk_size)
-  t = argmax_ids(teacher_logits, teacher_rows, vocab=cut, chunk_size=chunk_size)
-  return _weighted((s == t).astype(jnp.float32), (jnp.asarray(weights) > 0).astype(jnp.float32))
-
-
-__all__ = [
-    "TidalOptions",
-    "tidal_lambda",
-    "timestep_weight",
-    "resolve_shared_vocab",
-    "masked_mean",
-    "forward_kl",
-    "reverse_kl",
-    "tidal",
-    "target_log_probs",
-    "gathered_target_log_probs",
-    "argmax_ids",
-    "argmax_agreement",
-]
+  weights = jnp.asarray(weights, jnp.float32) * timestep_weight(t, options.timestep_weight)
+  return token_term("tidal", student, teacher, weights, lam=lam, **kwargs)

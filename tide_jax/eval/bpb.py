@@ -21,6 +21,7 @@ Padding at the end of the last window is neither scored nor attended to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -30,8 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from tide_jax.diffusion import masks, schedules
+from tide_jax.data import records, tokenizers
+from tide_jax.diffusion import forward, masks, noising, schedules
+from tide_jax.distill import fused, terms
+from tide_jax.parallel import batch_map, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,21 +117,26 @@ def prepare_texts(
   return BpbData(ids, valid, uniforms, num_bytes, len(texts))
 
 
-def _token_nll(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
-  """``-log p(target)`` per position, ``[b, L]``, computing logits ``chunk`` positions at a time
-  so that only a ``[b, chunk, V]`` slice of the vocabulary logits exists at once."""
-  b, length, _ = hidden.shape
-  n = length // chunk
-  h = hidden.reshape(b, n, chunk, -1).swapaxes(0, 1)
-  y = targets.reshape(b, n, chunk).swapaxes(0, 1)
+def _masked_nll_per_row(rows, shared, split, *, block_rows: int) -> jax.Array:
+  """``sum over masked positions of -log p(target)`` per row of this device: ``[b]``."""
+  hidden = rows["hidden"]
+  b, length, width = hidden.shape
 
-  def one(args):
-    h_c, y_c = args
-    logits = model.logits(h_c)
-    picked = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+  def stats(r, whole):
+    return fused.row_statistics(
+        terms.TargetRows(),
+        fused.Projection(r["hidden"], whole["kernel"]),
+        extra=r["targets"],
+        block_rows=block_rows,
+    )
 
-  return jax.lax.map(one, (h, y)).swapaxes(0, 1).reshape(b, length)
+  values, _ = split.rowwise(
+      stats,
+      {"hidden": hidden.reshape(-1, width), "targets": rows["targets"].reshape(-1)},
+      {"kernel": split.varying(shared["kernel"])},
+  )
+  logp = values[:, 0].reshape(b, length)
+  return -jnp.sum(jnp.where(rows["masked"], logp, 0.0), axis=1)
 
 
 def elbo_nats(
@@ -139,41 +149,43 @@ def elbo_nats(
     block_size: int,
     mask_token_id: int,
     schedule: str = "linear",
-    chunk: int | None = None,
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
 ) -> jax.Array:
   """The diffusion bound on ``-log p`` of each row, in nats: float32 ``[b]`` (jittable).
 
+  Under a mesh set with ``jax.set_mesh`` each device scores its own rows.
+
   Args:
-    model: decoder with ``hidden_states`` / ``logits``.
+    model: decoder with ``hidden_states`` / ``output_kernel``.
     ids, valid, uniforms: ``[b, L]`` tokens, text flags and fixed mask thresholds.
     grid_t: float32 ``[n]`` times; the bound is the mean over them (midpoint rule).
     block_size: B (L must be a multiple).
     mask_token_id: the student's mask token.
     schedule: the alpha(t) schedule the student was trained with.
-    chunk: positions per logits slice (defaults to B).
+    block_rows: rows per block of the fused vocabulary statistics.
   """
-  b, length = ids.shape
-  chunk = chunk or block_size
-  if length % chunk:
-    raise ValueError(f"chunk {chunk} must divide the window length {length}.")
-  both_valid = jnp.concatenate([valid, valid], axis=1)
-  attn = jnp.asarray(masks.bd3lm_attention_mask(length, block_size))[None] & both_valid[:, None, :]
-  positions = jnp.tile(jnp.arange(length, dtype=jnp.int32), (b, 2))
+  kernel = model.output_kernel()
+  targets = ids.astype(jnp.int32)
 
   def at_time(total, t):
     masked = (uniforms < 1.0 - schedules.alpha(t, schedule)) & valid
-    x_t = jnp.where(masked, jnp.asarray(mask_token_id, ids.dtype), ids)
-    hidden = model.hidden_states(jnp.concatenate([x_t, ids], axis=1), positions, attn)
-    nll = _token_nll(model, hidden[:, :length], ids, chunk)
-    weight = schedules.loss_weight(t, schedule)
-    return total + weight * jnp.sum(jnp.where(masked, nll, 0.0), axis=1), None
+    x_t = noising.apply_mask(ids, masked, mask_token_id)
+    hidden = forward.denoiser_hidden(
+        model, ids, x_t, kind="bd3lm", block_size=block_size, valid=valid
+    )
+    nll = batch_map.batch_outputs(
+        functools.partial(_masked_nll_per_row, block_rows=block_rows),
+        {"hidden": hidden, "targets": targets, "masked": masked},
+        {"kernel": kernel},
+    )
+    return total + schedules.loss_weight(t, schedule) * nll, None
 
-  total, _ = jax.lax.scan(at_time, jnp.zeros((b,), jnp.float32), grid_t)
+  total, _ = jax.lax.scan(at_time, jnp.zeros(ids.shape[:1], jnp.float32), grid_t)
   return total / grid_t.shape[0]
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str, chunk):
+def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str, block_rows: int):
   def run(state, ids, valid, uniforms, grid_t):
     return elbo_nats(
         nnx.merge(graphdef, state),
@@ -184,7 +196,7 @@ def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str,
         block_size=block_size,
         mask_token_id=mask_token_id,
         schedule=schedule,
-        chunk=chunk,
+        block_rows=block_rows,
     )
 
   return jax.jit(run)
@@ -199,15 +211,26 @@ def window_nats(
     grid: int | Sequence[float] = 8,
     schedule: str = "linear",
     batch_size: int = 8,
-    chunk: int | None = None,
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
-  """The bound for every window, float64 ``[n_windows]`` nats, in fixed-size batches."""
+  """The bound for every window, float64 ``[n_windows]`` nats, in fixed-size batches.
+
+  With ``mesh``, every batch is split over the mesh's batch axes and each device scores
+  its own windows (``batch_size`` is rounded up to a multiple of the batch shards).
+  """
   schedules.check_schedule(schedule)
   grid_t = midpoint_grid(grid) if isinstance(grid, int) else np.asarray(grid, np.float32)
   if grid_t.size == 0 or np.any((grid_t <= 0) | (grid_t > 1)):
     raise ValueError("Grid times must lie in (0, 1]; pass an int for the midpoint grid.")
   graphdef, state = nnx.split(model)
-  fn = _compiled_elbo(graphdef, block_size, mask_token_id, schedule, chunk)
+  fn = _compiled_elbo(graphdef, block_size, mask_token_id, schedule, int(block_rows))
+  place = lambda x: x
+  if mesh is not None:
+    shards = sharding.batch_shard_count(mesh, sharding.STUDENT_RULES)
+    batch_size = -(-batch_size // shards) * shards
+    row_sharding = sharding.batch_sharding(mesh, sharding.STUDENT_RULES, 2, batch_size)
+    place = lambda x: jax.device_put(x, row_sharding)
   n = data.ids.shape[0]
   out = []
   for start in range(0, n, batch_size):
@@ -215,14 +238,17 @@ def window_nats(
     fill = batch_size - data.ids[rows].shape[0]
     # A short last batch is filled with empty rows (no valid token, zero contribution)
     # so that every batch has the same shape and one compiled program.
-    pad = lambda x: np.concatenate([x, np.zeros((fill,) + x.shape[1:], x.dtype)])
-    nats = fn(
-        state,
-        pad(data.ids[rows]),
-        pad(data.valid[rows]),
-        pad(data.uniforms[rows]),
-        jnp.asarray(grid_t),
-    )
+    pad = lambda x: place(np.concatenate([x, np.zeros((fill,) + x.shape[1:], x.dtype)]))
+    with contextlib.ExitStack() as stack:
+      if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+      nats = fn(
+          state,
+          pad(data.ids[rows]),
+          pad(data.valid[rows]),
+          pad(data.uniforms[rows]),
+          jnp.asarray(grid_t),
+      )
     out.append(np.asarray(nats, np.float64)[: batch_size - fill])
   return np.concatenate(out)
 
@@ -236,7 +262,8 @@ def bits_per_byte_from_data(
     grid: int | Sequence[float] = 8,
     schedule: str = "linear",
     batch_size: int = 8,
-    chunk: int | None = None,
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    mesh: Mesh | None = None,
 ) -> BpbResult:
   """Bits per byte of pre-tokenized text (use in a training loop: tokenize once)."""
   nats = window_nats(
@@ -247,7 +274,8 @@ def bits_per_byte_from_data(
       grid=grid,
       schedule=schedule,
       batch_size=batch_size,
-      chunk=chunk,
+      block_rows=block_rows,
+      mesh=mesh,
   )
   bits = float(nats.sum() / math.log(2.0))
   return BpbResult(
@@ -301,3 +329,55 @@ def bits_per_byte(
       schedule=schedule,
       batch_size=batch_size,
   )
+
+
+def student_tokenizer(config):
+  """The student's tokenizer (``data.tokenizer`` with ``data.chat_template``)."""
+  return tokenizers.get_tokenizer(config.data.tokenizer, config.data.get("chat_template") or None)
+
+
+def held_out_texts(config, limit: int) -> list[str]:
+  """Texts for bits per byte: ``eval.bpb_files`` or the data's eval files (plain text)."""
+  patterns = list(config.eval.bpb_files or config.data.eval_files or [])
+  if not patterns:
+    raise ValueError("No held-out texts: set eval.bpb_files or data.eval_files.")
+  texts = []
+  for path in records.expand_files(patterns):
+    for item in records.read_text_file(path):
+      if isinstance(item, records.TextRecord):
+        texts.append(item.text)
+    if len(texts) >= limit:
+      break
+  return texts[:limit]
+
+
+def make_periodic_bpb(config, mesh: Mesh | None = None):
+  """A ``model -> bits per byte`` callable for the periodic eval, or None when disabled.
+
+  The held-out texts are tokenized once; each call evaluates the fixed t grid and the
+  fixed masks, so successive values are comparable (``eval.bpb_during_training``).
+  """
+  ev = config.eval
+  if not ev.bpb_during_training:
+    return None
+  texts = held_out_texts(config, int(ev.bpb_max_texts))
+  data = prepare_texts(
+      student_tokenizer(config),
+      texts,
+      max_len=int(config.data.max_len),
+      block_size=int(config.block_size),
+  )
+
+  def evaluate(model) -> float:
+    return bits_per_byte_from_data(
+        model,
+        data,
+        block_size=int(config.block_size),
+        mask_token_id=int(config.objective.mask_token_id),
+        grid=int(ev.bpb_grid),
+        schedule=config.objective.schedule,
+        block_rows=int(config.objective.row_block),
+        mesh=mesh,
+    ).bits_per_byte
+
+  return evaluate

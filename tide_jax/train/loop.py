@@ -23,8 +23,13 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from tide_jax import configs_lib
+from tide_jax import configs_lib, teachers
+from tide_jax.convert import hf_checkpoint, streaming
 from tide_jax.data import pipeline
+from tide_jax.distill import plan as plan_lib
+from tide_jax.distill import recipes
+from tide_jax.eval import bpb
+from tide_jax.models import config as mcfg
 from tide_jax.models import dense
 from tide_jax.models.config import DecoderConfig
 from tide_jax.parallel import host_data, memory, placement, preemption, sharding
@@ -46,8 +51,6 @@ def absolute_workdir(workdir: str) -> str:
 
 def load_hf_params(config, model_cfg: DecoderConfig) -> nnx.State:
   """The parameters of the HF directory ``config.model.init_from`` (host memory)."""
-  from tide_jax.convert import hf_checkpoint
-
   _say(f"Loading student weights from {config.model.init_from}")
   model = hf_checkpoint.load_dense_from_hf(
       config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
@@ -85,7 +88,9 @@ def init_student_state(config, model_cfg: DecoderConfig, tx, shardings) -> step_
 def make_sharded_eval(graphdef, config, mesh, params_shardings, batch_shardings):
   """``eval_fn(params, batch, index) -> metrics`` jitted on the mesh; the noise key of batch
   ``index`` is ``fold_in(key(seed + 1_000_003), index)`` (fixed, reproducible)."""
-  eval_step = step_lib.make_eval_step(graphdef, config)
+  eval_step = step_lib.make_eval_step(
+      graphdef, plan_lib.Plan(plan_lib.Objective.from_config(config))
+  )
   base = jax.random.key(int(config.seed) + 1_000_003)
 
   def eval_fn(params, batch, index):
@@ -116,66 +121,52 @@ def _check_resume(workdir: str, model_cfg: DecoderConfig) -> int | None:
   return latest
 
 
-def _teacher_hf_config(section) -> dict[str, Any]:
-  """The teacher's HF config from its converted checkpoint or its HF directory (no weights)."""
-  from tide_jax.convert import streaming
-  from tide_jax.models import config as mcfg
-
+def _teacher_vocab(section) -> int:
+  """The teacher's vocabulary size from its converted checkpoint or its HF directory."""
   if section.checkpoint and (epath.Path(section.checkpoint) / streaming.MANIFEST).exists():
-    return streaming.read_manifest(section.checkpoint)["hf_config"]
+    return int(streaming.read_manifest(section.checkpoint)["hf_config"]["vocab_size"])
   if section.hf_dir:
-    return mcfg.read_hf_config(section.hf_dir)
+    return int(mcfg.read_hf_config(section.hf_dir)["vocab_size"])
   raise ValueError(
       "The recipe needs a teacher but neither teacher.checkpoint (a converted "
       "teacher) nor teacher.hf_dir is set; set one of them."
   )
 
 
-def _validate_distillation(config, model_cfg):
-  """Validates ``config.distill`` against both vocabularies before anything is written.
+def validate_recipe(config, model_cfg) -> recipes.Recipe | None:
+  """``config.distill`` checked against both vocabularies, before anything is written.
 
-  Returns the teacher section when the recipe needs a teacher, else None.
+  Returns the recipe, or None for a config without a ``distill`` section.
   """
-  from tide_jax.distill import recipes
-
   if "distill" not in config:
     return None
   teacher_vocab = None
-  needs_teacher = config.distill.recipe != "bd3lm"
-  if needs_teacher:
+  if config.distill.recipe != "bd3lm":
     if "teacher" not in config:
       raise ValueError(
           f"Recipe {config.distill.recipe!r} needs a teacher section; add "
           "config.teacher or use recipe 'bd3lm'."
       )
-    teacher_vocab = int(_teacher_hf_config(config.teacher)["vocab_size"])
-  recipes.validate_distill_config(
+    teacher_vocab = _teacher_vocab(config.teacher)
+  return recipes.validate_distill_config(
       config.distill, student_vocab=model_cfg.vocab_size, teacher_vocab=teacher_vocab
   )
-  return config.teacher if needs_teacher else None
 
 
-def _load_distillation(config, model_cfg, teacher_section, mesh):
-  """Loads the frozen teacher sharded by TEACHER_RULES and builds the distillation pieces."""
-  from tide_jax.models import teachers
-  from tide_jax.train import distillation
+def make_plan(config, recipe: recipes.Recipe | None, mesh) -> tuple[plan_lib.Plan, Any]:
+  """The run's distillation plan and the teacher's parameters (None without a teacher).
 
-  if teacher_section is None:
-    return None, None
-  _say(
-      f"Loading teacher {teacher_section.name!r} from "
-      f"{teacher_section.checkpoint or teacher_section.hf_dir}"
+  The frozen teacher is loaded sharded by TEACHER_RULES when the recipe uses one.
+  """
+  objective = plan_lib.Objective.from_config(config)
+  if recipe is None or not recipe.uses_teacher:
+    return plan_lib.Plan(objective, recipe), None
+  section = config.teacher
+  _say(f"Loading teacher {section.name!r} from {section.checkpoint or section.hf_dir}")
+  teacher, params = teachers.load_teacher(
+      section, mesh, sharding.TEACHER_RULES, block_size=int(config.block_size)
   )
-  teacher = teachers.load_teacher(teacher_section, mesh, sharding.TEACHER_RULES)
-  plan = distillation.make_distillation(
-      config,
-      model_cfg,
-      teacher_graphdef=teacher.graphdef,
-      teacher_vocab=teacher.config.vocab_size,
-      teacher_mask_token_id=teacher.mask_token_id,
-      teacher_input_builder=teacher.family.input_builder,
-  )
-  return plan, teacher.params
+  return plan_lib.Plan(objective, recipe, teacher), params
 
 
 def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_params, mesh):
@@ -240,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
-  teacher_section = _validate_distillation(config, model_cfg)
+  recipe = validate_recipe(config, model_cfg)
   num_steps = int(config.train.num_steps)
   batch_size = int(config.train.batch_size)
   mesh, mesh_notice = sharding.mesh_from_config(config.get("mesh"), batch_size)
@@ -291,9 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   else:
     state = init_student_state(config, model_cfg, tx, state_sh)
 
-  plan, teacher_params = _load_distillation(config, model_cfg, teacher_section, mesh)
-  extra_loss = plan.extra_loss if plan is not None else None
-  mask_fn = plan.mask_fn if plan is not None else None
+  plan, teacher_params = make_plan(config, recipe, mesh)
 
   wd = epath.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
@@ -304,7 +293,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   )
 
   step_fn = step_lib.make_train_step(
-      graphdef, tx, lr_schedule, config, num_steps, extra_loss, mask_fn
+      graphdef, tx, lr_schedule, plan, num_steps, int(config.train.microbatches)
   )
   example = to_global(_peek(train_iter))
   train_step, batch_sh = _compile_train_step(
@@ -321,9 +310,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       _say(notice)
   _say(memory.describe(mem))
   eval_fn = make_sharded_eval(graphdef, config, mesh, state_sh.params, batch_sh)
-  from tide_jax.eval import modes  # imported here: eval modules import the train package
-
-  periodic_bpb = modes.make_periodic_bpb(config)
+  periodic_bpb = bpb.make_periodic_bpb(config, mesh)
 
   def held_out(params) -> dict[str, float]:
     out = evaluate(eval_fn, params, eval_batches, mesh)

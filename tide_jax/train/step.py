@@ -1,24 +1,25 @@
 """The train state and the one train step.
 
 ``train_step(state, batch, teacher_params) -> (state, metrics)`` is a pure function: the
-RNG of a step is ``fold_in(seed_key, step)``, so a resumed run draws exactly the noise of an
-uninterrupted one. Distillation recipes add one term through ``extra_loss``; the student's
-own diffusion loss is always present.
+RNG of a step is ``fold_in(seed_key, step)``, so a resumed run draws exactly the noise of
+an uninterrupted one. What the step scores is the distillation plan's business
+(``tide_jax.distill.plan``): it draws the step's noise, asks the teacher, and sums the
+student's cross-entropy and the recipe's term; the step differentiates that and applies
+the optimizer. With ``train.microbatches = k`` the batch is scored in k slices inside the
+compiled step (a ``scan``), each normalised by the whole batch's totals, so the update is
+the full batch's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from tide_jax.train import objective
-
-# (student_model, batch, noised, key, progress, teacher_params) -> (loss, metrics)
-ExtraLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+from tide_jax.distill import plan as plan_lib
 
 
 @struct.dataclass
@@ -53,38 +54,68 @@ def step_key(state: TrainState) -> jax.Array:
   return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
+def split_microbatches(tree: Any, count: int) -> Any:
+  """``[b, ...] -> [count, b / count, ...]``; micro-batch m holds rows ``m, m + k, ...``.
+
+  Taking every k-th row keeps each micro-batch spread over the devices exactly as the
+  batch is (a device's contiguous rows fall into every micro-batch equally), so no rows
+  move between devices.
+  """
+
+  def one(x):
+    if x.shape[0] % count:
+      raise ValueError(
+          f"A batch of {x.shape[0]} rows does not split into train.microbatches={count}; "
+          "use a batch size that is a multiple of it."
+      )
+    return jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
+
+  return jax.tree.map(one, tree)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
-    config,
+    plan: plan_lib.Plan,
     total_steps: int,
-    extra_loss: ExtraLoss | None = None,
-    mask_fn: objective.MaskFn | None = None,
+    microbatches: int = 1,
 ):
   """Builds the pure step function (not yet jitted; see ``loop`` for jit + shardings)."""
-  obj_cfg = config.objective
-
-  def loss_fn(params, batch, key, progress, teacher_params):
-    model = nnx.merge(graphdef, params)
-    key_student, key_extra = jax.random.split(key)
-    loss, metrics, noised = objective.diffusion_loss(
-        model, batch, key_student, obj_cfg, mask_fn, keep_logits=extra_loss is not None
-    )
-    if extra_loss is not None:
-      extra, extra_metrics = extra_loss(model, batch, noised, key_extra, progress, teacher_params)
-      loss = loss + extra
-      metrics.update(extra_metrics)
-    metrics["loss"] = loss
-    return loss, metrics
+  if microbatches < 1:
+    raise ValueError(f"train.microbatches must be at least 1, got {microbatches}.")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
     train_step.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
-    key = step_key(state)
     progress = state.step.astype(jnp.float32) / max(total_steps, 1)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, key, progress, teacher_params
-    )
+    noise = plan.draw(step_key(state), batch)
+    totals = plan.totals(batch, noise)
+
+    def loss_fn(params, rows, rows_noise):
+      model = nnx.merge(graphdef, params)
+      parts = plan.loss_parts(model, teacher_params, rows, rows_noise, progress)
+      return plan.loss(parts, totals), parts
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+      (_, parts), grads = grad_fn(state.params, batch, noise)
+    else:
+
+      def accumulate(carry, xs):
+        grads_sum, parts_sum = carry
+        (_, parts), grads = grad_fn(state.params, *xs)
+        grads_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_sum, grads)
+        return (grads_sum, plan_lib.add_parts(parts_sum, parts)), None
+
+      zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      zero_parts = {name: jnp.float32(0.0) for name in plan_lib.PART_NAMES}
+      (grads, parts), _ = jax.lax.scan(
+          accumulate,
+          (zero_grads, zero_parts),
+          split_microbatches((batch, noise), microbatches),
+      )
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    metrics = plan.metrics(parts, totals)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = lr_schedule(state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -96,14 +127,13 @@ def make_train_step(
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, config):
+def make_eval_step(graphdef: nnx.GraphDef, plan: plan_lib.Plan):
   """``eval_step(params, batch, key) -> metrics`` with a caller-fixed key (reproducible)."""
-  obj_cfg = config.objective
 
   def eval_step(params, batch, key):
-    model = nnx.merge(graphdef, params)
-    _, metrics, _ = objective.diffusion_loss(model, batch, key, obj_cfg)
-    return metrics
+    noise = plan.draw(key, batch)
+    parts = plan.loss_parts(nnx.merge(graphdef, params), None, batch, noise, 0.0)
+    return plan.metrics(parts, plan.totals(batch, noise))
 
   return eval_step
 

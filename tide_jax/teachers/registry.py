@@ -3,20 +3,15 @@
 An *architecture* says how to read a ``config.json`` and which module and name map serve
 it (``ARCHITECTURES``, keyed by ``model_type``). A *teacher family* (``TEACHERS``) is
 (architecture, tokenizer spec, chat template, mask token id, input builder); its checkpoint
-path comes from the configuration. Adding a third family is one module + one name map +
-one entry in each table.
+path comes from the configuration. Adding a teacher is one model file, one conversion
+rule table and one entry here (docs/teachers.md walks through it).
 
 Training code::
 
   section = teacher_config("llada2", checkpoint="gs://bucket/llada2_orbax")
-  teacher = load_teacher(section, mesh)              # sharded, frozen, bf16
-  inputs = teacher.build_inputs(x0, masked, valid, block_size)
-  logits = teacher.apply(teacher.params, inputs.input_ids, inputs.position_ids,
-                         inputs.attention_mask)       # [b, L', V] float32
-  predictions = logits[:, inputs.prediction_offset:inputs.prediction_offset + L]
-
-``apply`` is a pure function of ``params`` (jit it, or call it inside the jitted step with
-the params as an argument under ``jax.lax.stop_gradient``).
+  teacher, params = load_teacher(section, mesh, block_size=32)     # sharded, frozen
+  hidden = teacher.prediction_hidden(params, clean_ids, masked, valid)   # [b, Lt, E]
+  kernel = teacher.output_kernel(params)                                  # [E, V]
 """
 
 from __future__ import annotations
@@ -35,9 +30,10 @@ from tide_jax.convert import llada2 as llada2_map
 from tide_jax.convert import qwen as qwen_map
 from tide_jax.convert import streaming
 from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
-from tide_jax.distill import teacher_inputs
 from tide_jax.models import config as mcfg
 from tide_jax.models import dense, llada2
+from tide_jax.teachers import inputs as inputs_lib
+from tide_jax.teachers.teacher import Teacher
 from tide_jax.parallel import sharding
 
 # --------------------------------------------------------------------------- architectures
@@ -139,59 +135,11 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return section
 
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """A loaded, frozen teacher. ``params`` are sharded; the methods are pure in ``params``."""
-
-  name: str
-  family: TeacherFamily
-  config: Any
-  graphdef: Any
-  params: nnx.State
-  mask_token_id: int
-  tokenizer_spec: str
-  chat_template: str | None
-
-  def model(self, params: nnx.State) -> nnx.Module:
-    return nnx.merge(self.graphdef, params)
-
-  def apply(
-      self, params: nnx.State, input_ids: jax.Array, positions: jax.Array, attention_mask: jax.Array
-  ) -> jax.Array:
-    """Logits ``[b, L', V]`` float32."""
-    return self.model(params)(input_ids, positions, attention_mask)
-
-  def hidden_states(self, params, input_ids, positions, attention_mask) -> jax.Array:
-    """Final hidden states ``[b, L', E]`` (for chunked logit computations)."""
-    return self.model(params).hidden_states(input_ids, positions, attention_mask)
-
-  def logits(self, params, hidden: jax.Array) -> jax.Array:
-    """Output projection of (a slice of) hidden states ``[..., E] -> [..., V]``."""
-    return self.model(params).logits(hidden)
-
-  def build_inputs(self, clean_ids, masked, valid, block_size: int) -> teacher_inputs.TeacherInputs:
-    """This family's input: ``clean_ids`` with ``masked`` positions set to the mask token
-    (see ``tide_jax.distill.teacher_inputs``); predictions start at ``prediction_offset``."""
-    return teacher_inputs.build(
-        self.family.input_builder,
-        clean_ids,
-        masked,
-        valid,
-        block_size=block_size,
-        mask_token_id=self.mask_token_id,
-    )
-
-  def tokenizer(self):
-    from tide_jax.data import tokenizers  # imported lazily: heavy and not needed for logits
-
-    return tokenizers.get_tokenizer(self.tokenizer_spec, self.chat_template)
-
-
 def _family(name: str) -> TeacherFamily:
   if name not in TEACHERS:
     raise ValueError(f"Unknown teacher {name!r}; registered teachers: {', '.join(TEACHERS)}.")
   family = TEACHERS[name]
-  if family.input_builder not in teacher_inputs.BUILDERS:
+  if family.input_builder not in inputs_lib.BUILDERS:
     raise ValueError(f"Teacher {name!r} names an unknown input builder {family.input_builder!r}.")
   return family
 
@@ -243,8 +191,15 @@ def load_teacher(
     mesh: Mesh | None = None,
     rules: Mapping[str, Any] = sharding.TEACHER_RULES,
     progress: streaming.Progress | None = None,
-) -> Teacher:
-  """Loads (converting first when needed) the teacher a config section describes."""
+    *,
+    block_size: int = 32,
+) -> tuple[Teacher, nnx.State]:
+  """Loads (converting first when needed) the teacher a config section describes.
+
+  Returns:
+    ``(teacher, params)``: the static :class:`Teacher` and its parameters, sharded by
+    ``rules`` on ``mesh`` (on one device without a mesh).
+  """
   family = _family(section.name)
   if not section.checkpoint:
     raise ValueError(
@@ -288,14 +243,12 @@ def load_teacher(
         f"mask token id {mask_id} is outside the teacher's vocabulary "
         f"({cfg.vocab_size}); set teacher.mask_token_id."
     )
-  spec = section.tokenizer or (section.hf_dir if family.tokenizer == "hf_dir" else family.tokenizer)
-  return Teacher(
-      section.name,
-      family,
-      cfg,
-      graphdef,
-      params,
-      mask_id,
-      spec,
-      section.chat_template or family.chat_template,
+  teacher = Teacher(
+      name=section.name,
+      config=cfg,
+      graphdef=graphdef,
+      mask_token_id=mask_id,
+      input_builder=family.input_builder,
+      block_size=int(block_size),
   )
+  return teacher, params

@@ -16,9 +16,10 @@ from etils import epath
 from flax import nnx
 
 from tide_jax import configs_lib
-from tide_jax.data import records
 from tide_jax.diffusion import sampler
-from tide_jax.train import checkpoint, optimizer, step as step_lib
+from tide_jax.eval import bpb, export, humaneval, sample_cli
+from tide_jax.models import dense
+from tide_jax.train import checkpoint, loop, optimizer, step as step_lib
 
 
 def load_trained_student(config, workdir: str):
@@ -26,8 +27,6 @@ def load_trained_student(config, workdir: str):
 
   Returns ``(model, step)``; step is None when no checkpoint exists.
   """
-  from tide_jax.train import loop
-
   workdir = loop.absolute_workdir(workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
@@ -42,8 +41,6 @@ def load_trained_student(config, workdir: str):
   saved = checkpoint.read_model_meta(workdir, latest)
   if saved is not None:
     checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
-  from tide_jax.models import dense
-
   abstract = dense.abstract_decoder(model_cfg)
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
@@ -56,12 +53,6 @@ def load_trained_student(config, workdir: str):
   finally:
     ckpt.close()
   return nnx.merge(graphdef, state.params), latest
-
-
-def student_tokenizer(config):
-  from tide_jax.data import tokenizers
-
-  return tokenizers.get_tokenizer(config.data.tokenizer, config.data.get("chat_template") or None)
 
 
 def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
@@ -79,61 +70,12 @@ def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
   )
 
 
-def held_out_texts(config, limit: int) -> list[str]:
-  """Texts for bits-per-byte: ``eval.bpb_files`` or the data's eval files (plain text)."""
-  patterns = list(config.get("eval", {}).get("bpb_files", []) or config.data.eval_files or [])
-  if not patterns:
-    raise ValueError("No held-out texts: set eval.bpb_files or data.eval_files.")
-  texts = []
-  for path in records.expand_files(patterns):
-    for item in records.read_text_file(path):
-      if isinstance(item, records.TextRecord):
-        texts.append(item.text)
-    if len(texts) >= limit:
-      break
-  return texts[:limit]
-
-
-def make_periodic_bpb(config):
-  """A ``model -> bits per byte`` callable for the periodic eval, or None when disabled.
-
-  The held-out texts are tokenized once; each call evaluates the fixed t grid and the
-  fixed masks, so successive values are comparable (``eval.bpb_during_training``).
-  """
-  ev = config.get("eval", {})
-  if not ev.get("bpb_during_training", False):
-    return None
-  from tide_jax.eval import bpb
-
-  texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
-  data = bpb.prepare_texts(
-      student_tokenizer(config),
-      texts,
-      max_len=int(config.data.max_len),
-      block_size=int(config.block_size),
-  )
-
-  def evaluate(model) -> float:
-    return bpb.bits_per_byte_from_data(
-        model,
-        data,
-        block_size=int(config.block_size),
-        mask_token_id=int(config.objective.mask_token_id),
-        grid=int(ev.get("bpb_grid", 8)),
-        schedule=config.objective.schedule,
-    ).bits_per_byte
-
-  return evaluate
-
-
 def run_eval(config, workdir: str) -> dict[str, Any]:
   """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
-  from tide_jax.eval import bpb
-
   model, step = load_trained_student(config, workdir)
-  tokenizer = student_tokenizer(config)
+  tokenizer = bpb.student_tokenizer(config)
   ev = config.get("eval", {})
-  texts = held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
+  texts = bpb.held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
   result = bpb.bits_per_byte(
       model,
       tokenizer,
@@ -158,8 +100,6 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       flush=True,
   )
   if ev.get("humaneval", False):
-    from tide_jax.eval import humaneval
-
     report = os.path.join(workdir, "humaneval.json")
     he = humaneval.evaluate_humaneval(
         model,
@@ -176,10 +116,8 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
 
 
 def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
-  from tide_jax.eval import sample_cli
-
   model, _ = load_trained_student(config, workdir)
-  tokenizer = student_tokenizer(config)
+  tokenizer = bpb.student_tokenizer(config)
   cfg = sampler_config(config, tokenizer)
   if chat:
     return sample_cli.interactive_chat(model, tokenizer, cfg)
@@ -189,10 +127,8 @@ def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
 
 
 def run_export(config, workdir: str, out_dir: str | None) -> str:
-  from tide_jax.eval import export
-
   model, step = load_trained_student(config, workdir)
-  tokenizer = student_tokenizer(config)
+  tokenizer = bpb.student_tokenizer(config)
   out_dir = out_dir or os.path.join(workdir, "hf_export")
   path = export.export_student(
       model,

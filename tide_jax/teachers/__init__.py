@@ -1,0 +1,13 @@
+"""Frozen teachers: registry, conversion, loading, and how each is fed (docs/teachers.md)."""
+
+from tide_jax.teachers.registry import (
+    ARCHITECTURES,
+    TEACHERS,
+    Architecture,
+    TeacherFamily,
+    architecture_for,
+    convert_teacher,
+    load_teacher,
+    teacher_config,
+)
+from tide_jax.teachers.teacher import Teacher
