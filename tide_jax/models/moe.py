@@ -23,6 +23,27 @@ where XLA expands ``ragged_dot`` into all-expert work, i.e. CPU and GPU); "auto"
 backend. :func:`dense_experts` runs every expert on every token and is the reference the
 tests and the benchmark compare against.
 
+On a mesh (:func:`expert_parallel`, a ``shard_map``) every device routes only the tokens it
+holds and dispatches them itself. With an ``expert`` axis of size n > 1 each device holds
+E / n experts, and the (token, expert) pairs travel to the expert's shard by ``all_to_all``
+(:func:`exchange_experts`) in rounds of a static capacity per (device, shard), 1.25x an even
+share, repeated until every pair is sent: a skewed load costs rounds, never tokens. The
+buffers are 1.25x the device's own ``T_local * k`` rows, so they fall as 1/devices at a
+fixed global batch. The alternative, all-gathering the tokens of the expert group
+(:func:`expert_parallel_all_gather`, this module's former scheme, kept as the baseline),
+sizes its buffers for every pair of the group (the global batch on a mesh of ``expert``
+alone) and picks the top-k over the global router logits. At LLaDA2.0-mini's shapes with
+pipeline A's 131,072 teacher tokens per step, one MoE layer per device (CPU compiler,
+docs/benchmarks/teachers.md): temporaries 26 GiB (all-gather) vs 14 GiB at expert=4 and
+26 vs 6.8 GiB at expert=8; collective bytes at bf16 size (the CPU compiler carries bf16
+collectives in float32; see there) 1.8 vs 2.5 GiB at expert=4 and 1.8 vs 1.25 GiB at
+expert=8. Each token travels k = 8 times (once per chosen expert) where the
+all-gather sends it to all n - 1 peers, hence more traffic on small expert axes and less on
+large ones, for memory that no longer grows with the expert axis; the memory is what bounds
+pipeline A's batch. Sending a token once per destination shard instead of once per expert
+would cut the traffic to at most ``topk_group`` rows per token, at the price of a second
+capacity (received pairs); not done.
+
 Shapes: T tokens, H hidden, E experts, I expert width, k experts per token.
 """
 
@@ -488,6 +509,10 @@ class MoEBlock(nnx.Module):
   parameter dtype (routing is computed in float32 and a rounded router could choose
   different experts); ``gate/up [E, H, I]``, ``down [E, I, H]`` with logical axes
   ``("expert", "embed", "expert_mlp")``; ``shared`` a SwiGLU of width ``I * num_shared``.
+
+  With a ``mesh`` whose ``batch_axes`` split the tokens, "ragged" and "tiled" run per device
+  (:func:`expert_parallel`; ``capacity_factor`` sizes the expert exchange's rounds);
+  "dense", the reference, is left to XLA's partitioner.
   """
 
   def __init__(
