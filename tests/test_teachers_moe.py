@@ -211,3 +211,23 @@ def test_router_config_errors_are_clear():
     router_cfg(topk_group=5)
   with pytest.raises(ValueError, match="num_experts_per_tok"):
     router_cfg(top_k=5)
+
+
+def test_exchange_capacity_is_the_even_share_times_the_factor_at_most_the_worst_case():
+  # 1024 tokens x 8 experts spread over 8 shards is 1024 rows each; 1.25 of that.
+  assert moe.exchange_capacity(1024, 8, 8, 32, 1.25) == 1280
+  # A token sends a shard at most min(k, experts on it) = 2 rows: 10 tokens -> 20, one round.
+  assert moe.exchange_capacity(10, 8, 2, 2, 4.0) == 20
+  with pytest.raises(ValueError, match="capacity_factor must be positive"):
+    moe.exchange_capacity(8, 2, 2, 4, 0.0)
+  with pytest.raises(ValueError, match="capacity_factor must be positive"):
+    moe.MoEBlock(
+        H,
+        I,
+        1,
+        router_cfg(),
+        use_expert_bias=True,
+        param_dtype=jnp.float32,
+        rngs=nnx.Rngs(params=0),
+        capacity_factor=-1.0,
+    )

@@ -6,6 +6,7 @@ Tolerances: sharded vs unsharded 1e-5, vs transformers 1e-4 (float32).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -69,15 +70,63 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
       .lower(sharded.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask)
       .as_text()
   )
-  assert "reduce_scatter" in lowered  # tokens moved, not expert weights
+  assert "all_to_all" in lowered  # tokens moved, not expert weights
 
 
-@pytest.mark.parametrize("dispatch", ["tiled", "ragged"])
-def test_expert_parallel_moe_block_equals_single_device(dispatch):
-  """shard_map over the expert axis (fsdp=2 x expert=4) gives the single-device output."""
-  mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
-  router = moe.RouterConfig(8, 2, 4, 2, 2.5)
-  make = lambda m: moe.MoEBlock(
+PARITY_MESHES = [{"fsdp": 4, "expert": 2}, {"data": 2, "expert": 4}, {"expert": 8}]
+
+
+@pytest.fixture(scope="module")
+def converted_llada2(tmp_path_factory):
+  """(hf config, HF tensors, teacher config section) of a tiny converted LLaDA2."""
+  root = tmp_path_factory.mktemp("llada2")
+  hf = tf.tiny_llada2_config()
+  tensors = tf.random_llada2_tensors(hf, seed=6)
+  tf.write_checkpoint(str(root / "hf"), hf, tensors)
+  teachers.convert_teacher(str(root / "hf"), str(root / "orbax"), param_dtype="float32")
+  section = teachers.teacher_config(
+      "llada2", checkpoint=str(root / "orbax"), dtype="float32", mask_token_id=7
+  )
+  return hf, tensors, section
+
+
+@pytest.mark.parametrize(
+    "sizes", PARITY_MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items())
+)
+def test_llada2_forward_with_per_device_dispatch_matches_unsharded(converted_llada2, sizes):
+  """The whole teacher (1 dense + 2 MoE layers, tiled dispatch) on each mesh: logits within
+  1e-5 of one device and 1e-4 of the float64 NumPy forward."""
+  hf, tensors, section = converted_llada2
+  mesh = sharding.make_mesh(sizes)
+  sharded, plain = teachers.load_teacher(section, mesh), teachers.load_teacher(section)
+  rng = np.random.default_rng(2)
+  x_t = jnp.asarray(rng.integers(0, 64, (8, 8)), jnp.int32)
+  valid = jnp.asarray(np.arange(8) < rng.integers(4, 9, (8, 1)))
+  inputs = sharded.build_inputs(x_t, jnp.zeros_like(valid), valid, 4)
+  with jax.set_mesh(mesh):
+    got = _logits(sharded, inputs)
+  lowered = (
+      jax.jit(sharded.apply)
+      .lower(sharded.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask)
+      .as_text()
+  )
+  assert "all_to_all" in lowered
+  assert np.max(np.abs(got - _logits(plain, inputs))) < 1e-5
+  ref = tf.np_llada2_logits(
+      hf,
+      tensors,
+      np.asarray(x_t),
+      np.asarray(inputs.position_ids),
+      np.asarray(inputs.attention_mask)[:, 0],
+  )
+  assert np.max(np.abs(got - ref)) < 1e-4
+
+
+def random_moe_block(mesh, dispatch: str, skew: float) -> moe.MoEBlock:
+  """16 experts (4 groups), 4 active; weights of scale 0.3 give O(1) outputs. ``skew`` is
+  added to the first 4 experts' bias, so most pairs go to the first expert shard."""
+  router = moe.RouterConfig(16, 4, 4, 2, 2.5)
+  block = moe.MoEBlock(
       32,
       16,
       1,
@@ -86,19 +135,58 @@ def test_expert_parallel_moe_block_equals_single_device(dispatch):
       param_dtype=jnp.float32,
       rngs=nnx.Rngs(params=3),
       dispatch=dispatch,
-      mesh=m,
+      mesh=mesh,
   )
-  plain, parallel = make(None), make(mesh)
+  keys = iter(jax.random.split(jax.random.PRNGKey(5), 8))
+  for param in (block.router, block.gate, block.up, block.down, *vars(block.shared).values()):
+    if isinstance(param, nnx.Param):
+      param[...] = 0.3 * jax.random.normal(next(keys), param[...].shape)
+  block.expert_bias[...] = 0.1 * jax.random.normal(next(keys), (16,)) + jnp.where(
+      jnp.arange(16) < 4, skew, 0.0
+  )
+  return block
+
+
+@pytest.mark.parametrize("skew", [0.0, 3.0])
+@pytest.mark.parametrize("dispatch", ["tiled", "ragged"])
+@pytest.mark.parametrize(
+    "sizes", PARITY_MESHES, ids=lambda s: "x".join(f"{k}{v}" for k, v in s.items())
+)
+def test_expert_parallel_moe_block_equals_single_device(sizes, dispatch, skew):
+  """Per-device routing and the all-to-all exchange give the single-device output, the
+  former all-gather scheme's and the dense all-experts reference, within 1e-5. With the
+  skewed router some (device, shard) loads exceed the capacity, so several rounds run."""
+  mesh = sharding.make_mesh(sizes)
+  plain, parallel = random_moe_block(None, dispatch, skew), random_moe_block(mesh, dispatch, skew)
   state = jax.device_put(
       nnx.state(parallel),
       sharding.state_shardings(nnx.state(parallel), mesh, sharding.TEACHER_RULES),
   )
   nnx.update(parallel, state)
   assert parallel.gate[...].sharding.spec[0] == "expert"
-  x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 32))
-  assert moe.expert_parallel_axes(mesh, 24, 8, parallel.batch_axes) == ("fsdp", "expert")
-  got = nnx.jit(lambda m, v: m(v))(parallel, x)
-  assert np.max(np.abs(np.asarray(got) - np.asarray(plain(x)))) < 1e-5
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 6, 32))
+  flat = x.reshape(-1, 32)
+  axes = moe.expert_parallel_axes(mesh, 48, 16, parallel.batch_axes)
+  assert axes == tuple(a for a in ("data", "fsdp", "expert") if a in sizes)
+  with jax.set_mesh(mesh):
+    got = nnx.jit(lambda m, v: m(v))(parallel, x)
+  single = plain(x)
+  weights, experts = plain.routing(flat)
+  stacked = (plain.gate[...], plain.up[...], plain.down[...])
+  dense = moe.dense_experts(flat, weights, experts, *stacked) + plain.shared(flat)
+  gathered = jax.jit(
+      lambda *a: moe.expert_parallel_all_gather(dispatch, mesh, axes, *a),
+  )(flat, weights, experts, *(p[...] for p in (parallel.gate, parallel.up, parallel.down)))
+  gathered = gathered + plain.shared(flat)
+  assert np.max(np.abs(np.asarray(single))) > 1.0  # outputs of O(1), where 1e-5 means something
+  for ref in (single, dense.reshape(x.shape), gathered.reshape(x.shape)):
+    assert np.max(np.abs(np.asarray(got) - np.asarray(ref))) < 1e-5
+  # Rounds: the fullest (device, shard) load over the per-round capacity.
+  shards, devices = sizes["expert"], math.prod(sizes.values())
+  local = np.asarray(experts).reshape(devices, -1) // (16 // shards)
+  load = max(np.bincount(row, minlength=shards).max() for row in local)
+  capacity = moe.exchange_capacity(48 // devices, 4, shards, 16 // shards, parallel.capacity_factor)
+  assert -(-load // capacity) >= (2 if skew else 1)  # rounds
 
 
 def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):

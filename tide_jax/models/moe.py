@@ -23,6 +23,27 @@ where XLA expands ``ragged_dot`` into all-expert work, i.e. CPU and GPU); "auto"
 backend. :func:`dense_experts` runs every expert on every token and is the reference the
 tests and the benchmark compare against.
 
+On a mesh (:func:`expert_parallel`, a ``shard_map``) every device routes only the tokens it
+holds and dispatches them itself. With an ``expert`` axis of size n > 1 each device holds
+E / n experts, and the (token, expert) pairs travel to the expert's shard by ``all_to_all``
+(:func:`exchange_experts`) in rounds of a static capacity per (device, shard), 1.25x an even
+share, repeated until every pair is sent: a skewed load costs rounds, never tokens. The
+buffers are 1.25x the device's own ``T_local * k`` rows, so they fall as 1/devices at a
+fixed global batch. The alternative, all-gathering the tokens of the expert group
+(:func:`expert_parallel_all_gather`, this module's former scheme, kept as the baseline),
+sizes its buffers for every pair of the group (the global batch on a mesh of ``expert``
+alone) and picks the top-k over the global router logits. At LLaDA2.0-mini's shapes with
+pipeline A's 131,072 teacher tokens per step, one MoE layer per device (CPU compiler,
+docs/benchmarks/teachers.md): temporaries 26 GiB (all-gather) vs 14 GiB at expert=4 and
+26 vs 6.8 GiB at expert=8; collective bytes at bf16 size (the CPU compiler carries bf16
+collectives in float32; see there) 1.8 vs 2.5 GiB at expert=4 and 1.8 vs 1.25 GiB at
+expert=8. Each token travels k = 8 times (once per chosen expert) where the
+all-gather sends it to all n - 1 peers, hence more traffic on small expert axes and less on
+large ones, for memory that no longer grows with the expert axis; the memory is what bounds
+pipeline A's batch. Sending a token once per destination shard instead of once per expert
+would cut the traffic to at most ``topk_group`` rows per token, at the price of a second
+capacity (received pairs); not done.
+
 Shapes: T tokens, H hidden, E experts, I expert width, k experts per token.
 """
 
@@ -226,7 +247,180 @@ def tiled_experts(
 DISPATCH = {"ragged": sparse_experts, "tiled": tiled_experts, "dense": dense_experts}
 
 
+# Per-round capacity of the token exchange, as a multiple of an even spread of a device's
+# (token, expert) pairs over the expert shards. Pairs past it wait for another round; none
+# is dropped. 1.25 keeps the buffers small; a load skewed further costs extra rounds.
+DEFAULT_CAPACITY_FACTOR = 1.25
+
+
+def exchange_capacity(
+    tokens: int, top_k: int, shards: int, experts_per_shard: int, capacity_factor: float
+) -> int:
+  """Rows one device sends to one expert shard per exchange round.
+
+  ``capacity_factor`` times the even share ``tokens * top_k / shards``, never more than the
+  most a shard can be sent (each token sends at most ``min(top_k, experts_per_shard)``
+  rows to one shard, which then always fits in a single round).
+  """
+  if capacity_factor <= 0:
+    raise ValueError(f"MoE capacity_factor must be positive, got {capacity_factor}.")
+  even = math.ceil(capacity_factor * tokens * top_k / shards)
+  return max(1, min(even, tokens * min(top_k, experts_per_shard)))
+
+
+def route_tokens(
+    x: jax.Array, router: jax.Array, expert_bias: jax.Array | None, cfg: RouterConfig
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`route` on the float32 router logits of tokens ``x [T, H]`` (router ``[H, E]``)."""
+  logits = jnp.dot(x.astype(jnp.float32), router, precision=jax.lax.Precision.HIGHEST)
+  return route(logits, expert_bias, cfg)
+
+
+def exchange_experts(
+    dispatch: str,
+    x: jax.Array,
+    weights: jax.Array,
+    experts: jax.Array,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    *,
+    shards: int,
+    capacity: int,
+    sync_axes: tuple[str, ...],
+) -> jax.Array:
+  """One device's share of expert parallelism; call inside ``shard_map``.
+
+  The device's ``T * k`` (token, expert) pairs are sorted by destination shard (expert
+  ``e`` lives on shard ``e // (E / shards)`` of the mesh axis ``expert``). Each round sends
+  up to ``capacity`` pairs to every shard (``all_to_all`` of ``[shards, capacity, H]`` rows
+  and their local expert ids), every shard runs its experts on what it received with
+  ``dispatch`` (empty slots carry the skip id), and a second ``all_to_all`` returns the
+  outputs to their pairs. Rounds repeat until the fullest (device, shard) run is sent:
+  ``ceil(max load / capacity)``, agreed over ``sync_axes`` with ``pmax`` so every device
+  runs the same loop; one round when the load is within the capacity.
+
+  Args:
+    dispatch: "ragged" or "tiled" (the computation on the received rows).
+    x: this device's tokens ``[T, H]``.
+    weights, experts: their routing ``[T, k]`` (global expert ids).
+    gate, up: this shard's experts ``[E / shards, H, I]``; down ``[E / shards, I, H]``.
+    shards: size of the mesh axis ``expert``.
+    capacity: rows per (device, shard) per round (:func:`exchange_capacity`).
+    sync_axes: every mesh axis of the enclosing ``shard_map``.
+
+  Returns:
+    ``[T, H]`` in x's dtype: each token's k expert outputs (rounded to x's dtype) weighted
+    and summed in float32, in the order of its k choices.
+  """
+  t, k = experts.shape
+  hidden = x.shape[1]
+  local_experts = gate.shape[0]
+  pairs = t * k
+  flat_experts = experts.reshape(-1)
+  dest = flat_experts // local_experts
+  order = jnp.argsort(dest, stable=True)  # pairs grouped by destination shard
+  load = jnp.bincount(dest, length=shards)  # [shards]
+  run_start = jnp.cumsum(load) - load
+  rounds = (jax.lax.pmax(jnp.max(load), sync_axes) + capacity - 1) // capacity
+  rank = jnp.arange(capacity)[None, :]  # slot within a destination's send block
+  shard_first_expert = (jnp.arange(shards) * local_experts)[:, None]
+
+  def one_round(r, pair_out):
+    taken = r * capacity + rank  # [shards, capacity]: rank within the destination's run
+    sent = taken < load[:, None]
+    pair = jnp.take(order, jnp.minimum(run_start[:, None] + taken, pairs - 1))
+    rows = jnp.take(x, pair // k, axis=0)  # [shards, capacity, H]
+    ids = jnp.where(sent, jnp.take(flat_experts, pair) - shard_first_expert, local_experts)
+    rows = jax.lax.all_to_all(rows, "expert", 0, 0, tiled=True)
+    ids = jax.lax.all_to_all(ids, "expert", 0, 0, tiled=True).reshape(-1, 1)
+    y = DISPATCH[dispatch](
+        rows.reshape(-1, hidden), (ids < local_experts).astype(jnp.float32), ids, gate, up, down
+    )
+    y = jax.lax.all_to_all(y.reshape(shards, capacity, hidden), "expert", 0, 0, tiled=True)
+    # Empty slots point past the end and are dropped; each pair is written exactly once.
+    target = jnp.where(sent, pair, pairs).reshape(-1)
+    return pair_out.at[target].set(y.reshape(-1, hidden), mode="drop")
+
+  pair_out = jax.lax.fori_loop(0, rounds, one_round, jnp.zeros((pairs, hidden), x.dtype))
+  weighted = pair_out.reshape(t, k, hidden).astype(jnp.float32) * weights[..., None]
+  return jnp.sum(weighted, axis=1).astype(x.dtype)
+
+
 def expert_parallel(
+    dispatch: str,
+    mesh: Mesh,
+    token_axes: tuple[str, ...],
+    x: jax.Array,
+    router: jax.Array,
+    expert_bias: jax.Array | None,
+    router_cfg: RouterConfig,
+    gate: jax.Array,
+    up: jax.Array,
+    down: jax.Array,
+    capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
+) -> jax.Array:
+  """Routed experts with every device working on its own tokens (``shard_map``).
+
+  Each device routes the tokens it holds (``x`` split over ``token_axes``) with a
+  replicated router, so no ``[global tokens, E]`` array exists. On an ``expert`` axis of
+  size ``n > 1`` each device holds ``E / n`` experts and :func:`exchange_experts` moves
+  (token, expert) rows to the shard owning the expert and back; with ``n = 1`` each device
+  runs every expert on its own tokens. Weight dimensions sharded over other axes (``fsdp``,
+  ``tensor``) are gathered for the device's experts only; devices along axes that do not
+  split the tokens (``tensor``) repeat the same work.
+
+  Args:
+    dispatch: "ragged" or "tiled" (the per-device computation).
+    mesh: the device mesh; ``mesh.shape["expert"]`` divides E.
+    token_axes: mesh axes the token dimension is split over (from
+      :func:`expert_parallel_axes`); includes "expert" when that axis is larger than 1.
+    x: ``[T, H]``; router ``[H, E]`` and expert_bias ``[E]`` (or None) float32.
+    router_cfg: routing settings.
+    gate, up: ``[E, H, I]``; down ``[E, I, H]``.
+    capacity_factor: per-round exchange capacity (:func:`exchange_capacity`).
+
+  Returns:
+    ``[T, H]`` in x's dtype.
+  """
+  shards = mesh.shape["expert"]
+  num_experts = gate.shape[0]
+  local_tokens = x.shape[0] // math.prod(mesh.shape[a] for a in token_axes)
+  capacity = exchange_capacity(
+      local_tokens, router_cfg.top_k, shards, num_experts // shards, capacity_factor
+  )
+  # A zero bias chooses exactly as no bias (scores + 0.0 == scores) and keeps the
+  # shard_map arguments arrays.
+  bias = jnp.zeros((num_experts,), jnp.float32) if expert_bias is None else expert_bias
+  tokens, stacked = P(token_axes), P("expert")
+
+  def local(x, router, bias, gate, up, down):
+    weights, experts = route_tokens(x, router, bias, router_cfg)
+    if shards == 1:
+      return DISPATCH[dispatch](x, weights, experts, gate, up, down)
+    return exchange_experts(
+        dispatch,
+        x,
+        weights,
+        experts,
+        gate,
+        up,
+        down,
+        shards=shards,
+        capacity=capacity,
+        sync_axes=tuple(mesh.axis_names),
+    )
+
+  return jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(tokens, P(), P(), stacked, stacked, stacked),
+      out_specs=tokens,
+      check_vma=False,
+  )(x, router, bias, gate, up, down)
+
+
+def expert_parallel_all_gather(
     dispatch: str,
     mesh: Mesh,
     token_axes: tuple[str, ...],
@@ -237,13 +431,15 @@ def expert_parallel(
     up: jax.Array,
     down: jax.Array,
 ) -> jax.Array:
-  """Expert parallelism over the mesh axis ``expert``: tokens move, expert weights stay.
+  """The all-gather scheme, kept as the baseline of the tests and of
+  benchmarks/bench_moe_dispatch.py (the module docstring compares the two).
 
-  Each device holds ``E / n`` experts (``n`` = size of the expert axis). Inside
-  ``shard_map`` the devices of one expert group all-gather their tokens (and routing),
-  run only their own experts on every gathered token (other experts' pairs are skipped),
-  and ``psum_scatter`` the partial sums back to the tokens' owners. Weight dimensions
-  sharded over other axes are gathered for the local experts only.
+  Routing ``[T, k]`` is computed outside, on all tokens. Inside ``shard_map`` the devices
+  of one expert group all-gather their tokens and routing, run only their own ``E / n``
+  experts on every gathered token (other experts' pairs are skipped), and
+  ``psum_scatter`` the partial sums back to the tokens' owners. The per-device buffers
+  hold the tokens of the whole expert group: the global batch on a mesh of ``expert``
+  alone.
 
   Args:
     dispatch: "ragged" or "tiled" (the local computation).
@@ -281,14 +477,18 @@ def expert_parallel(
 def expert_parallel_axes(
     mesh: Mesh | None, num_tokens: int, num_experts: int, batch_axes: tuple[str, ...]
 ) -> tuple[str, ...] | None:
-  """The token axes for :func:`expert_parallel`, or None when it does not apply (no mesh,
-  an expert axis of size 1, or sizes that do not divide)."""
-  if mesh is None or mesh.shape.get("expert", 1) == 1 or num_experts % mesh.shape["expert"]:
+  """The token axes for :func:`expert_parallel`, or None when it does not apply: no mesh,
+  no axis of size > 1 to split tokens over, an expert axis that does not divide the
+  experts, or a token count the axes do not divide (then XLA partitions the layer)."""
+  if mesh is None:
+    return None
+  shards = mesh.shape.get("expert", 1)
+  if num_experts % shards:
     return None
   axes = tuple(a for a in batch_axes if mesh.shape.get(a, 1) > 1)
-  if "expert" not in axes:
+  if shards > 1 and "expert" not in axes:
     axes += ("expert",)
-  if num_tokens % math.prod(mesh.shape[a] for a in axes):
+  if not axes or num_tokens % math.prod(mesh.shape[a] for a in axes):
     return None
   return axes
 
@@ -309,6 +509,10 @@ class MoEBlock(nnx.Module):
   parameter dtype (routing is computed in float32 and a rounded router could choose
   different experts); ``gate/up [E, H, I]``, ``down [E, I, H]`` with logical axes
   ``("expert", "embed", "expert_mlp")``; ``shared`` a SwiGLU of width ``I * num_shared``.
+
+  With a ``mesh`` whose ``batch_axes`` split the tokens, "ragged" and "tiled" run per device
+  (:func:`expert_parallel`; ``capacity_factor`` sizes the expert exchange's rounds);
+  "dense", the reference, is left to XLA's partitioner.
   """
 
   def __init__(
@@ -324,13 +528,17 @@ class MoEBlock(nnx.Module):
       dispatch: str = "auto",
       mesh: Mesh | None = None,
       batch_axes: tuple[str, ...] = ("data", "fsdp", "expert"),
+      capacity_factor: float = DEFAULT_CAPACITY_FACTOR,
   ):
     e, i = router_cfg.num_experts, expert_width
     self.router_cfg = router_cfg
     self.dispatch = resolve_dispatch(dispatch)
-    # With a mesh whose expert axis is > 1, ragged/tiled run expert-parallel.
+    # With a mesh, ragged/tiled route and dispatch each device's own tokens (expert-parallel
+    # when the expert axis is > 1).
     self.mesh = mesh
     self.batch_axes = tuple(batch_axes)
+    exchange_capacity(1, 1, 1, 1, capacity_factor)  # a clear error now, not at trace time
+    self.capacity_factor = capacity_factor
     self.router = layers.make_param(rngs, (hidden, e), ("embed", None), jnp.float32)
     self.expert_bias = (
         layers.make_param(rngs, (e,), (None,), jnp.float32, init="zeros")
@@ -349,15 +557,13 @@ class MoEBlock(nnx.Module):
 
   def routing(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(weights, experts)`` ``[T, k]`` for tokens ``x [T, H]``."""
-    logits = jnp.dot(x.astype(jnp.float32), self.router[...], precision=jax.lax.Precision.HIGHEST)
     bias = None if self.expert_bias is None else self.expert_bias[...]
-    return route(logits, bias, self.router_cfg)
+    return route_tokens(x, self.router[...], bias, self.router_cfg)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """``[..., H] -> [..., H]``."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    weights, experts = self.routing(flat)
     stacked = (self.gate[...], self.up[...], self.down[...])
     axes = (
         None
@@ -365,9 +571,20 @@ class MoEBlock(nnx.Module):
         else expert_parallel_axes(self.mesh, flat.shape[0], stacked[0].shape[0], self.batch_axes)
     )
     if axes is None:
-      out = DISPATCH[self.dispatch](flat, weights, experts, *stacked)
+      out = DISPATCH[self.dispatch](flat, *self.routing(flat), *stacked)
     else:
-      out = expert_parallel(self.dispatch, self.mesh, axes, flat, weights, experts, *stacked)
+      bias = None if self.expert_bias is None else self.expert_bias[...]
+      out = expert_parallel(
+          self.dispatch,
+          self.mesh,
+          axes,
+          flat,
+          self.router[...],
+          bias,
+          self.router_cfg,
+          *stacked,
+          capacity_factor=self.capacity_factor,
+      )
     if self.shared is not None:
       out = out + self.shared(flat)
     return out.reshape(shape)
