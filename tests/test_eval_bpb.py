@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
@@ -12,6 +13,7 @@ from tests.sampler_fixtures import tiny_decoder
 from tide_jax.data.tokenizers import get_tokenizer
 from tide_jax.diffusion.masks import bd3lm_attention_mask
 from tide_jax.eval import bpb
+from tide_jax.parallel import sharding
 
 QWEN_VOCAB = 151936
 MASK_ID = 151669
@@ -98,6 +100,13 @@ def test_identical_when_computed_twice_and_independent_of_batching(model, tokeni
   batched = bpb.window_nats(model, data, block_size=4, mask_token_id=MASK_ID, grid=4, batch_size=4)
   np.testing.assert_allclose(one_by_one, batched, rtol=1e-5)
   assert first.total_bits == pytest.approx(batched.sum() / math.log(2), rel=1e-6)
+  # On a mesh each device scores its own windows; the numbers do not change.
+  for sizes in ({"data": 4}, {"data": 2, "tensor": 2}):
+    mesh = sharding.make_mesh(sizes, jax.devices()[:4])
+    on_mesh = bpb.window_nats(
+        model, data, block_size=4, mask_token_id=MASK_ID, grid=4, batch_size=4, mesh=mesh
+    )
+    np.testing.assert_allclose(on_mesh, batched, rtol=1e-5)
 
 
 def test_more_grid_points_change_little(model, tokenizer):

@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from tests import teachers_fixtures as tf
 from tide_jax.convert import llada2 as llada2_map
 from tide_jax.convert import name_map as nm
-from tide_jax.models import dense, layers, llada2, teachers
+from tide_jax import teachers
+from tide_jax.models import dense, layers, llada2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,15 +94,14 @@ def convert_and_load(tmp_path, hf, tensors, param_dtype="float32", num_shards=3)
   tf.write_checkpoint(hf_dir, hf, tensors, num_shards=num_shards)
   stats = teachers.convert_teacher(hf_dir, out, param_dtype=param_dtype)
   section = teachers.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=5)
-  return teachers.load_teacher(section), stats
+  return teachers.load_teacher(section, block_size=4), stats
 
 
-def forward(teacher, ids, valid):
-  inputs = teacher.build_inputs(jnp.asarray(ids), jnp.zeros(ids.shape, bool), jnp.asarray(valid), 4)
-  logits = jax.jit(teacher.apply)(
-      teacher.params, inputs.input_ids, inputs.position_ids, inputs.attention_mask
-  )
-  return np.asarray(logits), inputs
+def forward(loaded, ids, valid):
+  teacher, params = loaded
+  clean, masked, valid = jnp.asarray(ids), jnp.zeros(ids.shape, bool), jnp.asarray(valid)
+  logits = jax.jit(teacher.prediction_logits)(params, clean, masked, valid)
+  return np.asarray(logits), teacher.inputs(clean, masked, valid)
 
 
 def batch(vocab, b=2, length=10, seed=0):
@@ -136,7 +136,7 @@ def test_bf16_conversion_keeps_router_in_float32(tmp_path):
   hf = tf.tiny_llada2_config(tie_word_embeddings=True, num_hidden_layers=2)
   tensors = tf.random_llada2_tensors(hf, seed=3)
   teacher, _ = convert_and_load(tmp_path, hf, tensors, param_dtype="bfloat16", num_shards=2)
-  mlp = teacher.model(teacher.params).layers[1].mlp
+  mlp = teacher[0].model(teacher[1]).layers[1].mlp
   assert mlp.gate[...].dtype == jnp.bfloat16 and mlp.router[...].dtype == jnp.float32
   rounded = tf.as_bf16(tensors)
   for name in ("model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.expert_bias"):

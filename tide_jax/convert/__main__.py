@@ -3,7 +3,7 @@
   python -m tide_jax.convert --hf_dir=DIR --out=DIR_OR_GS \\
       [--mesh=data=1,fsdp=-1,tensor=1,expert=1] [--dtype=bfloat16] [--overwrite]
 
-Any architecture registered in ``tide_jax.models.teachers.ARCHITECTURES`` (LLaDA2 MoE,
+Any architecture registered in ``tide_jax.teachers.ARCHITECTURES`` (LLaDA2 MoE,
 Qwen3/Qwen2) is recognised from ``config.json``. Each tensor goes straight onto its shard of
 the mesh (teacher sharding rules), and every finished layer is written and released, so the
 full model is never held in memory. On a multi-host TPU slice, run the same command on every
