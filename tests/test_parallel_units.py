@@ -148,6 +148,39 @@ def test_sigterm_sets_the_flag_and_the_handler_is_restored():
   assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_wall_clock_cadence_saves_when_the_last_checkpoint_is_old(tmp_path):
+  now = [100.0]
+  with preemption.PreemptionGuard(checkpoint_every_s=60.0, clock=lambda: now[0]) as guard:
+    assert guard.poll(1) == (False, False)
+    now[0] += 59.5
+    assert guard.poll(2) == (False, False)
+    now[0] += 1.0  # 60.5 s since the guard started
+    assert guard.poll(3) == (False, True)
+    guard.saved()
+    assert guard.poll(4) == (False, False)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.poll(5) == (True, False)
+  with preemption.PreemptionGuard(clock=lambda: now[0]) as never:
+    now[0] += 1e6
+    assert never.poll(1) == (False, False)
+  # In a run: a cadence shorter than a step saves after every step, although
+  # checkpoint_every (1000) is never reached; keep_checkpoints=2 keeps the last two.
+  train, evals = pf.corpus_files(str(tmp_path / "corpus"))
+  c = pf.tiny_config(
+      recipe="bd3lm",
+      tokenizer=pf.byte_tokenizer(str(tmp_path / "tok")),
+      teacher_tokenizer=None,
+      train_files=train,
+      eval_files=evals,
+      cache_dir=str(tmp_path / "cache"),
+      num_steps=3,
+  )
+  c.train.checkpoint_every_minutes = 1e-9
+  c.train.keep_checkpoints = 5
+  loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert sorted(int(p) for p in os.listdir(tmp_path / "run" / "checkpoints")) == [1, 2, 3]
+
+
 def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):
   train, evals = pf.corpus_files(str(tmp_path / "corpus"))
   tok = pf.byte_tokenizer(str(tmp_path / "tok"))
