@@ -13,7 +13,8 @@ Each stub appends one JSON line per call to ``$STUB_LOG`` (``{"tool", "argv", "c
 - ``python`` (as ``python3.11`` and every ``.venv/bin/python``): reports 3.11, makes venvs,
   records pip installs, copies files to ``gs://`` (etils.epath calls) into
   ``$STUB_DIR/gcs``, and plays a training run: prints steps for ``$STUB_TRAIN_SECONDS`` and,
-  on SIGTERM, the line a preempted run prints, then exits 0.
+  on SIGTERM, the line a preempted run prints, then exits 0 (a run that finishes writes
+  summary.json into a gs:// workdir).
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ elif args[:2] == ["-m", "tide_jax.main"]:
   signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
   workdir = [a for a in args if a.startswith("--workdir=")][0].split("=", 1)[1]
   print("step 1/100", flush=True)
-  deadline = time.time() + float(os.environ.get("STUB_TRAIN_SECONDS", "0"))
+  seconds = os.environ.get("STUB_TRAIN_SECONDS", "0")
+  if os.environ.get("STUB_TRAIN_SECONDS_FILE"):
+    seconds = open(os.environ["STUB_TRAIN_SECONDS_FILE"]).read()
+  deadline = time.time() + float(seconds)
   while time.time() < deadline and not stop:
     time.sleep(0.05)
   if stop:
@@ -157,6 +161,9 @@ elif args[:2] == ["-m", "tide_jax.main"]:
           "command to resume.", flush=True)
   else:
     print("step 100/100", flush=True)
+    if workdir.startswith("gs://"):  # a finished run writes summary.json
+      os.makedirs(gcs_path(workdir), exist_ok=True)
+      open(os.path.join(gcs_path(workdir), "summary.json"), "w").write("{}")
 """
 
 SRUN = """

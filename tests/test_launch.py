@@ -354,6 +354,48 @@ def test_tpu_status_logs_and_stop_free_the_tpu(tmp_path, stubs):
     assert "Preempted: checkpoint of step 3 written to gs://bkt/r" in log
 
 
+def test_tpu_watch_recreates_a_preempted_slice_and_resumes_until_finished(tmp_path, stubs):
+  repo = make_repo(tmp_path)
+  seconds = tmp_path / "train_seconds"
+  seconds.write_text("300")
+  env = dict(
+      stubs["env"],
+      STUB_WORKERS="2",
+      SPOT="1",
+      WATCH_INTERVAL="1",
+      STUB_TRAIN_SECONDS_FILE=str(seconds),
+  )
+  watch = subprocess.Popen(
+      ["launch/tpu_vm.sh", "watch", "configs/tracked.py", "gs://bkt/w"],
+      cwd=repo,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+  )
+  try:
+    for worker in (0, 1):
+      log = lambda: worker_file(stubs, worker, f"logs/host_{worker}.log")
+      wait_for(lambda: log().exists() and "step 1/100" in log().read_text())
+    seconds.write_text("0")  # the run after the restart finishes at once
+    state = json.loads((stubs["dir"] / "state.json").read_text())
+    (stubs["dir"] / "state.json").write_text(json.dumps(dict(state, tpu="PREEMPTED")))
+    out, _ = watch.communicate(timeout=120)
+  finally:
+    if watch.poll() is None:
+      watch.kill()
+  assert watch.returncode == 0, out
+  verbs = gcloud_verbs(stubs)
+  creates = [v for v in verbs if " create " in v]
+  assert len(creates) == 2 and creates[0] == creates[1]
+  deleted = verbs.index("compute tpus tpu-vm delete tide-a --quiet")
+  assert verbs.index(creates[0]) < deleted < len(verbs) - verbs[::-1].index(creates[1]) - 1
+  trains = [c for c in stubs["calls"]("python") if c["argv"][:2] == ["-m", "tide_jax.main"]]
+  assert len(trains) == 4  # both workers, before and after the preemption
+  assert "tide-a is PREEMPTED; it cannot be restarted" in out
+  assert "[tpu_vm] the run finished: gs://bkt/w/summary.json" in out
+
+
 # ------------------------------------------------------------------------------ gpu_slurm.sh
 
 
