@@ -140,7 +140,8 @@ elif args[:1] == ["-c"]:
   if "epath" in args[1]:  # host_run.sh copying a log to gs://
     target = gcs_path(args[3])
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.copy(args[2], target)
+    shutil.copy(args[2], target + ".tmp")
+    os.replace(target + ".tmp", target)  # an object store write is all or nothing
   # otherwise a version check: this interpreter is 3.11 with venv and ensurepip
 elif args[:2] == ["-m", "venv"]:
   os.makedirs(os.path.join(args[2], "bin"), exist_ok=True)

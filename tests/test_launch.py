@@ -218,11 +218,18 @@ def test_tpu_train_creates_ships_provisions_and_starts_every_worker(tmp_path, st
     assert c["env"]["TIDE_DISTRIBUTED"] == "auto"
   # Each host's log, on the worker and in the gs:// workdir.
   for worker in (0, 1):
-    wait_for(lambda: (stubs["dir"] / f"gcs/bkt/runs/a/logs/host_{worker}.log").exists())
-    log = (stubs["dir"] / f"gcs/bkt/runs/a/logs/host_{worker}.log").read_text()
+    remote = stubs["dir"] / f"gcs/bkt/runs/a/logs/host_{worker}.log"
+    wait_for(lambda: remote.exists() and remote.read_text().rstrip().endswith("finished"))
+    log = remote.read_text()
     assert "step 100/100" in log and log.rstrip().endswith(f"host {worker}: finished")
     assert worker_file(stubs, worker, f"logs/host_{worker}.log").read_text() == log
   assert "gs://bkt/runs/a/logs/host_<i>.log" in out
+
+
+def worker_log(stubs, worker) -> str:
+  """A worker's local log so far ("" before it exists)."""
+  path = worker_file(stubs, worker, f"logs/host_{worker}.log")
+  return path.read_text() if path.exists() else ""
 
 
 def launch_stubs_libtpu():
@@ -319,9 +326,7 @@ def test_tpu_status_logs_and_stop_free_the_tpu(tmp_path, stubs):
   )
   run(["launch/tpu_vm.sh", "train", "configs/tracked.py", "gs://bkt/r"], env, repo)
   for worker in (0, 1):
-    wait_for(
-        lambda: "step 1/100" in worker_file(stubs, worker, f"logs/host_{worker}.log").read_text()
-    )
+    wait_for(lambda: "step 1/100" in worker_log(stubs, worker))
   status = run(["launch/tpu_vm.sh", "status"], env, repo).stdout
   assert "[tpu_vm] tide-a: READY" in status
   assert "worker 0: running" in status and "worker 1: running" in status
@@ -375,8 +380,7 @@ def test_tpu_watch_recreates_a_preempted_slice_and_resumes_until_finished(tmp_pa
   )
   try:
     for worker in (0, 1):
-      log = lambda: worker_file(stubs, worker, f"logs/host_{worker}.log")
-      wait_for(lambda: log().exists() and "step 1/100" in log().read_text())
+      wait_for(lambda: "step 1/100" in worker_log(stubs, worker))
     seconds.write_text("0")  # the run after the restart finishes at once
     state = json.loads((stubs["dir"] / "state.json").read_text())
     (stubs["dir"] / "state.json").write_text(json.dumps(dict(state, tpu="PREEMPTED")))
