@@ -14,10 +14,12 @@
 #          DETACH=1. Ctrl-C only stops following; `stop` stops the run.
 # watch    train, then every WATCH_INTERVAL seconds (default 300): when the slice was
 #          preempted (or its queued resource suspended), delete it, recreate it and train
-#          again (which resumes from the last checkpoint); when a run ends preempted on a
-#          healthy slice (maintenance SIGTERM), start it again; stop when GS_WORKDIR holds
+#          again (which resumes from the last checkpoint); when the run ended preempted on
+#          a healthy slice (maintenance SIGTERM) or its processes are gone (the VMs were
+#          restarted), start it again; stop when GS_WORKDIR holds
 #          summary.json (the run finished) or a worker reports a failed run.
-# status   the slice's state and every worker's run state.
+# status   the slice's state and every worker's run state (running, finished, preempted,
+#          failed rc=N, killed, lost: marked running but the process is gone).
 # logs     follow worker WORKER's log (default 0).
 # stop     SIGTERM every worker's run (it checkpoints and exits 0), kill what is left after
 #          STOP_WAIT seconds (default 300) and free the TPU (launch/host_stop.sh).
@@ -228,6 +230,12 @@ start_run() { # CONFIG WORKDIR [overrides]: the training process on every worker
 setsid nohup bash launch/host_run.sh$(quoted_args "$workdir")$train >/dev/null 2>&1 </dev/null &"
 }
 
+# Each worker's run state; "lost" when it says running but its process is gone (the VM was
+# restarted under it, e.g. by a maintenance event without Autocheckpoint).
+RUN_STATE='s="$(cat ~/tide_jax/run/state 2>/dev/null || echo "no run")"; \
+if [ "$s" = running ] && ! kill -0 "$(cat ~/tide_jax/run/pid)" 2>/dev/null; then s=lost; fi; \
+echo "worker $(cat ~/tide_jax/run/host_index 2>/dev/null || echo ?): $s"'
+
 follow() { on_workers "${1:-0}" "tail -n 200 -F ~/tide_jax/logs/host_${1:-0}.log"; }
 
 need_run_args() {
@@ -282,7 +290,7 @@ case "$VERB" in
           [ "$(state_of queued 'value(state.state)')" = ACTIVE ] || break
         fi
         [ "$(state_of tpu 'value(state)')" = READY ] || break
-        states="$(on_workers all 'cat ~/tide_jax/run/state 2>/dev/null || echo none' 2>/dev/null || echo unreachable)"
+        states="$(on_workers all "$RUN_STATE" 2>/dev/null)" || continue # unreachable: ask again
         if [[ "$states" == *failed* ]]; then
           die "a worker reports a failed run ($states); see $2/logs/."
         fi
@@ -301,7 +309,7 @@ case "$VERB" in
   status)
     say "$TPU_NAME: $(state_of tpu 'value(state)')"
     [ "${QUEUED:-0}" = "1" ] && say "queued resource $TPU_NAME: $(state_of queued 'value(state.state)')"
-    on_workers all 'echo "worker $(cat ~/tide_jax/run/host_index 2>/dev/null || echo ?): $(cat ~/tide_jax/run/state 2>/dev/null || echo no run)"'
+    on_workers all "$RUN_STATE"
     ;;
   logs)
     follow "${1:-0}"

@@ -355,6 +355,12 @@ def test_tpu_status_logs_and_stop_free_the_tpu(tmp_path, stubs):
   assert not (tmp_path / "libtpu_lockfile").exists()
   for worker in (0, 1):
     assert worker_file(stubs, worker, "run/state").read_text().strip() == "preempted"
+  # A run marked running whose process is gone (the VM restarted under it) shows as lost.
+  worker_file(stubs, 1, "run/state").write_text("running\n")
+  worker_file(stubs, 1, "run/pid").write_text(f"{orphan.pid}\n")  # reaped: no such process
+  status = run(["launch/tpu_vm.sh", "status"], env, repo).stdout
+  assert "worker 0: preempted" in status and "worker 1: lost" in status
+  for worker in (0, 1):
     log = (stubs["dir"] / f"gcs/bkt/r/logs/host_{worker}.log").read_text()
     assert "Preempted: checkpoint of step 3 written to gs://bkt/r" in log
 
