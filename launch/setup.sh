@@ -13,8 +13,9 @@
 # --user`) and lets it download a standalone CPython 3.11 build into ~/.local/share/uv
 # (launch/tpu_vm.sh sets it: TPU VM images ship an older system Python and may lack
 # python3-venv); otherwise the script stops with one sentence.
-# torch comes from the PyTorch CPU wheel index (TORCH_INDEX): it only serves reference
-# models and tests, and PyPI's default Linux wheel pulls in several GiB of CUDA libraries.
+# torch: on TPU and GPU hosts it comes from the PyTorch CPU wheel index (TORCH_INDEX): it
+# only serves reference models and tests there, and PyPI's default Linux wheel pulls in
+# several GiB of CUDA libraries. The CPU setup (tests, CI) takes it from PyPI.
 # Environment: JAX_TPU_EXTRA, JAX_GPU_EXTRA (the accelerator's pip requirement).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +86,9 @@ fi
 echo "[setup] installing requirements.txt ($ACCELERATOR) into .venv (first run takes a few minutes)"
 PIP=(.venv/bin/python -m pip install --quiet)
 "${PIP[@]}" --upgrade pip
-"${PIP[@]}" "$(grep -E '^torch==' requirements.txt)" --index-url "$TORCH_INDEX"
+if [ "$ACCELERATOR" != cpu ]; then
+  "${PIP[@]}" "$(grep -E '^torch==' requirements.txt)" --index-url "$TORCH_INDEX"
+fi
 "${PIP[@]}" -r requirements.txt
 case "$ACCELERATOR" in
   tpu) "${PIP[@]}" "${JAX_TPU_EXTRA:-jax[tpu]==$JAX_VERSION}" -f "$LIBTPU_RELEASES" ;;

@@ -166,6 +166,17 @@ def test_setup_requires_python_311_and_provisions_one_with_uv(tmp_path, stubs):
   again = run(["bash", "launch/setup.sh", "tpu"], dict(env, PROVISION_PYTHON="1"), repo)
   assert "[setup] .venv is up to date (tpu)" in again.stdout
   assert len(pip_installs(stubs, "repo")) == 4
+  # A machine with python3.11 (tests, CI): no uv, torch and the rest from PyPI, no JAX extra.
+  cpu_repo = make_repo(tmp_path / "cpu")
+  run(["bash", "launch/setup.sh"], stubs["env"], cpu_repo)
+  assert pip_installs(stubs, "cpu/repo") == [
+      ["--quiet", "--upgrade", "pip"],
+      ["--quiet", "-r", "requirements.txt"],
+  ]
+  assert [c["argv"] for c in stubs["calls"]("python") if c["cwd"] == cpu_repo][:2] == [
+      ["-c", "import sys, ensurepip, venv; sys.exit(sys.version_info[:2] != (3, 11))"],
+      ["-V"],
+  ]
 
 
 # ------------------------------------------------------------------------------ tpu_vm.sh
