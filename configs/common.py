@@ -70,6 +70,7 @@ def base_config() -> config_dict.ConfigDict:
   t.eval_every = 500
   t.eval_batches = 8
   t.checkpoint_every = 500
+  t.checkpoint_every_minutes = 0.0  # > 0: also checkpoint when the last save is this old
   t.keep_checkpoints = 3
   t.async_checkpoint = False
   t.stop_at_step = 0  # > 0: checkpoint and stop after this step (time-sliced jobs)

@@ -67,6 +67,9 @@ def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: 
   t.eval_every = 2000
   t.eval_batches = 16
   t.checkpoint_every = 1000
+  # Bounds what a preemption without a usable notice loses (a Spot VM's ~30 s are too short
+  # to write the state; see docs/scale_out.md): a save at least every 20 minutes.
+  t.checkpoint_every_minutes = 20.0
   t.keep_checkpoints = 3
   t.async_checkpoint = True
   config.models = config_dict.ConfigDict()

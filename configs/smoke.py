@@ -98,6 +98,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       mask_token_id=128002 if cross else 151669,  # Llama-3: <|reserved_special_token_0|>
       param_dtype="float32",
       dtype="float32",
+      convert_if_missing=True,  # one process converts the teacher it trained in stage 1
   )
 
   config.smoke = config_dict.ConfigDict()

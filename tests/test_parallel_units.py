@@ -99,6 +99,46 @@ def test_distributed_layout_from_environment():
   assert distributed.detected_cluster({"TIDE_DISTRIBUTED": "auto"}) == "auto"
 
 
+# The environment of one srun task of a two-node job with 8 GPUs per node, one task each.
+SLURM_TWO_NODES = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_NODELIST": "gpu[001-002]",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+    "SLURM_GPUS_ON_NODE": "8",
+}
+
+
+def test_one_slurm_task_per_node_drives_every_gpu_of_its_node(monkeypatch):
+  from jax._src import clusters  # JAX's own SLURM auto-detection, the code that binds devices
+
+  assert distributed.local_device_ids(SLURM_TWO_NODES) == list(range(8))
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "OMPI_", "TPU_")) or name == "JAX_LOCAL_DEVICE_IDS":
+      monkeypatch.delenv(name)
+  for name, value in SLURM_TWO_NODES.items():
+    monkeypatch.setenv(name, value)
+  detect = clusters.ClusterEnv.auto_detect_unset_distributed_params
+  # What JAX does alone: one GPU (number SLURM_LOCALID) for the node's only process.
+  assert detect(None, None, None, None, None, 10)[3] == [0]
+  _, count, index, ids = detect(None, None, None, distributed.local_device_ids(), None, 10)
+  assert (count, index, len(ids)) == (2, 1, 8)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  distributed.maybe_initialize()
+  assert calls == [{"local_device_ids": list(range(8))}]
+  # One task per GPU keeps JAX's binding; an explicit list wins; TPU hosts stay unrestricted.
+  per_gpu = dict(SLURM_TWO_NODES, SLURM_NTASKS="16", SLURM_STEP_TASKS_PER_NODE="8(x2)")
+  assert distributed.local_device_ids(per_gpu) is None
+  assert distributed.local_device_ids(dict(per_gpu, JAX_LOCAL_DEVICE_IDS="2,3")) == [2, 3]
+  assert distributed.local_device_ids({"TPU_WORKER_HOSTNAMES": "a,b"}) is None
+  with pytest.raises(ValueError, match="JAX_LOCAL_DEVICE_IDS='0-7' is not a comma-separated"):
+    distributed.local_device_ids({"JAX_LOCAL_DEVICE_IDS": "0-7"})
+
+
 def test_sigterm_sets_the_flag_and_the_handler_is_restored():
   before = signal.getsignal(signal.SIGTERM)
   with preemption.PreemptionGuard() as guard:
@@ -106,6 +146,39 @@ def test_sigterm_sets_the_flag_and_the_handler_is_restored():
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.notified() and guard.should_stop(2)
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_wall_clock_cadence_saves_when_the_last_checkpoint_is_old(tmp_path):
+  now = [100.0]
+  with preemption.PreemptionGuard(checkpoint_every_s=60.0, clock=lambda: now[0]) as guard:
+    assert guard.poll(1) == (False, False)
+    now[0] += 59.5
+    assert guard.poll(2) == (False, False)
+    now[0] += 1.0  # 60.5 s since the guard started
+    assert guard.poll(3) == (False, True)
+    guard.saved()
+    assert guard.poll(4) == (False, False)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.poll(5) == (True, False)
+  with preemption.PreemptionGuard(clock=lambda: now[0]) as never:
+    now[0] += 1e6
+    assert never.poll(1) == (False, False)
+  # In a run: a cadence shorter than a step saves after every step, although
+  # checkpoint_every (1000) is never reached; keep_checkpoints=2 keeps the last two.
+  train, evals = pf.corpus_files(str(tmp_path / "corpus"))
+  c = pf.tiny_config(
+      recipe="bd3lm",
+      tokenizer=pf.byte_tokenizer(str(tmp_path / "tok")),
+      teacher_tokenizer=None,
+      train_files=train,
+      eval_files=evals,
+      cache_dir=str(tmp_path / "cache"),
+      num_steps=3,
+  )
+  c.train.checkpoint_every_minutes = 1e-9
+  c.train.keep_checkpoints = 5
+  loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert sorted(int(p) for p in os.listdir(tmp_path / "run" / "checkpoints")) == [1, 2, 3]
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(tmp_path):

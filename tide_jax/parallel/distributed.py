@@ -10,6 +10,13 @@ Where the process layout comes from, first match wins:
      slice with more than one worker, a SLURM step with more than one task, Open MPI, or
      ``TIDE_DISTRIBUTED=auto`` (set by launch/tpu_vm.sh for multi-worker slices);
   3. otherwise a single process, and nothing is initialised.
+
+Local devices: with no ``local_device_ids``, JAX binds each process of a SLURM (or Open
+MPI) GPU job to the single GPU numbered ``SLURM_LOCALID``, which is right for one task per
+GPU but leaves seven of eight GPUs idle with one task per node. ``local_device_ids`` below
+therefore gives every GPU of the node to a process that is its node's only task
+(``JAX_LOCAL_DEVICE_IDS``, set by launch/gpu_slurm.sh, wins when present). TPU hosts are
+never restricted.
 """
 
 from __future__ import annotations
@@ -46,6 +53,51 @@ def detected_cluster(env: Mapping[str, str] | None = None) -> str | None:
       return "slurm"
   if (_int_env(env, "OMPI_COMM_WORLD_SIZE") or 1) > 1:
     return "mpi"
+  return None
+
+
+def _tasks_per_node(env: Mapping[str, str]) -> list[int]:
+  """Task counts per node from ``SLURM_STEP_TASKS_PER_NODE`` (e.g. ``"1(x2)"``, ``"2,1"``)."""
+  raw = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+  counts = []
+  for item in filter(None, raw.split(",")):
+    number = item.split("(")[0]
+    if number.isdigit():
+      counts.append(int(number))
+  return counts
+
+
+def _gpus_on_node(env: Mapping[str, str]) -> int | None:
+  """GPUs SLURM gave this node: ``SLURM_GPUS_ON_NODE``, else ``CUDA_VISIBLE_DEVICES``."""
+  count = _int_env(env, "SLURM_GPUS_ON_NODE")
+  if count is not None:
+    return count
+  visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+  return len(visible.split(",")) if visible else None
+
+
+def local_device_ids(env: Mapping[str, str] | None = None) -> list[int] | None:
+  """The accelerator ids this process drives, or None for JAX's own choice.
+
+  ``JAX_LOCAL_DEVICE_IDS`` (comma-separated) when set; under SLURM with one task on every
+  node and the node's GPU count known, all of them (``[0, ..., n - 1]``); else None.
+  """
+  env = os.environ if env is None else env
+  explicit = env.get("JAX_LOCAL_DEVICE_IDS", "").strip()
+  if explicit:
+    try:
+      return [int(i) for i in explicit.split(",")]
+    except ValueError:
+      raise ValueError(
+          f"JAX_LOCAL_DEVICE_IDS={explicit!r} is not a comma-separated list of "
+          "device numbers; write for example 0,1,2,3,4,5,6,7."
+      ) from None
+  if detected_cluster(env) != "slurm":
+    return None
+  per_node = _tasks_per_node(env)
+  gpus = _gpus_on_node(env)
+  if per_node and all(n == 1 for n in per_node) and gpus:
+    return list(range(gpus))
   return None
 
 
@@ -87,8 +139,11 @@ def maybe_initialize(
   layout = explicit_layout(coordinator, num_processes, process_id)
   if layout is not None and layout[1] > 1:
     jax.distributed.initialize(
-        coordinator_address=layout[0], num_processes=layout[1], process_id=layout[2]
+        coordinator_address=layout[0],
+        num_processes=layout[1],
+        process_id=layout[2],
+        local_device_ids=local_device_ids(),
     )
   elif layout is None and detected_cluster() is not None:
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids())
   return jax.process_index(), jax.process_count()

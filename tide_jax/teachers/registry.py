@@ -111,8 +111,11 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
   """A teacher configuration section with every field present.
 
   Fields: ``name`` (a key of TEACHERS), ``checkpoint`` (converted orbax directory, local
-  or gs://), ``hf_dir`` (HF directory converted into ``checkpoint`` when that has no
-  manifest yet; also the tokenizer source of "hf_dir" families), ``tokenizer`` /
+  or gs://), ``hf_dir`` (the HF directory ``python -m tide_jax.convert --config=...``
+  converts into ``checkpoint``; also the tokenizer source of "hf_dir" families),
+  ``convert_if_missing`` (a single-process run may convert ``hf_dir`` itself when
+  ``checkpoint`` holds no manifest; off by default: conversion is an explicit step run
+  once, see launch/prepare.sh), ``tokenizer`` /
   ``chat_template`` / ``mask_token_id`` (overrides; empty or -1 = the family's),
   ``param_dtype`` (storage dtype when converting), ``dtype`` (compute dtype),
   ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only) and ``remat``.
@@ -122,6 +125,7 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
           "name": name,
           "checkpoint": "",
           "hf_dir": "",
+          "convert_if_missing": False,
           "tokenizer": "",
           "chat_template": "",
           "mask_token_id": -1,
@@ -194,7 +198,11 @@ def load_teacher(
     *,
     block_size: int = 32,
 ) -> tuple[Teacher, nnx.State]:
-  """Loads (converting first when needed) the teacher a config section describes.
+  """Loads the teacher a config section describes.
+
+  A checkpoint without a manifest is an error unless ``section.convert_if_missing`` and this
+  is the only process: several hosts converting into one directory would race (each
+  removes and rewrites it), so multi-host runs need the explicit conversion step first.
 
   Returns:
     ``(teacher, params)``: the static :class:`Teacher` and its parameters, sharded by
@@ -207,6 +215,18 @@ def load_teacher(
         f"of the {section.name!r} teacher."
     )
   if not (epath.Path(section.checkpoint) / streaming.MANIFEST).exists():
+    if not section.convert_if_missing:
+      raise ValueError(
+          f"{section.checkpoint} holds no converted teacher; convert it once before "
+          "training with `launch/prepare.sh CONFIG` (or `python -m tide_jax.convert "
+          "--config=CONFIG`), or set teacher.convert_if_missing=True in a single-process run."
+      )
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"{section.checkpoint} holds no converted teacher and this run has "
+          f"{jax.process_count()} processes, which would all convert into it at once; "
+          "convert it first with `launch/prepare.sh CONFIG` on one host."
+      )
     if not section.hf_dir:
       raise ValueError(
           f"{section.checkpoint} holds no converted teacher and teacher.hf_dir "

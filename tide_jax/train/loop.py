@@ -336,11 +336,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         step, state, host_data.gather_iterator_states(train_iter.get_state()), meta, force=True
     )
     _say(f"checkpoint of step {step} {'queued' if ckpt.async_save else 'written'}")
+    guard.saved()  # the wall-clock cadence counts from here
 
   last_metrics: dict[str, float] = {}
   stop_at = int(config.train.get("stop_at_step", 0)) or num_steps
   check_every = int(config.train.get("preemption_check_every", 1))
-  with preemption.PreemptionGuard(check_every) as guard:
+  save_every_s = 60.0 * float(config.train.checkpoint_every_minutes)
+  with preemption.PreemptionGuard(check_every, save_every_s) as guard:
     for step in range(start_step + 1, min(stop_at, num_steps) + 1):
       batch = to_global(next(train_iter))
       state, step_metrics = train_step(state, batch, teacher_params)
@@ -357,8 +359,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ev = held_out(state.params)
         writer.write(step, ev, prefix="eval/")
         _say(f"step {step}  eval {_eval_line(ev)}")
-      stop = guard.should_stop(step)  # the same answer on every host
-      if stop or step % ckpt_every == 0 or step in (num_steps, stop_at):
+      stop, save_due = guard.poll(step)  # the same answers on every host
+      if stop or save_due or step % ckpt_every == 0 or step in (num_steps, stop_at):
         save(step)
       if stop and step < min(stop_at, num_steps):
         ckpt.close()
