@@ -1,19 +1,23 @@
-"""Peak memory of the distillation objective (value + gradient) at a Qwen3-sized vocabulary.
+"""Peak memory of the distillation objectives (value + gradient) at a Qwen3-sized vocabulary.
+
+The objectives take hidden states and output kernels: the student's ``[N, Es]`` hidden
+states and ``[Es, V]`` kernel (differentiated) and the teacher's ``[N, Et]`` and
+``[Et, V]`` (frozen). The fused formulation (``tide_jax.distill.fused``: a block of rows
+projected and reduced at a time, hand-written backward) is compared with the naive one
+(project both models to full float32 ``[N, V]`` logits and let autodiff differentiate the
+formula), on the same inputs, for forward KL, TIDAL, reverse KL and the target
+log-probabilities behind the cross-entropy and (Reverse) CALM.
 
 Each configuration runs in a fresh subprocess. On CPU the measure is the process's peak
 resident memory during the first call (VmHWM after resetting it through
 /proc/self/clear_refs) minus the resident memory just before it, when the inputs already
 exist and the program is compiled: the memory the objective needs beyond its inputs, its
-gradient included. The time column is a second call.
-On an accelerator the compiled program's own statistics are used instead (temporaries
-plus outputs, from ``memory_analysis()``).
-
-The naive formulation, kept here only as the baseline, materialises full-vocabulary
-float32 log-softmax arrays of both models.
+gradients (``[N, Es]`` and ``[Es, V]``) included. The time column is a second call. On an
+accelerator the compiled program's own statistics are used (temporaries plus outputs).
 
 Usage:
   python benchmarks/bench_distill_memory.py [--positions 2048] [--vocab 151936]
-      [--write docs/benchmarks/distill.md]
+      [--student-width 1024] [--teacher-width 4096] [--write docs/benchmarks/distill.md]
 """
 
 from __future__ import annotations
@@ -29,61 +33,59 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = [
-    # (label, objective, formulation, chunk_size)
+    # (label, objective, formulation, block rows)
     ("naive forward KL", "forward_kl", "naive", 0),
-    ("forward KL, chunk 128", "forward_kl", "chunked", 128),
-    ("forward KL, chunk 256", "forward_kl", "chunked", 256),
+    ("fused forward KL, 128 rows", "forward_kl", "fused", 128),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64),
     ("naive TIDAL", "tidal", "naive", 0),
-    ("TIDAL, chunk 128", "tidal", "chunked", 128),
+    ("fused TIDAL, 128 rows", "tidal", "fused", 128),
     ("naive reverse KL", "reverse_kl", "naive", 0),
-    ("reverse KL, chunk 128", "reverse_kl", "chunked", 128),
-    ("naive chunk log-probs (CALM)", "target_logp", "naive", 0),
-    ("chunk log-probs (CALM), chunk 128", "target_logp", "chunked", 128),
+    ("fused reverse KL, 128 rows", "reverse_kl", "fused", 128),
+    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0),
+    ("fused target log-probs (CE, CALM), 128 rows", "target_logp", "fused", 128),
 ]
 TEMPERATURE = 2.0
 
 
 def _naive(objective):
-  """The baseline: full [N, V] float32 log-softmax of both models, plain autodiff."""
+  """The baseline: full [N, V] float32 logits of both models, plain autodiff."""
   import jax
   import jax.numpy as jnp
 
-  def loss(zs, zt, w, t, targets):
-    ls = jax.nn.log_softmax(zs.astype(jnp.float32) / TEMPERATURE, axis=-1)
+  def loss(hs, ws, ht, wt, w, t, targets):
+    zs = jnp.dot(hs, ws, preferred_element_type=jnp.float32)
     if objective == "target_logp":
-      full = jax.nn.log_softmax(zs.astype(jnp.float32), axis=-1)
+      full = jax.nn.log_softmax(zs, axis=-1)
       return jnp.sum(w * jnp.take_along_axis(full, targets[:, None], axis=-1)[:, 0])
-    lt = jax.nn.log_softmax(zt.astype(jnp.float32) / TEMPERATURE, axis=-1)
+    zt = jax.lax.stop_gradient(jnp.dot(ht, wt, preferred_element_type=jnp.float32))
+    ls = jax.nn.log_softmax(zs / TEMPERATURE, axis=-1)
+    lt = jax.nn.log_softmax(zt / TEMPERATURE, axis=-1)
     if objective == "forward_kl":
       per = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
     elif objective == "reverse_kl":
       per = jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
     else:  # tidal, lambda = 0.5 (1 - t), midrange weight
       lam = (0.5 * (1 - t))[:, None]
-      lr = jax.lax.stop_gradient(
-          jax.nn.log_softmax(
-              ((1 - lam) * zs.astype(jnp.float32) + lam * zt.astype(jnp.float32)) / TEMPERATURE,
-              axis=-1,
-          )
-      )
+      lr = jax.lax.stop_gradient(jax.nn.log_softmax(((1 - lam) * zs + lam * zt) / TEMPERATURE, -1))
       per = jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1) * jnp.exp(-((t - 0.5) ** 2) / 0.045)
     return TEMPERATURE**2 * jnp.sum(w * per)
 
   return loss
 
 
-def _chunked(objective, chunk_size):
-  from tide_jax.distill import terms
+def _fused(objective, block_rows):
+  from tide_jax.distill import fused, terms
 
-  def loss(zs, zt, w, t, targets):
+  def loss(hs, ws, ht, wt, w, t, targets):
+    student, teacher = fused.Projection(hs, ws), fused.Projection(ht, wt)
+    kw = dict(temperature=TEMPERATURE, block_rows=block_rows)
     if objective == "target_logp":
-      return (w * terms.target_log_probs(zs, targets, chunk_size=chunk_size)).sum()
+      return (w * terms.target_log_probs(student, targets, block_rows=block_rows)[0]).sum()
     if objective == "tidal":
-      return terms.tidal(
-          zs, zt, w, t=t, progress=0.5, temperature=TEMPERATURE, chunk_size=chunk_size
-      )[0]
+      options = terms.TidalOptions(l0=0.5, l1=0.5)  # lambda = 0.5 (1 - t), as the baseline
+      return terms.tidal(student, teacher, w, t=t, progress=0.5, options=options, **kw)[0]
     fn = terms.forward_kl if objective == "forward_kl" else terms.reverse_kl
-    return fn(zs, zt, w, temperature=TEMPERATURE, chunk_size=chunk_size)[0]
+    return fn(student, teacher, w, **kw)[0]
 
   return loss
 
@@ -96,58 +98,54 @@ def _status_kib(field):
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run_one(objective, formulation, chunk_size, positions, vocab, force_bits=""):
+def run_one(objective, formulation, block_rows, positions, vocab, student_width, teacher_width):
   """Runs in the child process; returns a dict of measurements."""
   import jax
   import jax.numpy as jnp
-
-  if force_bits:  # compare the uint16 carry with native 16-bit slicing on one backend
-    from tide_jax.distill import rows
-
-    rows.carry_as_bits = lambda: force_bits == "on"
-
   import numpy as np
 
   rng = np.random.default_rng(0)
+  # Logits of about +-20, as in a trained model: hidden states of norm sqrt(E), kernels
+  # scaled to match.
+  hs = jnp.asarray(rng.normal(size=(positions, student_width)), jnp.bfloat16)
+  ht = jnp.asarray(rng.normal(size=(positions, teacher_width)), jnp.bfloat16)
 
-  def make_logits():
-    # Filled block by block so that no float32 [N, V] temporary is ever resident.
-    out = np.empty((positions, vocab), jnp.bfloat16)
-    for start in range(0, positions, 128):
-      rows = min(128, positions - start)
-      out[start : start + rows] = rng.uniform(-20, 20, (rows, vocab)).astype(jnp.bfloat16)
-    device = jax.device_put(out)
-    del out
-    return device
+  def kernel(width):
+    out = np.empty((width, vocab), jnp.bfloat16)
+    for start in range(0, width, 128):  # filled in pieces: no float32 [E, V] temporary
+      out[start : start + 128] = (
+          rng.normal(size=(min(128, width - start), vocab)) * 7 / np.sqrt(width)
+      ).astype(jnp.bfloat16)
+    return jax.device_put(out)
 
-  zs, zt = make_logits(), make_logits()
+  ws, wt = kernel(student_width), kernel(teacher_width)
   w = jnp.asarray(np.arange(positions) % 4 != 0, jnp.float32)
   t = jnp.linspace(0.05, 0.95, positions, dtype=jnp.float32)
   targets = jnp.asarray(rng.integers(0, vocab, positions), jnp.int32)
-  args = (zs, zt, w, t, targets)
+  args = (hs, ws, ht, wt, w, t, targets)
   jax.block_until_ready(args)
   inputs_bytes = sum(a.size * a.dtype.itemsize for a in args)
-  loss = _naive(objective) if formulation == "naive" else _chunked(objective, chunk_size)
-  step = jax.jit(jax.value_and_grad(loss))
+  loss = _naive(objective) if formulation == "naive" else _fused(objective, block_rows)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   compiled = step.lower(*args).compile()
   result = {"inputs_bytes": inputs_bytes, "backend": jax.default_backend()}
-  if jax.default_backend() != "cpu":
+  on_cpu = jax.default_backend() == "cpu"
+  if not on_cpu:
     stats = compiled.memory_analysis()
     result["peak_extra_bytes"] = stats.temp_size_in_bytes + stats.output_size_in_bytes
-    result["temp_bytes"] = stats.temp_size_in_bytes
-  on_cpu = jax.default_backend() == "cpu"
-  if on_cpu:
+  else:
     # The first call is the measured one: after it the allocator keeps its pages, so a
     # second call would not raise the resident size again.
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")  # reset VmHWM to the current RSS
-  value, grad = compiled(*args)
-  jax.block_until_ready(grad)
+  value, grads = compiled(*args)
+  jax.block_until_ready(grads)
   if on_cpu:
     result["peak_extra_bytes"] = (_status_kib("VmHWM") - before) * 1024
   result["value"] = float(value)
-  del value, grad
+  result["grad_bytes"] = sum(g.size * g.dtype.itemsize for g in grads)
+  del value, grads
   start = time.perf_counter()
   jax.block_until_ready(compiled(*args))
   result["seconds"] = time.perf_counter() - start
@@ -158,14 +156,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--positions", type=int, default=2048)
   parser.add_argument("--vocab", type=int, default=151936)
+  parser.add_argument("--student-width", type=int, default=1024, help="Qwen3-0.6B: 1024")
+  parser.add_argument("--teacher-width", type=int, default=4096, help="Qwen3-8B: 4096")
   parser.add_argument("--only", default="", help="semicolon-separated labels to run")
   parser.add_argument("--write", default="", help="markdown file for the table")
-  parser.add_argument(
-      "--force-bits",
-      default="",
-      choices=["", "on", "off"],
-      help="override rows.carry_as_bits (default: backend's choice)",
-  )
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -175,14 +169,15 @@ def main():
 
   rows = []
   wanted = [c for c in CONFIGS if not args.only or c[0] in args.only.split(";")]
-  for label, objective, formulation, chunk in wanted:
+  for label, objective, formulation, block in wanted:
     spec = dict(
         objective=objective,
         formulation=formulation,
-        chunk_size=chunk,
+        block_rows=block,
         positions=args.positions,
         vocab=args.vocab,
-        force_bits=args.force_bits,
+        student_width=args.student_width,
+        teacher_width=args.teacher_width,
     )
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -197,11 +192,6 @@ def main():
     print(f"done: {label}", file=sys.stderr)
 
   naive = {obj: r["peak_extra_bytes"] for _, obj, form, r in rows if form == "naive"}
-  if args.force_bits:
-    rows = [
-        (f"{label} (uint16 carry {args.force_bits})" if form != "naive" else label, obj, form, r)
-        for label, obj, form, r in rows
-    ]
   backend = rows[0][3]["backend"]
   gib = 2.0**30
   header = (
@@ -216,14 +206,15 @@ def main():
         f"{r['seconds']:.3g} | {r['value']:.6g} |"
     )
   table = "\n".join(lines)
-  inputs_gib = rows[0][3]["inputs_bytes"] / gib
+  first = rows[0][3]
   summary = (
-      f"value + gradient, {args.positions} positions x {args.vocab} vocabulary, "
-      f"bfloat16 logits (inputs {inputs_gib:.2f} GiB), backend {backend}; "
-      "the bfloat16 gradient alone is "
-      f"{args.positions * args.vocab * 2 / gib:.3f} GiB; measured as "
+      f"value + gradient (student hidden states and kernel), {args.positions} positions x "
+      f"{args.vocab} vocabulary, student width {args.student_width}, teacher width "
+      f"{args.teacher_width}, bfloat16 inputs ({first['inputs_bytes'] / gib:.2f} GiB), "
+      f"backend {backend}; the bfloat16 gradients alone are {first['grad_bytes'] / gib:.3f} "
+      "GiB; measured as "
       + (
-          "peak RSS during the call minus RSS before it (inputs allocated, program " "compiled)"
+          "peak RSS during the call minus RSS before it (inputs allocated, program compiled)"
           if backend == "cpu"
           else "the compiled program's temporaries plus outputs (memory_analysis)"
       )
@@ -233,9 +224,7 @@ def main():
   if args.write:
     command = "python benchmarks/bench_distill_memory.py " + " ".join(a for a in sys.argv[1:])
     with open(args.write, "w") as f:
-      f.write(
-          f"# Distillation objective memory\n\nCommand: `{command}`\n\n{summary}.\n\n" f"{table}\n"
-      )
+      f.write(f"# Distillation objective memory\n\nCommand: `{command}`\n\n{summary}.\n\n{table}\n")
 
 
 if __name__ == "__main__":

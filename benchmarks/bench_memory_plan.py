@@ -1,18 +1,28 @@
-"""Per-device memory plan of the distillation step at the paper's shapes, per mesh.
+"""Per-device memory and traffic of the training step at the paper's shapes, per target.
 
-  python benchmarks/bench_memory_plan.py            # writes docs/benchmarks/memory_plan.md
+  python benchmarks/bench_memory_plan.py        # writes docs/benchmarks/memory_plan.md
 
-Method. Parameters, optimizer moments and teacher weights are exact: the bytes of each
-device's shard of the abstract (never allocated) state under the logical-axis rules of
-``tide_jax.parallel.sharding`` for the full-depth models. Activations are XLA's
-temporaries of the compiled train step (``compiled.memory_analysis()``), compiled on fake
-CPU devices arranged as the target mesh at the real widths, vocabularies, sequence lengths
-and global batch, for a student of 2 and of 4 layers (teacher at reduced depth: it runs
-forward only under stop_gradient, so its layers' activations are not kept for the
-backward pass); the per-layer increment (half the difference) is extrapolated linearly to 28 layers. The CPU
-compiler's buffer assignment and fusion differ from the TPU and GPU compilers', so the
-activation column is an estimate of the order of magnitude, not a guarantee; the other
-columns are exact. Nothing is executed, so no device memory is needed.
+Method. The step is the training path itself: ``tide_jax.train.abstract_step`` builds
+and compiles it with the loop's own functions, under ``jax.set_mesh``, on fake CPU devices
+arranged as the target's mesh, with abstract (never allocated) state, teacher and batch at
+the real widths, vocabularies, lengths and global batch (pipelines A and B of
+``configs/pipeline_{a,b}.py``: global batch 64, student 512 tokens, teacher 1024 / 768,
+bfloat16 compute, float32 master weights, per-layer recompute of the student).
+
+* Parameters, optimizer moments and teacher weights are exact: the bytes of each device's
+  shard of the full-depth abstract state under the logical-axis rules.
+* Temporaries are XLA's (``memory_analysis``) for a student of 2 and 4 layers and a teacher
+  of 2 layers (for LLaDA2: one dense and one MoE layer); the student's per-layer increment
+  is extrapolated to its 28 layers. The teacher runs forward only, so its depth adds no
+  kept activations (each layer's are freed before the next). The CPU compiler's buffer
+  assignment and fusion differ from the TPU and GPU compilers': this column is an upper
+  estimate, not a guarantee.
+* Collective bytes per device per step come from the optimized HLO, loop bodies times their
+  trip counts (``parallel.hlo_counts``), extrapolated over depth like the temporaries (the
+  teacher's per-layer gathers too, from 2 and 3 teacher layers).
+
+For each target the mesh is the recommended one (see docs/scale_out.md) and the number of
+micro-batches the smallest that leaves at least 15% of the HBM free.
 """
 
 from __future__ import annotations
@@ -27,17 +37,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import pipeline_a, pipeline_b  # noqa: E402
-from tide_jax import configs_lib  # noqa: E402
-from tide_jax.data import features  # noqa: E402
-from tide_jax import teachers  # noqa: E402
+from tide_jax import configs_lib, teachers  # noqa: E402
 from tide_jax.parallel import memory, placement, sharding  # noqa: E402
-from tide_jax.train import distillation, loop, optimizer, step as step_lib  # noqa: E402
+from tide_jax.train import abstract_step, loop, optimizer  # noqa: E402
 
-# Teacher configs as published (SPEC section 6).
+# Teacher configs as published (docs/method.md, model facts).
 LLADA2_MINI = {
     "model_type": "llada2_moe",
     "vocab_size": 157184,
@@ -85,178 +91,153 @@ QWEN3_8B = {
     "tie_word_embeddings": False,
     "max_position_embeddings": 40960,
 }
-# name -> (devices, HBM bytes per device, mesh per pipeline)
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    tie_word_embeddings=True,
+)
+GIB = 2**30
+HEADROOM = 0.85
+# target -> (devices, HBM bytes per device, pipeline -> recommended mesh)
 TARGETS = {
-    "v5e-16": (16, 16 * 2**30, {"A": {"data": 1, "expert": 16}, "B": {"data": 1, "fsdp": 16}}),
-    "v5p-8": (4, 95 * 2**30, {"A": {"data": 1, "expert": 4}, "B": {"data": 1, "fsdp": 4}}),
-    "8x H100": (8, 80 * 2**30, {"A": {"data": 1, "expert": 8}, "B": {"data": 1, "fsdp": 8}}),
+    "v5e-16": (16, 16 * GIB, {"A": {"fsdp": 2, "expert": 8}, "B": {"fsdp": 16}}),
+    "v5p-8": (4, 95 * GIB, {"A": {"fsdp": 1, "expert": 4}, "B": {"fsdp": 4}}),
+    "8x H100": (8, 80 * GIB, {"A": {"fsdp": 1, "expert": 8}, "B": {"fsdp": 8}}),
 }
+MICROBATCHES = (1, 2, 4, 8, 16)
 
 
-def pipeline_config(name: str):
+def pipeline_config(name: str, sizes: dict, student_layers: int, microbatches: int):
   c = pipeline_a.get_config(None) if name == "A" else pipeline_b.get_config(None)
   c.model.init_from = ""
+  for key, value in QWEN3_06B.items():
+    c.model[key] = value
+  c.model.num_layers = student_layers
+  c.train.microbatches = microbatches
+  for axis in sharding.MESH_AXES:
+    c.mesh[axis] = sizes.get(axis, 1)
   return c
 
 
-def abstract_teacher(name: str, layers: int | None):
+def teacher_hf(name: str, layers: int | None) -> dict:
   hf = dict(LLADA2_MINI if name == "A" else QWEN3_8B)
   if layers is not None:
     hf["num_hidden_layers"] = layers
-  arch = teachers.architecture_for(hf)
-  cfg = arch.config_from_hf(hf, param_dtype="bfloat16", dtype="bfloat16")
-  graphdef, params = nnx.split(arch.abstract_model(cfg))
-  return cfg, graphdef, params
+  return hf
 
 
-def abstract_batch(c, mesh, rows: int):
-  shapes = features.Shapes(
-      int(c.data.max_len),
-      int(c.block_size),
-      int(c.data.teacher_max_len),
-      int(c.block_size),
-      c.data.alignment,
-      int(c.data.max_len),
+def compile_at(name, mesh, sizes, student_layers, teacher_layers, microbatches):
+  config = pipeline_config(name, sizes, student_layers, microbatches)
+  step = abstract_step.compile_abstract_step(config, mesh, teacher_hf(name, teacher_layers))
+  return step.memory()["temporaries"], step.counts().collective_bytes
+
+
+def exact_parts(name: str, mesh, sizes) -> dict[str, int]:
+  """Bytes per device of the full-depth student state and teacher (abstract, no compile)."""
+  config = pipeline_config(name, sizes, QWEN3_06B["num_layers"], 1)
+  model_cfg = configs_lib.student_model_config(config)
+  tx, _ = optimizer.make_optimizer(config.optim, 1000)
+  _, abstract_state, state_sh = loop.student_state_plan(config, model_cfg, tx, mesh)
+  state = placement.abstract_with_shardings(abstract_state, state_sh)
+  _, teacher_params = teachers.abstract_teacher(
+      config.teacher, teacher_hf(name, None), mesh, block_size=int(config.block_size)
   )
-  row = features.empty_row(shapes, 0, 0)
-  out = {}
-  for k, v in row.items():
-    shape = (rows,) + np.shape(v)
-    out[k] = jax.ShapeDtypeStruct(
-        shape,
-        np.asarray(v).dtype,
-        sharding=sharding.batch_sharding(mesh, sharding.STUDENT_RULES, len(shape), rows),
-    )
-  return out
-
-
-def compile_step(name: str, mesh, student_layers: int, teacher_layers: int):
-  """Compiled memory statistics of the train step at reduced depth (nothing allocated)."""
-  c = pipeline_config(name)
-  c.model.num_layers = student_layers
-  model_cfg = configs_lib.student_model_config(c)
-  tx, schedule = optimizer.make_optimizer(c.optim, 1000)
-  graphdef, abstract_state, state_sh = loop.student_state_plan(c, model_cfg, tx, mesh)
-  t_cfg, t_graphdef, t_params = abstract_teacher(name, teacher_layers)
-  t_sh = sharding.state_shardings(t_params, mesh, sharding.TEACHER_RULES)
-  family = teachers.TEACHERS[c.teacher.name]
-  plan = distillation.make_distillation(
-      c,
-      model_cfg,
-      teacher_graphdef=t_graphdef,
-      teacher_vocab=t_cfg.vocab_size,
-      teacher_mask_token_id=family.mask_token_id,
-      teacher_input_builder=family.input_builder,
-  )
-  step_fn = step_lib.make_train_step(graphdef, tx, schedule, c, 1000, plan.extra_loss, plan.mask_fn)
-  batch = abstract_batch(c, mesh, int(c.train.batch_size))
-  batch_sh = {k: v.sharding for k, v in batch.items()}
-  jitted = jax.jit(
-      step_fn,
-      in_shardings=(state_sh, batch_sh, t_sh),
-      out_shardings=(state_sh, sharding.replicated(mesh)),
-      donate_argnums=(0,),
-  )
-  compiled = jitted.lower(
-      placement.abstract_with_shardings(abstract_state, state_sh),
-      batch,
-      placement.abstract_with_shardings(t_params, t_sh),
-  ).compile()
-  return memory.memory_stats(compiled)
-
-
-def exact_parts(name: str, mesh) -> dict[str, int]:
-  c = pipeline_config(name)
-  model_cfg = configs_lib.student_model_config(c)
-  tx, _ = optimizer.make_optimizer(c.optim, 1000)
-  _, abstract_state, state_sh = loop.student_state_plan(c, model_cfg, tx, mesh)
-  with_sh = placement.abstract_with_shardings(abstract_state, state_sh)
-  _, _, t_params = abstract_teacher(name, None)
-  t_sh = sharding.state_shardings(t_params, mesh, sharding.TEACHER_RULES)
   return {
-      "params": memory.tree_bytes_per_device(with_sh.params),
-      "optimizer": memory.tree_bytes_per_device(with_sh.opt_state),
-      "teacher": memory.tree_bytes_per_device(placement.abstract_with_shardings(t_params, t_sh)),
+      "params": memory.tree_bytes_per_device(state.params),
+      "optimizer": memory.tree_bytes_per_device(state.opt_state),
+      "teacher": memory.tree_bytes_per_device(teacher_params),
   }
+
+
+def plan_row(target: str, name: str) -> dict:
+  devices, hbm, meshes = TARGETS[target]
+  sizes = meshes[name]
+  mesh = sharding.make_mesh(sizes, jax.devices()[:devices])
+  parts = exact_parts(name, mesh, sizes)
+  fixed = parts["params"] + parts["optimizer"] + parts["teacher"]
+  teacher_layers = teacher_hf(name, None)["num_hidden_layers"]
+  row = None
+  for k in MICROBATCHES:
+    t0 = time.perf_counter()
+    low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k)
+    high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k)
+    _, deep_c = compile_at(name, mesh, sizes, 2, 3, k)
+    student_layer_t = max(high_t - low_t, 0) / 2
+    temporaries = low_t + (QWEN3_06B["num_layers"] - 2) * student_layer_t
+    collectives = (
+        low_c
+        + (QWEN3_06B["num_layers"] - 2) * max(high_c - low_c, 0) / 2
+        + (teacher_layers - 2) * max(deep_c - low_c, 0)
+    )
+    total = fixed + temporaries
+    row = dict(
+        target=target,
+        pipeline=name,
+        mesh=sizes,
+        microbatches=k,
+        **parts,
+        temporaries=temporaries,
+        per_layer=student_layer_t,
+        total=total,
+        hbm=hbm,
+        collectives=collectives,
+        seconds=time.perf_counter() - t0,
+    )
+    print(
+        f"{target} {name} {sizes} k={k}: total {total / GIB:.2f} GiB of {hbm / GIB:.0f} "
+        f"({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
+    if total <= HEADROOM * hbm:
+      break
+  return row
+
+
+def mesh_text(sizes: dict) -> str:
+  return " ".join(f"{k}={v}" for k, v in sizes.items())
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="docs/benchmarks/memory_plan.md")
   parser.add_argument("--targets", default=",".join(TARGETS))
-  parser.add_argument("--teacher_layers", type=int, default=2)
   args = parser.parse_args()
-  rows = []
-  for target in args.targets.split(","):
-    n, hbm, meshes = TARGETS[target]
-    for name in ("A", "B"):
-      mesh = sharding.make_mesh(meshes[name], jax.devices()[:n])
-      t0 = time.perf_counter()
-      parts = exact_parts(name, mesh)
-      low = compile_step(name, mesh, 2, args.teacher_layers)
-      high = compile_step(name, mesh, 4, args.teacher_layers)
-      per_layer = max(high["temporaries"] - low["temporaries"], 0) // 2
-      acts = low["temporaries"] + 26 * per_layer
-      total = parts["params"] + parts["optimizer"] + parts["teacher"] + acts
-      rows.append((target, name, dict(meshes[name]), parts, per_layer, acts, total, hbm))
-      print(
-          f"{target} pipeline {name}: params {memory.gib(parts['params'])}, optimizer "
-          f"{memory.gib(parts['optimizer'])}, teacher {memory.gib(parts['teacher'])}, "
-          f"activations {memory.gib(acts)} ({memory.gib(per_layer)}/layer), total "
-          f"{memory.gib(total)} of {memory.gib(hbm)} ({time.perf_counter() - t0:.0f} s)",
-          flush=True,
-      )
-  write_table(rows, args.out)
-
-
-def write_table(rows, out: str) -> None:
+  rows = [plan_row(t, p) for t in args.targets.split(",") for p in ("A", "B")]
+  g = memory.gib
   lines = [
-      "# Memory plan per device (paper shapes)",
-      "",
-      "Produced by `python benchmarks/bench_memory_plan.py` (CPU, fake devices; see the "
-      "method in the script's docstring: parameters, optimizer and teacher are exact "
-      "shard sizes; activations are XLA temporaries of the compiled step at 2 and 4 "
-      "student layers, extrapolated linearly to 28).",
-      "",
-      "Global batch 64, student 512 tokens, teacher 1024 (A) / 768 (B, fed as [x0 ; x_t]); "
-      "student float32 master weights with bf16 compute and per-layer remat; teacher bf16.",
-      "",
-      "| target | pipeline | mesh | student params | optimizer (Adam m, v) | teacher | "
-      "activations (per layer) | total | HBM |",
-      "|---|---|---|---|---|---|---|---|---|",
+      "| target | pipeline | mesh | micro-batches | student params | optimizer (Adam m, v) "
+      "| teacher | temporaries (student per layer) | total | HBM | headroom | collectives per step |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  for target, name, mesh, parts, per_layer, acts, total, hbm in rows:
-    mesh_s = " ".join(f"{k}={v}" for k, v in mesh.items())
+  for r in rows:
     lines.append(
-        f"| {target} | {name} | {mesh_s} | {memory.gib(parts['params'])} | "
-        f"{memory.gib(parts['optimizer'])} | {memory.gib(parts['teacher'])} | "
-        f"{memory.gib(acts)} ({memory.gib(per_layer)}) | {memory.gib(total)} | "
-        f"{memory.gib(hbm)} |"
+        f"| {r['target']} | {r['pipeline']} | {mesh_text(r['mesh'])} | {r['microbatches']} | "
+        f"{g(r['params'])} | {g(r['optimizer'])} | {g(r['teacher'])} | "
+        f"{g(r['temporaries'])} ({g(r['per_layer'])}) | {g(r['total'])} | {g(r['hbm'])} | "
+        f"{100 * (1 - r['total'] / r['hbm']):.0f}% | {g(r['collectives'])} |"
     )
-  lines += [
-      "",
-      "Reading:",
-      "",
-      "- Parameters, optimizer and teacher fit everywhere. In pipeline A the student is "
-      "replicated over the expert axis (STUDENT_RULES use fsdp and tensor only): "
-      "`--config.mesh.fsdp=2 --config.mesh.expert=8` on v5e-16 halves its 6.7 GiB.",
-      "- Activations dominate, and in pipeline B they barely shrink from 16 rows per device "
-      "(v5p-8) to 4 (v5e-16): the large `[rows, length, vocab]` logits are not split "
-      "over the batch axes everywhere. The residual stream and the `[b, L, V]` logits "
-      "carry layout constraints (`tide_jax.parallel.sharding.constrain`), which did not "
-      "change this table; the flattened `[rows, vocab]` views inside the chunked loss "
-      "and distillation terms are the next place to constrain. For scale: one row's "
-      "float32 logits are 297 MiB for the "
-      "student (512 x 151,936) and, with CompDemo's doubled pass, 1.2 GiB for the "
-      "pipeline-A teacher (2 x 1024 x 157,184); a device holding 4 rows needs about 6 "
-      "GiB for them, before gradients.",
-      "- The CPU compiler's temporaries overstate what the TPU and GPU compilers (with "
-      "their memory-aware scheduling) allocate; treat that column as an upper estimate.",
-  ]
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  table = "\n".join(lines)
+  print(table)
+  command = "python benchmarks/bench_memory_plan.py " + " ".join(sys.argv[1:])
+  with open(args.out, "w") as f:
+    f.write(
+        "# Memory plan per device (paper shapes)\n\n"
+        f"Produced by `{command.strip()}` on CPU with fake devices: the training step "
+        "itself (`tide_jax.train.abstract_step`, compiled under the mesh), see the method "
+        "in the script's docstring. Parameters, optimizer and teacher are exact shard "
+        "sizes; temporaries and collectives are the CPU compiler's (an upper estimate), "
+        "at 2 and 4 student layers extrapolated to 28.\n\n"
+        "Global batch 64, student 512 tokens, teacher 1024 (A) / 768 (B, fed as "
+        "[x0 ; x_t], doubled by CompDemo in tide_shared); student float32 master weights, "
+        "bfloat16 compute, per-layer recompute; teacher bfloat16. Micro-batches: the "
+        "smallest count that leaves 15% of the HBM free.\n\n"
+        f"{table}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.bench_teachers import LLADA2_MINI  # noqa: E402
 from benchmarks.bench_teachers_report import write_section  # noqa: E402
-from tests.hlo_counts import count_hlo  # noqa: E402
+from tide_jax.parallel.hlo_counts import count_hlo  # noqa: E402
 from tide_jax.models import llada2, moe  # noqa: E402
 from tide_jax.parallel import sharding  # noqa: E402
 

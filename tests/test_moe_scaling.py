@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tests.hlo_counts import count_hlo
+from tide_jax.parallel.hlo_counts import count_hlo
 from tide_jax.models import moe
 from tide_jax.parallel import sharding
 

@@ -49,7 +49,7 @@ def test_a_multihost_run_refuses_to_convert_and_writes_nothing(tmp_path, monkeyp
   assert not os.path.exists(out)
   # One process that is allowed to (the CPU smoke run) converts on first use.
   monkeypatch.setattr(jax, "process_count", lambda: 1)
-  teacher = teachers.load_teacher(section)
+  teacher, _ = teachers.load_teacher(section)
   assert os.path.exists(os.path.join(out, streaming.MANIFEST))
   assert teacher.config.vocab_size == 97
 
@@ -69,8 +69,8 @@ def test_the_prepare_step_converts_once_then_leaves_the_checkpoint_alone(tmp_pat
   assert prepare_teacher.prepare_teacher(bd3lm, say=lines.append) == "no teacher"
   assert not os.path.exists(tmp_path / "unused")
   # Training now loads it without converting; the weights are the HF ones.
-  teacher = teachers.load_teacher(config.teacher)
-  embed = np.asarray(teacher.model(teacher.params).embed[...])
+  teacher, params = teachers.load_teacher(config.teacher)
+  embed = np.asarray(teacher.model(params).embed[...])
   reference = load_file(os.path.join(hf_dir, "model.safetensors"))["model.embed_tokens.weight"]
   np.testing.assert_allclose(embed, reference, rtol=0, atol=0)
 

@@ -122,6 +122,8 @@ def _zero_cotangent(x: Array) -> Array:
 
 def _forward(row_kernel, block_rows, student, teacher, rows, extra):
   n, block, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
+  if num_blocks == 1:
+    return row_kernel.forward(*read(0)[1:])
   shapes = jax.eval_shape(lambda k: row_kernel.forward(*read(k)[1:]), 0)
   anchor = _anchor(student, teacher, rows, extra)
   init = jax.tree.map(
@@ -143,27 +145,43 @@ def _fused(row_kernel, block_rows, student, teacher, rows, extra):
 
 
 def _fused_fwd(row_kernel, block_rows, student, teacher, rows, extra):
+  _, _, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
+  if num_blocks == 1:
+    # Every row fits in one block: the block's logits (the memory row_block allows) are
+    # kept for the backward pass instead of being projected again.
+    _, zs, zt, ex = read(0)
+    return row_kernel.forward(zs, zt, ex), (student, teacher, rows, extra, (zs, zt))
   outs = _forward(row_kernel, block_rows, student, teacher, rows, extra)
-  # The residuals are the inputs themselves: no logits, no float32 copies.
-  return outs, (student, teacher, rows, extra)
+  # Otherwise the residuals are the inputs themselves: no logits, no float32 copies.
+  return outs, (student, teacher, rows, extra, None)
+
+
+def _grads_of_block(row_kernel, student, h, zs, zt, ex, g):
+  """``(d hidden [c, E] float32, d kernel [E, V] float32)`` of one block."""
+  hidden_dtype = student.hidden.dtype
+  g_compute = row_kernel.vjp(zs, zt, ex, g).astype(hidden_dtype)  # [c, V]
+  dh = jnp.dot(g_compute, student.kernel.astype(hidden_dtype).T, preferred_element_type=jnp.float32)
+  dk = jnp.dot(h.T, g_compute, preferred_element_type=jnp.float32)
+  return dh, dk
 
 
 def _fused_bwd(row_kernel, block_rows, residuals, cotangents):
-  student, teacher, rows, extra = residuals
+  student, teacher, rows, extra, logits = residuals
   g_values = cotangents[0].astype(jnp.float32)  # stats carry no gradient
   n, block, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
+  zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
+  if logits is not None:
+    h, _, _, ex = read(0)
+    dh, dk = _grads_of_block(row_kernel, student, h, *logits, ex, g_values)
+    d_student = Projection(dh.astype(h.dtype), dk.astype(student.kernel.dtype))
+    return d_student, zeros(teacher), zeros(rows), zeros(extra)
   g_values = _pad_rows(g_values, block * num_blocks)
   hidden_dtype = student.hidden.dtype
 
   def body(k, carry):
     d_hidden, d_kernel = carry
     h, zs, zt, ex = read(k)
-    g_logits = row_kernel.vjp(zs, zt, ex, _slice(g_values, k, block))  # [c, V] float32
-    g_compute = g_logits.astype(hidden_dtype)
-    dh = jnp.dot(
-        g_compute, student.kernel.astype(hidden_dtype).T, preferred_element_type=jnp.float32
-    )
-    dk = jnp.dot(h.T, g_compute, preferred_element_type=jnp.float32)
+    dh, dk = _grads_of_block(row_kernel, student, h, zs, zt, ex, _slice(g_values, k, block))
     d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, dh.astype(hidden_dtype), k * block, 0)
     return d_hidden, d_kernel + dk
 
@@ -175,7 +193,6 @@ def _fused_bwd(row_kernel, block_rows, residuals, cotangents):
   )
   d_hidden, d_kernel = jax.lax.fori_loop(0, num_blocks, body, init)
   d_student = Projection(d_hidden[:n], d_kernel.astype(student.kernel.dtype))
-  zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
   return d_student, zeros(teacher), zeros(rows), zeros(extra)
 
 

@@ -48,8 +48,3 @@ def batch_shardings(
       k: sharding.batch_sharding(mesh, rules, np.ndim(v), np.shape(v)[0])
       for k, v in example.items()
   }
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
-  """Shardings of a train state: parameters and optimizer moments by their logical axes."""
-  return sharding.tree_shardings(abstract_state, mesh, rules)

@@ -189,17 +189,6 @@ def logical_to_spec(
   return PartitionSpec(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any]) -> nnx.State:
-  """A State of NamedShardings mirroring ``state`` (abstract or concrete) by logical axes."""
-
-  def one(var):
-    axes = var.get_metadata().get("logical_axes")
-    value = var.get_value()
-    return var.replace(value=NamedSharding(mesh, logical_to_spec(axes, rules, mesh, value.shape)))
-
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def batch_sharding(
     mesh: Mesh, rules: Mapping[str, Any], ndim: int, rows: int | None = None
 ) -> NamedSharding:
@@ -215,8 +204,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
-  """NamedShardings for any pytree holding nnx Variables (e.g. a train state).
+def state_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any]) -> Any:
+  """NamedShardings for any pytree holding nnx Variables (a model's State, a train state).
 
   Variables (parameters and the optimizer moments that mirror them) are sharded by their
   ``logical_axes``; every other leaf (step counters, RNG keys, scalars) is replicated.

@@ -5,6 +5,7 @@ from tide_jax.teachers.registry import (
     TEACHERS,
     Architecture,
     TeacherFamily,
+    abstract_teacher,
     architecture_for,
     convert_teacher,
     load_teacher,

@@ -247,16 +247,22 @@ def load_teacher(
         f"{section.checkpoint} holds a {manifest['model_type']!r} model but the "
         f"{section.name!r} teacher expects {', '.join(family.model_types)}."
     )
-  arch = architecture_for(manifest["hf_config"])
-  cfg = arch.config_from_hf(
-      manifest["hf_config"], param_dtype=manifest["param_dtype"], dtype=section.dtype
+  teacher, abstract = _describe(
+      section, family, manifest["hf_config"], manifest["param_dtype"], mesh, block_size
   )
+  model = streaming.load_converted(section.checkpoint, abstract, _shardings(abstract, mesh, rules))
+  _, params = nnx.split(model)
+  return teacher, params
+
+
+def _describe(section, family, hf_config, param_dtype, mesh, block_size):
+  """The :class:`Teacher` of a section and its abstract module (nothing allocated)."""
+  arch = architecture_for(hf_config)
+  cfg = arch.config_from_hf(hf_config, param_dtype=param_dtype, dtype=section.dtype)
   cfg = cfg.replace(remat=bool(section.remat))
   if hasattr(cfg, "moe_dispatch"):
     cfg = cfg.replace(moe_dispatch=section.moe_dispatch, expert_mesh=mesh)
   abstract = arch.abstract_model(cfg)
-  model = streaming.load_converted(section.checkpoint, abstract, _shardings(abstract, mesh, rules))
-  graphdef, params = nnx.split(model)
   mask_id = family.mask_token_id if section.mask_token_id < 0 else int(section.mask_token_id)
   if mask_id >= cfg.vocab_size:
     raise ValueError(
@@ -266,9 +272,32 @@ def load_teacher(
   teacher = Teacher(
       name=section.name,
       config=cfg,
-      graphdef=graphdef,
+      graphdef=nnx.graphdef(abstract),
       mask_token_id=mask_id,
       input_builder=family.input_builder,
       block_size=int(block_size),
   )
-  return teacher, params
+  return teacher, abstract
+
+
+def abstract_teacher(
+    section: ml_collections.ConfigDict,
+    hf_config: Mapping[str, Any],
+    mesh: Mesh | None = None,
+    rules: Mapping[str, Any] = sharding.TEACHER_RULES,
+    *,
+    block_size: int = 32,
+) -> tuple[Teacher, nnx.State]:
+  """Like :func:`load_teacher` from an HF ``config.json`` alone, with no weights: the
+  teacher and its parameters as ``ShapeDtypeStruct`` leaves carrying their shardings (for
+  compiling a step and reading its memory before any checkpoint exists)."""
+  teacher, abstract = _describe(
+      section, _family(section.name), hf_config, section.param_dtype, mesh, block_size
+  )
+  state = nnx.state(abstract)
+  if mesh is None:
+    return teacher, state
+  shardings = sharding.state_shardings(state, mesh, rules)
+  return teacher, jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+  )

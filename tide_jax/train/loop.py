@@ -65,7 +65,7 @@ def student_state_plan(config, model_cfg: DecoderConfig, tx, mesh):
   abstract_state = jax.eval_shape(
       lambda p: step_lib.create_train_state(p, tx, seed), abstract_params
   )
-  shardings = placement.state_shardings(abstract_state, mesh, sharding.STUDENT_RULES)
+  shardings = sharding.state_shardings(abstract_state, mesh, sharding.STUDENT_RULES)
   return graphdef, abstract_state, shardings
 
 

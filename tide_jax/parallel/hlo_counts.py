@@ -53,6 +53,8 @@ class HloCounts:
   dot_flops: float = 0.0  # 2 x multiply-adds of every dot
   collective_bytes: float = 0.0  # the larger of each collective's input and output
   collectives: dict = dataclasses.field(default_factory=dict)  # opcode -> bytes
+  # (opcode, result type text, bytes moved including the loop trip counts), one per op
+  collective_ops: list = dataclasses.field(default_factory=list)
   unbounded_loops: list = dataclasses.field(default_factory=list)
 
 
@@ -152,6 +154,7 @@ def count_hlo(hlo: str) -> HloCounts:
           moved = max(_bytes(t) for t in re.findall(r"\w+\[[\d,]*\]", ins.result))
         out.collective_bytes += times * moved
         out.collectives[base] = out.collectives.get(base, 0) + times * moved
+        out.collective_ops.append((base, ins.result, times * moved))
       if ins.opcode == "while":
         body = re.search(r"\bbody=%([\w.\-]+)", ins.attributes).group(1)
         known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attributes)
