@@ -60,6 +60,11 @@ def test_presets(name, alignment, term, compdemo_ratio):
         ),
         (dict(recipe="calm"), (100, 100), "chunk terms need a chunk alignment"),
         (
+            dict(recipe="custom", **{"custom.objective": "jensen_shannon", "custom.tidal": True}),
+            (100, 100),
+            "TIDAL interpolates the target of forward_kl or calm",
+        ),
+        (
             dict(recipe="custom", **{"custom.objective": "reverse_calm"}),
             (100, 100),
             "needs distill.alignment='chunks'",

@@ -38,6 +38,13 @@ def np_reverse_kl(zs, zt, T):
   return T * T * (np.exp(ls) * (ls - lt)).sum(-1)
 
 
+def np_jensen_shannon(zs, zt, T):
+  ls, lt = log_softmax64(zs / T), log_softmax64(zt / T)
+  lm = np.log((np.exp(ls) + np.exp(lt)) / 2)
+  kl = lambda a, b: (np.exp(a) * (a - b)).sum(-1)
+  return T * T * 0.5 * (kl(lt, lm) + kl(ls, lm))
+
+
 def np_lambda(p, t, l0=0.1, l1=0.9, growth="cosine", axis="both"):
   g = (1 - math.cos(math.pi * p)) / 2 if growth == "cosine" else p
   lam_train = l0 + (l1 - l0) * g
@@ -110,6 +117,28 @@ def test_kl_terms_match_float64(name, oracle, temperature, block_rows):
   expected = (w * oracle(logits64(s), logits64(t), temperature)).sum()
   np.testing.assert_allclose(loss_sum, expected, rtol=RTOL)
   assert count == w.sum()
+
+
+def test_jensen_shannon_matches_float64_value_and_gradient():
+  s, tp, w, _ = random_case(11, scale=6.0)
+  T = 2.0
+  term = lambda h, k: terms.token_term(
+      "jensen_shannon", fused.Projection(h, k), tp, w, temperature=T, block_rows=7
+  )[0]
+  value, grads = jax.value_and_grad(term, argnums=(0, 1))(s.hidden, s.kernel)
+  zs, zt = logits64(s), logits64(tp)
+  np.testing.assert_allclose(value, (w * np_jensen_shannon(zs, zt, T)).sum(), rtol=RTOL)
+  assert np.all(np_jensen_shannon(zs, zt, T) <= T * T * np.log(2) + 1e-9)
+  # Finite differences of the float64 oracle in the logits, through the chain rule.
+  eps, g_logits = 1e-6, np.zeros_like(zs)
+  for j in range(zs.shape[1]):
+    step = np.zeros_like(zs)
+    step[:, j] = eps
+    up = np_jensen_shannon(zs + step, zt, T)
+    down = np_jensen_shannon(zs - step, zt, T)
+    g_logits[:, j] = w * (up - down) / (2 * eps)
+  for got, want in zip(grads, chain_rule(s, g_logits)):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("axis", ["both", "training_only", "timestep_only"])

@@ -30,12 +30,14 @@ from tide_jax.distill import terms as terms_lib
 TOKEN_OBJECTIVES = tuple(name for name in terms_lib.TOKEN_TERMS if name != "tidal")
 CHUNK_OBJECTIVES = tuple(name for name in chunks_lib.CHUNK_OBJECTIVES if name != "chunk_tidal")
 REVERSE_OBJECTIVES = ("reverse_kl", "reverse_calm", "reverse_binary_kl")
+TIDAL_OBJECTIVES = ("forward_kl", "calm")  # TIDAL's token form and its chunk form
 ALIGNMENTS = ("positions", "chunks")
 # preset -> alignment -> (objective, tidal, compdemo)
 PRESETS = {
     "bd3lm": {"positions": (None, False, False), "chunks": (None, False, False)},
     "kl": {"positions": ("forward_kl", False, False)},
     "reverse_kl": {"positions": ("reverse_kl", False, False)},
+    "jsd": {"positions": ("jensen_shannon", False, False)},
     "tide_shared": {"positions": ("forward_kl", True, True), "chunks": ("calm", True, True)},
     "calm": {"chunks": ("calm", False, False)},
     "tide_cross": {
@@ -147,6 +149,11 @@ def validate_distill_config(
         f"TIDAL cannot be combined with the reverse objective {objective!r}: its (1 - lambda) "
         "factor suppresses the reverse objective's self-selection; use a forward objective "
         "or turn TIDAL off."
+    )
+  if tidal and objective not in TIDAL_OBJECTIVES:
+    _fail(
+        f"TIDAL interpolates the target of {' or '.join(TIDAL_OBJECTIVES)}, not of "
+        f"{objective!r}; use one of those or turn TIDAL off."
     )
   tidal_options = terms_lib.TidalOptions(
       **{k: cfg.tidal[k] for k in ("l0", "l1", "growth", "axis", "timestep_weight")}

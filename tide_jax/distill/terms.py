@@ -147,8 +147,37 @@ class Tidal:
     return t * (jnp.exp(_log_probs(zs, t)) - jnp.exp(self.target_log_probs(zs, zt, lam)))
 
 
+@dataclasses.dataclass(frozen=True)
+class JensenShannon:
+  """``T^2 JS(p_t, p_s)`` with ``m = (p_t + p_s) / 2``, symmetric and bounded by ``T^2 log 2``;
+  d/dzs = ``T/2 p_s (a - sum p_s a)``, a = log p_s - log m."""
+
+  temperature: float = 2.0
+
+  def _parts(self, zs, zt):
+    ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
+    lm = jnp.logaddexp(ls, lt) - jnp.log(2.0)
+    return ls, lt, lm
+
+  def value(self, zs, zt, lam):
+    ls, lt, lm = self._parts(zs, zt)
+    kl_t = jnp.sum(jnp.exp(lt) * (lt - lm), axis=-1)
+    kl_s = jnp.sum(jnp.exp(ls) * (ls - lm), axis=-1)
+    return self.temperature**2 * 0.5 * (kl_t + kl_s)
+
+  def grad(self, zs, zt, lam):
+    ls, _, lm = self._parts(zs, zt)
+    ps, a = jnp.exp(ls), ls - lm
+    return self.temperature * 0.5 * ps * (a - jnp.sum(ps * a, axis=-1, keepdims=True))
+
+
 # Terms by the name a recipe uses (recipes.py); each takes the temperature.
-TOKEN_TERMS = {"forward_kl": ForwardKL, "reverse_kl": ReverseKL, "tidal": Tidal}
+TOKEN_TERMS = {
+    "forward_kl": ForwardKL,
+    "reverse_kl": ReverseKL,
+    "tidal": Tidal,
+    "jensen_shannon": JensenShannon,
+}
 
 
 def _log_probs(z: Array, temperature: float) -> Array:
