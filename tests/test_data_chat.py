@@ -111,7 +111,6 @@ BAD_LINES = {
     "malformed_json": b'{"messages": [}\n',
     "missing_messages": b'{"conversation": []}\n',
     "unknown_role": b'{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
-    "empty_content": b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}\n',
     "invalid_utf8": b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n',
 }
 
