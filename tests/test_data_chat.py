@@ -63,8 +63,11 @@ def test_prompt_is_not_trained_and_response_is(corpus, tmp_path, toks, chats):
   it = make_iterator(config(corpus, tmp_path), split="train", batch_size=4, seed=0, repeat=False)
   assert it.summary["train"]["records"] == len(chats)
   qwen = toks["qwen3"]
+  # The last answer follows the empty think block; it and the end of its turn are trained.
   responses = {
-      qwen.apply_chat_template(c["messages"], tokenize=False).split("<|im_start|>assistant\n")[-1]
+      qwen.apply_chat_template(c["messages"], tokenize=False).split(
+          "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+      )[-1]
       for c in chats
   }
   seen = 0
@@ -81,7 +84,8 @@ def test_prompt_is_not_trained_and_response_is(corpus, tmp_path, toks, chats):
       seen += 1
       assert set(text[len(head) :].split("<|im_end|>")) <= {""}
     prompt = qwen.decode(ids[:n][~maskable[:n]])
-    assert prompt.startswith("<|im_start|>") and prompt.rstrip().endswith("<|im_start|>assistant")
+    assert prompt.startswith("<|im_start|>")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
   assert seen >= len(chats) // 2
 
 

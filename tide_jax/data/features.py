@@ -55,12 +55,12 @@ def build_example(
 
   Returns:
     (features, status): status is "kept", "truncated", "prompt_too_long" (features None when
-    the prompt alone leaves no room for a trained token on either side) or "no_response".
+    everything before the last answer fills the row on either side) or "no_response".
   """
-  if not student.trained.any():
-    return None, "no_response"
   if student.prompt_length >= shapes.max_len:
     return None, "prompt_too_long"
+  if not student.trained.any():
+    return None, "no_response"
   n_s = min(len(student.ids), shapes.max_len)
   truncated = n_s < len(student.ids)
   features = {}
