@@ -291,3 +291,44 @@ def test_process_pool_gives_the_same_dataset(corpus, tmp_path):
   assert {k: v for k, v in summary_one.items() if k != "seconds"} == {
       k: v for k, v in summary_two.items() if k != "seconds"
   }
+
+
+def test_huge_records_are_cut_to_the_byte_budget(tmp_path, toks, chats):
+  """A 2 MB answer or prompt costs a row's worth of work: the rendering is cut before it is
+  tokenized (counted as byte_truncated), and the kept row is exactly the row the whole
+  rendering would give."""
+  stdlib_text = "".join(c["messages"][-1]["content"] for c in corpora.stdlib_chats(200))
+  huge = (stdlib_text * (2_000_000 // len(stdlib_text) + 1))[:2_000_000]
+  long_answer = {
+      "messages": [
+          {"role": "user", "content": "Show code."},
+          {"role": "assistant", "content": huge},
+      ]
+  }
+  long_prompt = {
+      "messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+  }
+  root = tmp_path / "huge"
+  root.mkdir()
+  corpora.write_jsonl(str(root / "h.jsonl"), chats[:3] + [long_answer, long_prompt])
+  cfg = config(
+      root,
+      tmp_path / "cache",
+      train_files=[str(root / "*.jsonl")],
+      teacher_tokenizer="llama3",
+      teacher_max_len=LT,
+      alignment="chunks",
+  )
+  it = make_iterator(cfg, split="train", batch_size=4, seed=0, repeat=False)
+  summary = it.summary["train"]
+  assert summary["byte_truncated"] == 2 and summary["dropped"] == {"prompt_too_long": 1}
+  assert summary["examples"] == 4 and summary["truncated"] >= 1
+  qwen, llama = toks["qwen3"], toks["llama3"]
+  whole_s = qwen.apply_chat_template(long_answer["messages"], tokenize=False)
+  whole_t = llama.apply_chat_template(long_answer["messages"], tokenize=False)
+  want_s = qwen.encode(whole_s, add_special_tokens=False)[:L]
+  want_t = llama.encode(whole_t, add_special_tokens=False)[:LT]
+  head = qwen.encode("<|im_start|>user\nShow code.", add_special_tokens=False)
+  (row,) = [r for r in rows(it) if r["input_ids"][: len(head)].tolist() == head]
+  assert row["input_ids"].tolist() == want_s and row["teacher_input_ids"].tolist() == want_t
+  assert int(row["num_chunks"]) > 0

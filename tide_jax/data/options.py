@@ -1,19 +1,23 @@
 """The data section of a run's configuration, read once, checked, and fingerprinted.
 
-Fields of `data_config` (an ml_collections ConfigDict or any mapping; optional ones via .get):
+Fields of `data_config` (an ml_collections ConfigDict or any mapping; the run configs get
+every field from configs/common.py, the defaults below serve bare data configs):
 
 | field                 | default        | meaning                                                        |
 |-----------------------|----------------|----------------------------------------------------------------|
-| format                | "chat"         | "chat" (JSON Lines / Parquet messages) or "text" (plain files)  |
+| format                | "chat"         | "chat" (JSON Lines / Parquet records) or "text" (plain files)   |
 | train_files           | required       | list of globs; `pystdlib://` = the Python standard library      |
 | eval_files            | []             | globs; when empty, `eval_fraction` of records is held out       |
 | eval_fraction         | 0.0            | share of records (by content hash) held out for "eval"         |
 | tokenizer             | "qwen3"        | student tokenizer spec (see tokenizers.get_tokenizer)          |
 | chat_template         | None           | Jinja template overriding the student tokenizer's              |
+| template_args         | {}             | extra student chat template variables, e.g. {"enable_thinking": False} |
+| train_turns           | "last"         | "last": train the last assistant answer; "all": every answer    |
 | max_len               | 1024           | L, student row length; a multiple of block_size                |
 | block_size            | 32             | BD3LM block; sequences are EOS-padded to a multiple of it      |
 | teacher_tokenizer     | None           | set to add the teacher side and an alignment                   |
 | teacher_chat_template | None           | Jinja template overriding the teacher tokenizer's              |
+| teacher_template_args | {}             | extra teacher chat template variables                          |
 | teacher_max_len       | max_len        | Lt, teacher row length; a multiple of teacher_block_size       |
 | teacher_block_size    | block_size     | block multiple the teacher sequence is EOS-padded to           |
 | alignment             | "chunks"       | "chunks" (cross tokenizer) or "positions" (shared vocabulary)  |
@@ -33,8 +37,15 @@ import hashlib
 import json
 import os
 
+from tide_jax.data.encode import TRAIN_TURNS
 from tide_jax.data.features import Shapes
 from tide_jax.data.records import expand_files
+
+FORMATS = ("chat", "text")
+# Input files up to this size are identified by a hash of their whole content; larger ones
+# by their modification time and a hash of their first and last HASH_EDGE_BYTES.
+HASH_WHOLE_BYTES = 4 << 20
+HASH_EDGE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +70,9 @@ class DataOptions:
   max_records: int
   prepare_on: str = "first_host"
   prepare_timeout_s: float = 7200.0
+  train_turns: str = "last"
+  template_args: tuple = ()  # sorted (name, value) pairs
+  teacher_template_args: tuple = ()
 
   @property
   def shapes(self) -> Shapes:
@@ -74,18 +88,34 @@ class DataOptions:
     )
 
   def fingerprint(self) -> str:
-    """A short hash of everything that changes the prepared data (incl. the input files' sizes)."""
+    """A short hash of everything that changes the prepared data, the input files included.
+
+    A file is identified by its name and size and, up to HASH_WHOLE_BYTES, a hash of its
+    content; a larger file by its modification time and a hash of its first and last
+    HASH_EDGE_BYTES. So an edit that keeps the size prepares a new dataset too.
+    """
     content = dataclasses.asdict(self)
     for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
       content.pop(key)
     files = {}
     for key in ("train_files", "eval_files"):
-      if content[key]:
-        files[key] = [
-            (os.path.basename(p), os.path.getsize(p)) for p in expand_files(list(content[key]))
-        ]
-    blob = json.dumps([content, files], sort_keys=True).encode()
+      files[key] = [file_identity(p) for p in expand_files(list(getattr(self, key)))]
+    blob = json.dumps([content, files], sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
+
+
+def file_identity(path: str) -> list:
+  """[name, size, content hash] for a small file; [name, size, mtime, edge hash] for a large one."""
+  size = os.path.getsize(path)
+  digest = hashlib.sha1()
+  with open(path, "rb") as f:
+    if size <= HASH_WHOLE_BYTES:
+      digest.update(f.read())
+      return [os.path.basename(path), size, digest.hexdigest()]
+    digest.update(f.read(HASH_EDGE_BYTES))
+    f.seek(size - HASH_EDGE_BYTES)
+    digest.update(f.read(HASH_EDGE_BYTES))
+  return [os.path.basename(path), size, os.stat(path).st_mtime_ns, digest.hexdigest()]
 
 
 def _get(config, name, default):
@@ -97,6 +127,23 @@ def _files(value) -> tuple[str, ...]:
   if isinstance(value, str):
     return (value,) if value else ()
   return tuple(value or ())
+
+
+def _template_args(value, field: str) -> tuple:
+  """A mapping of template variables as sorted (name, value) pairs (hashable, fingerprintable)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if not isinstance(value, dict):
+    raise ValueError(
+        f"data_config.{field} must be a mapping of template variables, e.g. "
+        f"{{'enable_thinking': False}}, not {value!r}"
+    )
+  for key, item in value.items():
+    if not isinstance(item, (bool, int, float, str)):
+      raise ValueError(
+          f"data_config.{field}[{key!r}] must be a bool, number or string, not {item!r}"
+      )
+  return tuple(sorted(value.items()))
 
 
 def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
@@ -128,17 +175,27 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
       max_records=int(_get(config, "max_records", 0)),
       prepare_on=str(_get(config, "prepare_on", "first_host")),
       prepare_timeout_s=float(_get(config, "prepare_timeout_s", 7200.0)),
+      train_turns=str(_get(config, "train_turns", "last")),
+      template_args=_template_args(_get(config, "template_args", {}), "template_args"),
+      teacher_template_args=_template_args(
+          _get(config, "teacher_template_args", {}), "teacher_template_args"
+      ),
   )
   _check(options)
   return options
 
 
 def _check(o: DataOptions) -> None:
-  if o.format not in ("chat", "text"):
+  if o.format not in FORMATS:
     raise ValueError(f"data_config.format must be 'chat' or 'text', not {o.format!r}")
   if not o.train_files:
     raise ValueError(
         "data_config.train_files is empty; give a list of file globs (e.g. ['pystdlib://json/*.py'])"
+    )
+  if o.train_turns not in TRAIN_TURNS:
+    raise ValueError(
+        f"data_config.train_turns must be 'last' (the last answer) or 'all' (every answer), "
+        f"not {o.train_turns!r}"
     )
   if o.block_size <= 0 or o.max_len <= 0 or o.max_len % o.block_size:
     raise ValueError(
