@@ -53,6 +53,9 @@ def base_config() -> config_dict.ConfigDict:
   # empty think block before the final answer and in every generation prompt.
   d.template_args = {"enable_thinking": False}
   d.teacher_template_args = {"enable_thinking": False}
+  # A weighted mixture instead of train_files: [{"files": [...], "format": "chat",
+  # "weight": 1.0, "name": "..."}, ...]; see docs/data.md.
+  d.sources = []
 
   c.optim = config_dict.ConfigDict()
   o = c.optim

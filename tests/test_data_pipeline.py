@@ -70,7 +70,8 @@ def test_batch_shapes_and_masks(cfg, qwen3):
   it = make_iterator(cfg, split="train", batch_size=3, seed=0)
   assert it.seq_len == L
   for batch in take(it, 6):
-    assert set(batch) == {"input_ids", "maskable", "valid"}
+    assert set(batch) == {"input_ids", "maskable", "valid", "source"}
+    assert batch["source"].shape == (3,) and (batch["source"] == 0).all()  # the one source
     assert batch["input_ids"].shape == (3, L) and batch["input_ids"].dtype == np.int32
     assert batch["maskable"].dtype == bool and batch["valid"].dtype == bool
     for ids, maskable, valid in zip(batch["input_ids"], batch["maskable"], batch["valid"]):

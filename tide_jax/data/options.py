@@ -6,7 +6,8 @@ every field from configs/common.py, the defaults below serve bare data configs):
 | field                 | default        | meaning                                                        |
 |-----------------------|----------------|----------------------------------------------------------------|
 | format                | "chat"         | "chat" (JSON Lines / Parquet records) or "text" (plain files)   |
-| train_files           | required       | list of globs; `pystdlib://` = the Python standard library      |
+| train_files           | required*      | list of globs; `pystdlib://` = the Python standard library      |
+| sources               | []             | *instead of train_files: a weighted mixture, a list of {files, format, weight, name} (see below) |
 | eval_files            | []             | globs; when empty, `eval_fraction` of records is held out       |
 | eval_fraction         | 0.0            | share of records (by content hash) held out for "eval"         |
 | tokenizer             | "qwen3"        | student tokenizer spec (see tokenizers.get_tokenizer)          |
@@ -25,9 +26,14 @@ every field from configs/common.py, the defaults below serve bare data configs):
 | cache_dir             | ""             | where the TFDS dataset is prepared ("" = <workdir>/data_cache) |
 | strict                | False          | raise on the first bad record instead of counting it           |
 | num_workers           | 0              | preprocessing processes: 0 = auto (one per core from 20k records), 1 = in-process, n = pool of n |
-| max_records           | 0              | read at most this many records per split (0 = all)             |
+| max_records           | 0              | read at most this many records per source and split (0 = all) |
 | prepare_on            | "first_host"   | who prepares a missing dataset: "first_host" (others wait; needs a cache_dir shared by the hosts) or "every_host" (host-local cache_dir) |
 | prepare_timeout_s     | 7200           | how long other hosts wait for the first host's dataset         |
+
+A source of `sources`: `files` (globs, required), `format` (default: the `format` field),
+`weight` (default 1.0: how many times each of its examples is used per epoch, on average;
+1.0 for every source is plain concatenation) and `name` (default "source_<i>", the label of
+its counts in summaries and batches).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 
 from tide_jax.data.encode import TRAIN_TURNS
@@ -46,6 +53,16 @@ FORMATS = ("chat", "text")
 # by their modification time and a hash of their first and last HASH_EDGE_BYTES.
 HASH_WHOLE_BYTES = 4 << 20
 HASH_EDGE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One input of the training mixture."""
+
+  name: str
+  files: tuple[str, ...]
+  format: str
+  weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +90,9 @@ class DataOptions:
   train_turns: str = "last"
   template_args: tuple = ()  # sorted (name, value) pairs
   teacher_template_args: tuple = ()
+  # The training inputs: `sources` as configured, or one source of train_files / format.
+  sources: tuple[Source, ...] = ()
+  mixture: bool = False  # `sources` was configured (batches follow the weighted mixture)
 
   @property
   def shapes(self) -> Shapes:
@@ -97,9 +117,9 @@ class DataOptions:
     content = dataclasses.asdict(self)
     for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
       content.pop(key)
-    files = {}
-    for key in ("train_files", "eval_files"):
-      files[key] = [file_identity(p) for p in expand_files(list(getattr(self, key)))]
+    files = {"eval_files": [file_identity(p) for p in expand_files(list(self.eval_files))]}
+    for number, source in enumerate(self.sources):
+      files[f"source_{number}"] = [file_identity(p) for p in expand_files(list(source.files))]
     blob = json.dumps([content, files], sort_keys=True, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:12]
 
@@ -146,14 +166,53 @@ def _template_args(value, field: str) -> tuple:
   return tuple(sorted(value.items()))
 
 
+def _sources(config, fmt: str, train_files: tuple[str, ...]) -> tuple[tuple[Source, ...], bool]:
+  """The configured mixture, or one source made of train_files."""
+  configured = list(_get(config, "sources", []) or [])
+  if not configured:
+    return (Source("train", train_files, fmt),), False
+  if train_files:
+    raise ValueError(
+        "data_config.sources and data_config.train_files are both set; put every input "
+        "into sources (each {files, format, weight}) and leave train_files empty"
+    )
+  sources = []
+  for number, entry in enumerate(configured):
+    if hasattr(entry, "to_dict"):
+      entry = entry.to_dict()
+    if not isinstance(entry, dict) or not _files(entry.get("files")):
+      raise ValueError(
+          f"data_config.sources[{number}] must be a mapping with 'files' (a list of globs) and "
+          f"optionally 'format', 'weight' and 'name', not {entry!r}"
+      )
+    unknown = set(entry) - {"files", "format", "weight", "name"}
+    if unknown:
+      raise ValueError(
+          f"data_config.sources[{number}] has unknown keys {sorted(unknown)}; use files, "
+          "format, weight and name"
+      )
+    sources.append(
+        Source(
+            name=str(entry.get("name") or f"source_{number}"),
+            files=_files(entry["files"]),
+            format=str(entry.get("format") or fmt),
+            weight=float(entry.get("weight", 1.0)),
+        )
+    )
+  return tuple(sources), True
+
+
 def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
   """Reads and checks `data_config`; every problem is one ValueError naming the field and fix."""
   max_len = int(_get(config, "max_len", 1024))
   block = int(_get(config, "block_size", 32))
   teacher = _get(config, "teacher_tokenizer", None) or None
+  fmt = str(_get(config, "format", "chat"))
+  train_files = _files(_get(config, "train_files", ()))
+  sources, mixture = _sources(config, fmt, train_files)
   options = DataOptions(
-      format=str(_get(config, "format", "chat")),
-      train_files=_files(_get(config, "train_files", ())),
+      format=fmt,
+      train_files=train_files,
       eval_files=_files(_get(config, "eval_files", ())),
       eval_fraction=float(_get(config, "eval_fraction", 0.0)),
       tokenizer=str(_get(config, "tokenizer", "qwen3")),
@@ -180,6 +239,8 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
       teacher_template_args=_template_args(
           _get(config, "teacher_template_args", {}), "teacher_template_args"
       ),
+      sources=sources,
+      mixture=mixture,
   )
   _check(options)
   return options
@@ -188,10 +249,23 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
 def _check(o: DataOptions) -> None:
   if o.format not in FORMATS:
     raise ValueError(f"data_config.format must be 'chat' or 'text', not {o.format!r}")
-  if not o.train_files:
+  if not any(source.files for source in o.sources):
     raise ValueError(
-        "data_config.train_files is empty; give a list of file globs (e.g. ['pystdlib://json/*.py'])"
+        "data_config.train_files is empty; give a list of file globs (e.g. "
+        "['pystdlib://json/*.py']) or a mixture in data_config.sources"
     )
+  names = [source.name for source in o.sources]
+  for number, source in enumerate(o.sources):
+    if source.format not in FORMATS:
+      raise ValueError(
+          f"data_config.sources[{number}].format must be 'chat' or 'text', not {source.format!r}"
+      )
+    if not (math.isfinite(source.weight) and source.weight > 0):
+      raise ValueError(
+          f"data_config.sources[{number}].weight must be a positive number, not {source.weight}"
+      )
+    if names.count(source.name) > 1:
+      raise ValueError(f"data_config.sources has two sources named {source.name!r}; rename one")
   if o.train_turns not in TRAIN_TURNS:
     raise ValueError(
         f"data_config.train_turns must be 'last' (the last answer) or 'all' (every answer), "

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from tide_jax.data import encode, features as features_lib
 from tide_jax.data.options import DataOptions
 from tide_jax.data.records import ChatRecord, DataError, Problem
@@ -75,6 +77,39 @@ class Tally:
         "aligned_units": self.aligned,
         "seconds": round(self.seconds, 2),
     }
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "Tally":
+    return cls(
+        records=values["records"],
+        examples=values["examples"],
+        truncated=values["truncated"],
+        byte_truncated=values["byte_truncated"],
+        student_tokens=values["student_tokens"],
+        teacher_tokens=values["teacher_tokens"],
+        aligned=values["aligned_units"],
+        dropped=collections.Counter(values["dropped"]),
+        dropped_sources={k: list(v) for k, v in values["dropped_examples"].items()},
+        seconds=values["seconds"],
+    )
+
+  def add(self, other: "Tally") -> None:
+    """Adds another tally's counts (e.g. one source's into the split's)."""
+    for field in (
+        "records",
+        "examples",
+        "truncated",
+        "byte_truncated",
+        "student_tokens",
+        "teacher_tokens",
+        "aligned",
+        "seconds",
+    ):
+      setattr(self, field, getattr(self, field) + getattr(other, field))
+    for kind, count in other.dropped.items():
+      self.dropped[kind] += count
+      shown = self.dropped_sources.setdefault(kind, [])
+      shown.extend(other.dropped_sources.get(kind, [])[: EXAMPLES_SHOWN - len(shown)])
 
   def report(self, split: str) -> str:
     lines = [
@@ -171,16 +206,20 @@ def _count(
 
 
 def examples(items, options: DataOptions, tally: Tally):
-  """Yields (key, features) for the records and problems in `items`, updating `tally`."""
+  """Yields (key, features) for the (source id, record or problem) pairs in `items`.
+
+  Updates `tally`; each example's features carry its `source` id.
+  """
   start = time.time()
-  records = []
-  for item in items:
+  records, origins = [], []
+  for origin, item in items:
     if isinstance(item, Problem):
       if options.strict:
         raise item.error()
       tally.drop(item.kind, item.source)
       continue
     records.append(item)
+    origins.append(origin)
     if options.max_records and len(records) >= options.max_records:
       break
   tally.records += len(records)
@@ -196,6 +235,7 @@ def examples(items, options: DataOptions, tally: Tally):
     for piece, (feats, status, source, cut) in enumerate(outputs):
       _count(tally, feats, status, source, cut, options)
       if feats is not None:
+        feats["source"] = np.int32(origins[index])
         yield f"{index:010d}-{piece:05d}", feats
   tally.seconds += time.time() - start
 
