@@ -235,11 +235,14 @@ def _locate(full: str, layout: _Layout, contents: list[str]) -> list:
   return spans
 
 
-def _cut(full: str, max_bytes: int) -> tuple[str, int]:
-  """`full` cut to at most `max_bytes` UTF-8 bytes at a character boundary; (text, bytes)."""
+def _cut(full: str, max_bytes: int) -> tuple[str, int | None]:
+  """`full` cut to at most `max_bytes` UTF-8 bytes at a character boundary: (text, bytes
+  kept), or (full, None) when it fits."""
+  if not max_bytes or len(full) * 4 <= max_bytes:  # a character takes at most 4 bytes
+    return full, None
   data = full.encode("utf-8")
-  if not max_bytes or len(data) <= max_bytes:
-    return full, len(data)
+  if len(data) <= max_bytes:
+    return full, None
   cut = max_bytes
   while cut and (data[cut] & 0xC0) == 0x80:  # not inside a UTF-8 character
     cut -= 1
@@ -294,10 +297,10 @@ def encode_chat(
   trained = np.zeros(ids.shape, bool)
   for a, b in trained_ranges:
     trained |= (starts >= a) & (starts < b)
-  if kept < len(full.encode("utf-8")):
+  if kept is not None:
     spans = [None if s is None or s[0] >= kept else (s[0], min(s[1], kept), s[2]) for s in spans]
   answer_start = int(np.searchsorted(starts, answer_byte, side="left"))
-  return Side(ids, starts, ends, trained, spans, answer_start, kept < len(full.encode("utf-8")))
+  return Side(ids, starts, ends, trained, spans, answer_start, kept is not None)
 
 
 def encode_text(info: TokenizerInfo, text: str) -> Side:

