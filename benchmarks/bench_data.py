@@ -9,14 +9,20 @@ process (so "per core"):
     with another chat template) and cross-tokenizer chunks (Qwen3 student, Llama-3 teacher),
     and the share of the time spent in the alignment itself;
   - the full `prepare` (TFDS array_record writing included), in-process and with a 2-process pool;
-  - host memory per batch of the alignment arrays vs dense [L, n_chunks] boolean matrices.
+  - host memory per batch of the alignment arrays vs dense [L, n_chunks] boolean matrices;
+  - one huge record (a chat answer or prompt of --huge_mb MB, a plain-text document of that
+    size): seconds and peak memory with the per-record byte budget (chat) and the tokenizer
+    windows (text) against tokenizing the whole text, each case in a fresh process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tide_jax.data import alignment, builder, corpora, encode, features  # noqa: E402
+from tide_jax.data import alignment, builder, corpora, encode, features, preprocess  # noqa: E402
 from tide_jax.data.options import parse_options  # noqa: E402
 from tide_jax.data.records import parse_messages  # noqa: E402
 
@@ -129,13 +135,87 @@ def memory_rows(records, batch_size: int) -> list[tuple]:
   return rows
 
 
+HUGE_CASES = {
+    # case: (what is huge, bounded?)
+    "answer_whole": ("chat answer", False),
+    "answer_budget": ("chat answer", True),
+    "prompt_whole": ("chat prompt", False),
+    "prompt_budget": ("chat prompt", True),
+    "text_whole": ("plain-text document", False),
+    "text_windows": ("plain-text document", True),
+}
+
+
+def huge_case(case: str, megabytes: float, max_len: int) -> dict:
+  """One huge record through the student side (Qwen3); run in a fresh process."""
+  info = encode.tokenizer_info("qwen3")
+  source = "".join(c["messages"][-1]["content"] for c in corpora.stdlib_chats(300))
+  size = int(megabytes * 1e6)
+  text = (source * (size // len(source) + 1))[:size]
+  baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  start = time.perf_counter()
+  what, bounded = HUGE_CASES[case]
+  if what == "plain-text document":
+    window = encode.TEXT_WINDOW_CHARS if bounded else len(text) + 1
+    encode.TEXT_WINDOW_CHARS = window
+    tokens = sum(len(side.ids) for _, side in encode.split_text(info, text, max_len))
+  else:
+    messages = (
+        (("user", "Show the code."), ("assistant", text))
+        if what == "chat answer"
+        else (("user", text), ("assistant", "ok"))
+    )
+    budget = preprocess.byte_budget(info, max_len) if bounded else 0
+    tokens = len(encode.encode_chat(info, messages, max_bytes=budget).ids)
+  seconds = time.perf_counter() - start
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {
+      "seconds": seconds,
+      "tokens": tokens,
+      "peak_mib": peak / 1024,
+      "added_mib": (peak - baseline) / 1024,
+  }
+
+
+def huge_rows(megabytes: float, max_len: int) -> list[str]:
+  rows = []
+  for case, (what, bounded) in HUGE_CASES.items():
+    done = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            f"--huge_case={case}",
+            f"--huge_mb={megabytes}",
+            f"--max_len={max_len}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    how = {
+        ("plain-text document", True): "windows of 2^18 characters",
+        ("plain-text document", False): "whole text",
+    }.get((what, bounded), "byte budget" if bounded else "whole text")
+    rows.append(
+        f"| {what} | {how} | {r['tokens']} | {r['seconds']:.2f} | {r['added_mib']:.0f} | {r['peak_mib']:.0f} |"
+    )
+    print(rows[-1], flush=True)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--records", type=int, default=2000)
   parser.add_argument("--max_len", type=int, default=1024)
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--out", default="docs/benchmarks/data.md")
+  parser.add_argument("--huge_mb", type=float, default=5.0)
+  parser.add_argument("--huge_case", default="", help="internal: run one huge-record case")
   args = parser.parse_args()
+  if args.huge_case:
+    print(json.dumps(huge_case(args.huge_case, args.huge_mb, args.max_len)))
+    return
 
   chats = build_corpus(args.records)
   records = [parse_messages(c, f"bench:{i + 1}") for i, c in enumerate(chats)]
@@ -206,6 +286,19 @@ def main():
     )
     print(lines[-1], flush=True)
   lines += [
+      "",
+      f"## One huge record ({args.huge_mb:g} MB, student side, Qwen3, max_len {args.max_len})\n",
+      "Each case in a fresh process; `added` is the peak resident memory above the process's "
+      "peak before the record (the tokenizer tables), `peak` the process's peak.\n",
+      "| huge | tokenized | tokens | seconds | added MiB | peak MiB |",
+      "|---|---|---|---|---|---|",
+  ]
+  lines += huge_rows(args.huge_mb, args.max_len)
+  lines += [
+      "",
+      "With the byte budget a chat record's rendering is cut to max_len x 128 + 64 KiB bytes "
+      "before tokenizing (the kept row is the same); a plain-text document is used whole, "
+      "tokenized in windows.",
       "",
       "Shares: `encode` is rendering both chat templates and tokenizing; `alignment` is "
       "`chunk_alignment` / `position_pairs` alone; the rest is truncation and EOS padding. "

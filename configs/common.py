@@ -47,6 +47,15 @@ def base_config() -> config_dict.ConfigDict:
   d.block_size = c.get_ref("block_size")
   d.cache_dir = ""
   d.strict = False
+  # Which answers are trained: "last" (the official release's choice) or "all".
+  d.train_turns = "last"
+  # Chat template variables. Thinking disabled, as the release renders the Qwen3 format: an
+  # empty think block before the final answer and in every generation prompt.
+  d.template_args = {"enable_thinking": False}
+  d.teacher_template_args = {"enable_thinking": False}
+  # A weighted mixture instead of train_files: [{"files": [...], "format": "chat",
+  # "weight": 1.0, "name": "..."}, ...]; see docs/data.md.
+  d.sources = []
 
   c.optim = config_dict.ConfigDict()
   o = c.optim

@@ -63,8 +63,11 @@ def test_prompt_is_not_trained_and_response_is(corpus, tmp_path, toks, chats):
   it = make_iterator(config(corpus, tmp_path), split="train", batch_size=4, seed=0, repeat=False)
   assert it.summary["train"]["records"] == len(chats)
   qwen = toks["qwen3"]
+  # The last answer follows the empty think block; it and the end of its turn are trained.
   responses = {
-      qwen.apply_chat_template(c["messages"], tokenize=False).split("<|im_start|>assistant\n")[-1]
+      qwen.apply_chat_template(c["messages"], tokenize=False).split(
+          "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+      )[-1]
       for c in chats
   }
   seen = 0
@@ -81,7 +84,8 @@ def test_prompt_is_not_trained_and_response_is(corpus, tmp_path, toks, chats):
       seen += 1
       assert set(text[len(head) :].split("<|im_end|>")) <= {""}
     prompt = qwen.decode(ids[:n][~maskable[:n]])
-    assert prompt.startswith("<|im_start|>") and prompt.rstrip().endswith("<|im_start|>assistant")
+    assert prompt.startswith("<|im_start|>")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
   assert seen >= len(chats) // 2
 
 
@@ -111,7 +115,6 @@ BAD_LINES = {
     "malformed_json": b'{"messages": [}\n',
     "missing_messages": b'{"conversation": []}\n',
     "unknown_role": b'{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}\n',
-    "empty_content": b'{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}\n',
     "invalid_utf8": b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n',
 }
 
@@ -285,6 +288,50 @@ def test_process_pool_gives_the_same_dataset(corpus, tmp_path):
   for a, b in zip(one, two):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
-  assert {k: v for k, v in summary_one.items() if k != "seconds"} == {
-      k: v for k, v in summary_two.items() if k != "seconds"
+
+  def counts(summary):
+    out = {k: v for k, v in summary.items() if k not in ("seconds", "sources")}
+    return out, {name: counts(s)[0] for name, s in summary.get("sources", {}).items()}
+
+  assert counts(summary_one) == counts(summary_two)
+
+
+def test_huge_records_are_cut_to_the_byte_budget(tmp_path, toks, chats):
+  """A 2 MB answer or prompt costs a row's worth of work: the rendering is cut before it is
+  tokenized (counted as byte_truncated), and the kept row is exactly the row the whole
+  rendering would give."""
+  stdlib_text = "".join(c["messages"][-1]["content"] for c in corpora.stdlib_chats(200))
+  huge = (stdlib_text * (2_000_000 // len(stdlib_text) + 1))[:2_000_000]
+  long_answer = {
+      "messages": [
+          {"role": "user", "content": "Show code."},
+          {"role": "assistant", "content": huge},
+      ]
   }
+  long_prompt = {
+      "messages": [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]
+  }
+  root = tmp_path / "huge"
+  root.mkdir()
+  corpora.write_jsonl(str(root / "h.jsonl"), chats[:3] + [long_answer, long_prompt])
+  cfg = config(
+      root,
+      tmp_path / "cache",
+      train_files=[str(root / "*.jsonl")],
+      teacher_tokenizer="llama3",
+      teacher_max_len=LT,
+      alignment="chunks",
+  )
+  it = make_iterator(cfg, split="train", batch_size=4, seed=0, repeat=False)
+  summary = it.summary["train"]
+  assert summary["byte_truncated"] == 2 and summary["dropped"] == {"prompt_too_long": 1}
+  assert summary["examples"] == 4 and summary["truncated"] >= 1
+  qwen, llama = toks["qwen3"], toks["llama3"]
+  whole_s = qwen.apply_chat_template(long_answer["messages"], tokenize=False)
+  whole_t = llama.apply_chat_template(long_answer["messages"], tokenize=False)
+  want_s = qwen.encode(whole_s, add_special_tokens=False)[:L]
+  want_t = llama.encode(whole_t, add_special_tokens=False)[:LT]
+  head = qwen.encode("<|im_start|>user\nShow code.", add_special_tokens=False)
+  (row,) = [r for r in rows(it) if r["input_ids"][: len(head)].tolist() == head]
+  assert row["input_ids"].tolist() == want_s and row["teacher_input_ids"].tolist() == want_t
+  assert int(row["num_chunks"]) > 0

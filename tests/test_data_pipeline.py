@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sysconfig
 
 import ml_collections
@@ -69,7 +70,8 @@ def test_batch_shapes_and_masks(cfg, qwen3):
   it = make_iterator(cfg, split="train", batch_size=3, seed=0)
   assert it.seq_len == L
   for batch in take(it, 6):
-    assert set(batch) == {"input_ids", "maskable", "valid"}
+    assert set(batch) == {"input_ids", "maskable", "valid", "source"}
+    assert batch["source"].shape == (3,) and (batch["source"] == 0).all()  # the one source
     assert batch["input_ids"].shape == (3, L) and batch["input_ids"].dtype == np.int32
     assert batch["maskable"].dtype == bool and batch["valid"].dtype == bool
     for ids, maskable, valid in zip(batch["input_ids"], batch["maskable"], batch["valid"]):
@@ -204,3 +206,73 @@ def test_other_hosts_wait_for_the_first_hosts_dataset(corpus, tmp_path):
   first = make_iterator(c, split="train", batch_size=2, seed=0, process_index=0, process_count=2)
   second = make_iterator(c, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
   assert first.num_records == second.num_records
+
+
+def _first_rows(cfg, tmp):
+  it = make_iterator(cfg, split="train", batch_size=1, seed=0, repeat=False)
+  return sorted(r.tobytes() for b in it for r, v in zip(b["input_ids"], b["valid"]) if v.any())
+
+
+def test_same_size_edit_prepares_a_new_dataset(tmp_path):
+  """The cache is keyed by the files' content, not only their names and sizes."""
+  data = tmp_path / "data"
+  data.mkdir()
+  doc = data / "doc.txt"
+  doc.write_text("alpha beta gamma delta\n" * 20, encoding="utf-8")
+  cfg = config(data, tmp_path / "cache")
+  before = _first_rows(cfg, tmp_path)
+  stat = os.stat(doc)
+  doc.write_text("omega beta gamma delta\n" * 20, encoding="utf-8")  # same size
+  os.utime(doc, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
+  assert os.path.getsize(doc) == stat.st_size
+  after = _first_rows(cfg, tmp_path)
+  assert after != before
+  qwen = get_tokenizer("qwen3")
+  assert qwen.decode(np.frombuffer(after[0], np.int32)).startswith("omega")
+
+
+def test_large_files_are_keyed_by_modification_time_and_edges(tmp_path, monkeypatch):
+  from tide_jax.data import options
+
+  monkeypatch.setattr(options, "HASH_WHOLE_BYTES", 100)
+  monkeypatch.setattr(options, "HASH_EDGE_BYTES", 10)
+  path = tmp_path / "big.txt"
+  path.write_bytes(b"x" * 50 + b"middle" + b"y" * 50)
+  first = options.file_identity(str(path))
+  stat = os.stat(path)
+  path.write_bytes(b"x" * 50 + b"MIDDLE" + b"y" * 50)  # an edit between the hashed edges
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+  assert options.file_identity(str(path)) != first
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert options.file_identity(str(path)) == first  # mtime and edges are what identify it
+  path.write_bytes(b"X" * 50 + b"MIDDLE" + b"y" * 50)  # an edit inside the first edge
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert options.file_identity(str(path)) != first
+
+
+def test_long_documents_are_tokenized_in_windows_with_the_same_tokens(qwen3, monkeypatch):
+  """The tokenizer sees at most a window of a long document at a time (bounded memory), and
+  the tokens are exactly those of the whole document."""
+  from tide_jax.data import encode
+
+  info = encode.tokenizer_info("qwen3")
+  stdlib = sysconfig.get_paths()["stdlib"]
+  text = "".join(open(os.path.join(stdlib, n), encoding="utf-8").read() for n in STDLIB_FILES)
+  monkeypatch.setattr(encode, "TEXT_WINDOW_CHARS", 4000)
+  windows = encode.text_windows(text, window_chars=4000)
+  assert len(windows) > 10 and "".join(windows) == text
+  for window, after in zip(windows, windows[1:]):
+    # Cut after a newline, before a printable ASCII character; within the window's size
+    # unless the window held no such line start.
+    assert window.endswith("\n") and "!" <= after[0] <= "~"
+    assert len(window) <= 4000 or re.search(r"\n(?=[!-~])", window[:4001]) is None
+  calls = []
+  original = encode.tokenize_with_offsets
+  monkeypatch.setattr(
+      encode, "tokenize_with_offsets", lambda i, t: calls.append(len(t)) or original(i, t)
+  )
+  pieces = encode.split_text(info, text, max_tokens=64)
+  assert len(calls) == len(windows)
+  whole = qwen3.encode(text, add_special_tokens=False)
+  assert np.concatenate([side.ids for _, side in pieces]).tolist() == whole
+  assert "".join(piece for piece, _ in pieces) == text

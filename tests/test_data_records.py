@@ -1,10 +1,14 @@
 """Record readers: every malformed input becomes a named, located Problem (no tokenizer needed)."""
 
+import codecs
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tide_jax.data.records import ChatRecord, Problem, TextRecord, parse_messages, read_file, record_hash
+from tests import data_layouts
 
 
 def kinds(items):
@@ -25,15 +29,8 @@ def kinds(items):
             {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
             "unknown_role",
         ),
-        (
-            {
-                "messages": [
-                    {"role": "user", "content": "\n\t "},
-                    {"role": "assistant", "content": "y"},
-                ]
-            },
-            "empty_content",
-        ),
+        ({"instruction": "q", "output": 3}, "bad_message"),
+        ({"instruction": "q"}, "missing_messages"),
     ],
 )
 def test_parse_messages_problems(obj, kind):
@@ -103,3 +100,48 @@ def test_record_hash_depends_on_content_only():
       {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}, "x:1"
   )
   assert record_hash(a) == record_hash(b) != record_hash(c)
+
+
+def test_empty_messages_keep_the_record():
+  """An empty system prompt (or any empty message) is rendered as such, not a reason to drop."""
+  record = parse_messages(
+      {
+          "messages": [
+              {"role": "system", "content": ""},
+              {"role": "user", "content": "  "},
+              {"role": "assistant", "content": "ok"},
+          ]
+      },
+      "f.jsonl:1",
+  )
+  assert isinstance(record, ChatRecord)
+  assert record.messages == (("system", ""), ("user", "  "), ("assistant", "ok"))
+
+
+@pytest.mark.parametrize("layout", sorted(data_layouts.SCHEMAS))
+def test_published_layouts_are_read(layout, tmp_path):
+  path = data_layouts.write_layout(layout, tmp_path / f"{layout}.parquet")
+  items = list(read_file(path, "chat"))
+  assert all(isinstance(i, ChatRecord) for i in items), [getattr(i, "message", i) for i in items]
+  assert [i.messages for i in items] == data_layouts.expected_messages(layout)
+  assert [i.source.rsplit(":", 1)[-1] for i in items] == [
+      f"row {n}" for n in range(1, len(items) + 1)
+  ]
+
+
+def test_opencoder_layout_in_json_lines(tmp_path):
+  rows = data_layouts.ROWS["opc_sft_stage2"]
+  (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  (record,) = read_file(str(tmp_path / "x.jsonl"), "chat")
+  assert record.messages == data_layouts.expected_messages("opc_sft_stage2")[0]
+
+
+def test_byte_order_mark_does_not_drop_the_first_record(tmp_path):
+  line = (
+      b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+  )
+  (tmp_path / "bom.jsonl").write_bytes(codecs.BOM_UTF8 + line + line)
+  assert kinds(read_file(str(tmp_path / "bom.jsonl"), "chat")) == [("ok", ""), ("ok", "")]
+  (tmp_path / "bom.txt").write_bytes(codecs.BOM_UTF8 + "text".encode())
+  (record,) = read_file(str(tmp_path / "bom.txt"), "text")
+  assert record.text == "text"

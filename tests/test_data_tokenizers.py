@@ -104,9 +104,10 @@ def test_random_unicode_matches_reference_and_bytes(text, qwen3, llama3, referen
   import unicodedata
 
   for spec, tok in (("qwen3", qwen3), ("llama3", llama3)):
-    # The reference Qwen encoder knows only 3 of Qwen3's 26 added tokens; Llama's is ordinary.
+    # The reference Qwen encoder knows only 3 of Qwen3's 26 added tokens and Llama's
+    # (encode_ordinary) none, while ours match added tokens in text: compare plain text only.
     added = [t.content for t in tok.backend_tokenizer.get_added_tokens_decoder().values()]
-    if spec == "qwen3" and any(a in text for a in added):
+    if any(a in text for a in added):
       continue
     ids = tok.encode(text, add_special_tokens=False)
     assert ids == references[spec](text)
@@ -136,9 +137,15 @@ def test_chat_templates_render(qwen3, llama3):
       {"role": "user", "content": "Hi"},
       {"role": "assistant", "content": " Hello!"},
   ]
+  # Qwen3 with thinking disabled: the final answer follows an empty think block, and so
+  # does the generation prompt.
   assert qwen3.apply_chat_template(messages, tokenize=False) == (
       "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-      "<|im_start|>assistant\n Hello!<|im_end|>\n"
+      "<|im_start|>assistant\n<think>\n\n</think>\n\n Hello!<|im_end|>\n"
+  )
+  assert qwen3.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True) == (
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+      "<|im_start|>assistant\n<think>\n\n</think>\n\n"
   )
   assert llama3.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True) == (
       "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"

@@ -113,7 +113,9 @@ def test_completion_post_processing(problems):
 def test_chat_prompt_uses_the_students_template(problems):
   tok = get_tokenizer("qwen3")
   text = humaneval.chat_prompt(tok, problems["HumanEval/3"])
-  assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+  # The Qwen3 format with thinking disabled: the prompt ends in an empty think block.
+  assert text.startswith("<|im_start|>user\n")
+  assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
   assert problems["HumanEval/3"]["prompt"] in text
 
 

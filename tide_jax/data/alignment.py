@@ -1,7 +1,7 @@
 """Alignments between a student and a teacher tokenization of the same content.
 
 Both work message by message on content spans: byte ranges, one per message, that hold the
-same text on both sides (see `encode.Side`). Only tokens lying entirely inside a span take
+same text on both sides (see `encode.Side` and `matched_spans`). Only tokens lying entirely inside a span take
 part, so template tokens (and tokens merged across a template boundary) are never aligned.
 
 - `chunk_alignment` (different tokenizers): the finest common coarsening of the two byte
@@ -26,18 +26,25 @@ def _inside(starts: np.ndarray, ends: np.ndarray, span: tuple[int, int]) -> np.n
 
 
 def matched_spans(student, teacher) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-  """Per message, the (student span, teacher span) holding identical text.
+  """Per message rendered on both sides, the (student span, teacher span) of identical text.
 
-  The exact content where both renderings contain it; otherwise (a template trimmed it)
-  the whitespace-trimmed content on both sides.
+  Each side holds the message's content from some byte on (a template may trim whitespace
+  off either end); the pair covers the part of the content both sides hold.
   """
   pairs = []
-  for s_exact, s_trim, t_exact, t_trim in zip(
-      student.spans, student.trimmed_spans, teacher.spans, teacher.trimmed_spans
-  ):
-    pairs.append(
-        (s_exact, t_exact) if s_exact is not None and t_exact is not None else (s_trim, t_trim)
-    )
+  for s_span, t_span in zip(student.spans, teacher.spans):
+    if s_span is None or t_span is None:
+      continue
+    (s_start, s_end, s_from), (t_start, t_end, t_from) = s_span, t_span
+    first = max(s_from, t_from)
+    last = min(s_from + s_end - s_start, t_from + t_end - t_start)
+    if last > first:
+      pairs.append(
+          (
+              (s_start + first - s_from, s_start + last - s_from),
+              (t_start + first - t_from, t_start + last - t_from),
+          )
+      )
   return pairs
 
 

@@ -1,8 +1,11 @@
 """The TFDS dataset (array_record files, no TensorFlow needed) holding preprocessed examples.
 
 One builder config per data fingerprint, so changing the tokenizer, lengths or input files
-prepares a new dataset next to the old one instead of reading stale data. The split
-summaries (kept, truncated, dropped by reason) are written into the dataset's metadata.
+prepares a new dataset next to the old one instead of reading stale data. Each training
+source is its own split (`train_0`, `train_1`, ...: the mixture reads them side by side);
+held-out records of all sources form the `eval` split. The summaries (kept, truncated,
+dropped by reason; for "train" in total and per source) are written into the dataset's
+metadata.
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ class TideSftConfig(tfds.core.BuilderConfig):
 def _feature_spec(options: DataOptions) -> dict:
   ints = lambda: tfds.features.Tensor(shape=(None,), dtype=np.int32)  # noqa: E731
   bools = lambda: tfds.features.Tensor(shape=(None,), dtype=np.bool_)  # noqa: E731
-  spec = {"input_ids": ints(), "maskable": bools()}
+  spec = {
+      "input_ids": ints(),
+      "maskable": bools(),
+      "source": tfds.features.Tensor(shape=(), dtype=np.int32),
+  }
   if options.teacher_tokenizer:
     spec.update(teacher_input_ids=ints(), teacher_maskable=bools())
     if options.alignment == "positions":
@@ -41,8 +48,14 @@ def _feature_spec(options: DataOptions) -> dict:
   return spec
 
 
+def train_splits(options: DataOptions) -> tuple[str, ...]:
+  """The stored training splits, one per source, in source order."""
+  return tuple(f"train_{number}" for number in range(len(options.sources)))
+
+
 def splits_of(options: DataOptions) -> tuple[str, ...]:
-  """ "train", plus "eval" when eval files or an eval fraction are configured."""
+  """The splits a caller may ask for: "train", plus "eval" when eval files or an eval
+  fraction are configured."""
   return ("train", "eval") if options.eval_files or options.eval_fraction > 0 else ("train",)
 
 
@@ -52,18 +65,27 @@ def in_eval(item, fraction: float) -> bool:
 
 
 def split_items(options: DataOptions, split: str):
-  """The records and problems belonging to `split` ("train" or "eval")."""
+  """(source id, record or problem) pairs of a stored split ("train_<i>" or "eval").
+
+  eval_files records have source id -1.
+  """
   if split == "eval" and options.eval_files:
-    yield from records.read_records(records.expand_files(list(options.eval_files)), options.format)
+    for item in records.read_records(
+        records.expand_files(list(options.eval_files)), options.format
+    ):
+      yield -1, item
     return
   holdout = 0.0 if options.eval_files else options.eval_fraction
-  for item in records.read_records(records.expand_files(list(options.train_files)), options.format):
-    # Problems belong to the train split's report only, so each is counted once.
-    if isinstance(item, records.Problem):
-      if split == "train":
-        yield item
-    elif (split == "eval") == in_eval(item, holdout):
-      yield item
+  numbers = range(len(options.sources)) if split == "eval" else [int(split.split("_")[1])]
+  for number in numbers:
+    source = options.sources[number]
+    for item in records.read_records(records.expand_files(list(source.files)), source.format):
+      # Problems belong to the train split's report only, so each is counted once.
+      if isinstance(item, records.Problem):
+        if split != "eval":
+          yield number, item
+      elif (split == "eval") == in_eval(item, holdout):
+        yield number, item
 
 
 class TideSft(tfds.core.GeneratorBasedBuilder):
@@ -90,22 +112,38 @@ class TideSft(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {
-        split: self._generate_examples(split) for split in splits_of(self.builder_config.options)
-    }
+    options = self.builder_config.options
+    splits = train_splits(options) + (("eval",) if "eval" in splits_of(options) else ())
+    return {split: self._generate_examples(split) for split in splits}
 
   def _generate_examples(self, split):
     options = self.builder_config.options
     tally = preprocess.Tally()
     yield from preprocess.examples(split_items(options, split), options, tally)
     summary = self.info.metadata.setdefault("summary", {})
-    summary[split] = tally.as_dict()
-    print(tally.report(split), flush=True)
+    if split == "eval":
+      summary["eval"] = tally.as_dict()
+      print(tally.report("eval"), flush=True)
+      if not tally.examples:
+        raise ValueError(
+            "the 'eval' split got no examples (see the summary above); add data, "
+            "fix the inputs, or change eval_fraction/eval_files"
+        )
+      return
+    source = options.sources[int(split.split("_")[1])]
+    print(tally.report(f"train, source {source.name!r}"), flush=True)
     if not tally.examples:
       raise ValueError(
-          f"the {split!r} split got no examples (see the summary above); add data, "
-          "fix the inputs, or change eval_fraction/eval_files"
+          f"the training source {source.name!r} got no examples (see the summary above); "
+          "add data or fix its inputs"
       )
+    # "train": the totals over the sources, and each source's own counts.
+    per_source = dict(summary.get("train", {}).get("sources", {}))
+    per_source[source.name] = tally.as_dict()
+    total = preprocess.Tally()
+    for counts in per_source.values():
+      total.add(preprocess.Tally.from_dict(counts))
+    summary["train"] = {**total.as_dict(), "sources": per_source}
 
 
 def make_builder(options: DataOptions) -> TideSft:

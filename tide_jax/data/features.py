@@ -2,12 +2,14 @@
 
 Stored (variable length, what the TFDS dataset holds per example):
   input_ids [m] int32, maskable [m] bool       m = content tokens EOS-padded to a block multiple
+  source [] int32                               index of the input source (data_config.sources; -1: eval_files)
   teacher_input_ids [mt], teacher_maskable [mt] (when a teacher is configured)
   pair_student [p], pair_teacher [p] int32      (alignment "positions")
   student_chunk [m], teacher_chunk [mt] int32, num_chunks [] int32   (alignment "chunks")
 
 Fixed-shape rows (what batches hold), with L = max_len, Lt = teacher_max_len, P = max_pairs:
   input_ids [L] (pad id after m), maskable [L], valid [L] (True on the first m positions),
+  source [] (-1 for a fill row),
   teacher_* [Lt] likewise, pair_* [P] (-1 padding) and pair_count [], chunks [L]/[Lt] (-1 padding).
 """
 
@@ -55,12 +57,12 @@ def build_example(
 
   Returns:
     (features, status): status is "kept", "truncated", "prompt_too_long" (features None when
-    the prompt alone leaves no room for a trained token on either side) or "no_response".
+    everything before the last answer fills the row on either side) or "no_response".
   """
-  if not student.trained.any():
-    return None, "no_response"
   if student.prompt_length >= shapes.max_len:
     return None, "prompt_too_long"
+  if not student.trained.any():
+    return None, "no_response"
   n_s = min(len(student.ids), shapes.max_len)
   truncated = n_s < len(student.ids)
   features = {}
@@ -127,6 +129,7 @@ def empty_row(shapes: Shapes, s_pad: int, t_pad: int = 0) -> dict:
       "input_ids": np.full(shapes.max_len, s_pad, np.int32),
       "maskable": np.zeros(shapes.max_len, bool),
       "valid": np.zeros(shapes.max_len, bool),
+      "source": np.int32(-1),
   }
   if shapes.teacher_max_len:
     lt = shapes.teacher_max_len
@@ -157,6 +160,7 @@ def to_row(stored: dict, shapes: Shapes, s_pad: int, t_pad: int = 0) -> dict:
   row["input_ids"][:m] = stored["input_ids"]
   row["maskable"][:m] = stored["maskable"]
   row["valid"][:m] = True
+  row["source"] = np.int32(stored["source"])
   if shapes.teacher_max_len:
     mt = len(stored["teacher_input_ids"])
     row["teacher_input_ids"][:mt] = stored["teacher_input_ids"]

@@ -5,13 +5,17 @@ P takes the records at positions p, p + P, p + 2P, ... of it, so hosts are disjo
 together cover the epoch. Batches run on across epoch boundaries (no record is skipped),
 and the iterator's position is (epoch, offset into this host's share), which `get_state`
 returns as a JSON-serialisable dict and `set_state` restores exactly.
+
+With `data_config.sources` the training epoch is a weighted mixture of the sources instead
+(`mixture.MixtureOrder`), sharded across hosts the same way. Every row carries the index of
+its source (`source`, -1 for a fill row); `source_names` names them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tide_jax.data import builder as builder_lib, features
+from tide_jax.data import builder as builder_lib, features, mixture
 from tide_jax.data.encode import tokenizer_info
 from tide_jax.data.options import parse_options
 
@@ -24,8 +28,9 @@ class BatchIterator:
   Attributes:
     seq_len: L, the student row length.
     teacher_seq_len: Lt (0 without a teacher).
-    num_records: examples in the split (all hosts).
+    num_records: rows per epoch (all hosts): the split's examples, or the mixture's rows.
     summary: the dataset's preprocessing summary (from its metadata).
+    source_names: the name of each source id of the `source` batch key.
   """
 
   def __init__(
@@ -40,6 +45,8 @@ class BatchIterator:
       pad_ids: tuple[int, int],
       repeat: bool = True,
       summary: dict | None = None,
+      epoch_order=None,
+      source_names: tuple[str, ...] = (),
   ):
     if not 0 <= process_index < process_count:
       raise ValueError(
@@ -56,8 +63,11 @@ class BatchIterator:
     self._repeat = repeat
     self.seq_len = shapes.max_len
     self.teacher_seq_len = shapes.teacher_max_len
-    self.num_records = len(source)
+    # epoch_order(epoch) -> the epoch's record indices (a mixture); None: a permutation of all.
+    self._epoch_order = epoch_order
+    self.num_records = len(epoch_order) if epoch_order is not None else len(source)
     self.summary = summary or {}
+    self.source_names = tuple(source_names)
     if self.num_records < process_count:
       raise ValueError(
           f"the split has {self.num_records} examples, fewer than process_count={process_count}; add data or lower eval_fraction"
@@ -66,8 +76,11 @@ class BatchIterator:
     self._order = None  # this host's share of the current epoch's permutation
 
   def _share(self, epoch: int) -> np.ndarray:
-    rng = np.random.default_rng([self.seed, epoch])
-    return rng.permutation(self.num_records)[self.process_index :: self.process_count]
+    if self._epoch_order is not None:
+      order = self._epoch_order(epoch)
+    else:
+      order = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+    return order[self.process_index :: self.process_count]
 
   def _next_index(self) -> int | None:
     if self._order is None:
@@ -99,8 +112,19 @@ class BatchIterator:
     rows += [features.empty_row(self._shapes, *self._pad_ids)] * (self.batch_size - len(rows))
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
+  def source_counts(self, batch: dict) -> dict[str, int]:
+    """Rows of `batch` per source name (fill rows not counted): what a run logs per step."""
+    counts = np.bincount(batch["source"][batch["source"] >= 0], minlength=len(self.source_names))
+    return {name: int(count) for name, count in zip(self.source_names, counts)}
+
+  def _mixture(self) -> list | None:
+    if not isinstance(self._epoch_order, mixture.MixtureOrder):
+      return None
+    order = self._epoch_order
+    return [[n, w, r] for n, w, r in zip(order.sizes, order.weights, order.rows)]
+
   def get_state(self) -> dict:
-    return {
+    state = {
         "version": STATE_VERSION,
         "epoch": self._epoch,
         "offset": self._offset,
@@ -109,6 +133,9 @@ class BatchIterator:
         "process_count": self.process_count,
         "num_records": self.num_records,
     }
+    if self._mixture() is not None:
+      state["mixture"] = self._mixture()  # [examples, weight, rows per epoch] per source
+    return state
 
   def set_state(self, state: dict) -> None:
     expected = {
@@ -117,6 +144,8 @@ class BatchIterator:
         "process_count": self.process_count,
         "num_records": self.num_records,
     }
+    if self._mixture() is not None:
+      expected["mixture"] = self._mixture()
     for key, value in expected.items():
       if state.get(key) != value:
         raise ValueError(
@@ -159,7 +188,12 @@ def make_iterator(
     builder = builder_lib.prepare(options)
   else:
     builder = builder_lib.wait_until_prepared(options)
-  source = builder.as_data_source(split=split)
+  if split == "train":
+    source = mixture.ConcatSource(
+        builder.as_data_source(split=name) for name in builder_lib.train_splits(options)
+    )
+  else:
+    source = builder.as_data_source(split=split)
   if len(source) == 0:
     raise ValueError(
         f"the {split!r} split has no examples; see the preprocessing summary and "
@@ -172,6 +206,9 @@ def make_iterator(
       else 0
   )
   summary = dict(builder.info.metadata).get("summary", {})
+  order = None
+  if split == "train" and options.mixture:
+    order = mixture.MixtureOrder(source.sizes, [s.weight for s in options.sources], seed)
   return BatchIterator(
       source,
       options.shapes,
@@ -182,4 +219,6 @@ def make_iterator(
       pad_ids=(s_pad, t_pad),
       repeat=repeat,
       summary=summary,
+      epoch_order=order,
+      source_names=tuple(s.name for s in options.sources),
   )

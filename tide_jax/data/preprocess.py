@@ -4,6 +4,10 @@
 with what was kept, truncated and dropped (by reason, with the first few sources), so that
 nothing is lost silently. In strict mode the first bad record raises a `DataError` naming
 its file and line.
+
+The work per chat record is bounded: its rendering is cut to `byte_budget` bytes before it
+is tokenized (enough for every token a row can keep), so one huge record costs no more than
+a row's worth of text; such records are counted as `byte_truncated`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from tide_jax.data import encode, features as features_lib
 from tide_jax.data.options import DataOptions
-from tide_jax.data.records import ChatRecord, DataError, Problem, TextRecord
+from tide_jax.data.records import ChatRecord, DataError, Problem
+from tide_jax.data.templates import TemplateError
 
 # With num_workers = 0 (auto) a pool is used from this many records on. Measured (see
 # docs/benchmarks/data.md): one process prepares ~550-1800 examples/s, while each spawned
@@ -26,15 +33,24 @@ from tide_jax.data.records import ChatRecord, DataError, Problem, TextRecord
 # below ~10^4 records.
 POOL_MIN_RECORDS = 20000
 EXAMPLES_SHOWN = 3
+# Bytes a rendering keeps beyond the longest text its kept tokens can cover, so that the
+# cut (and the different tokens a cut pre-token may give) lies past the row's last token.
+BYTE_MARGIN = 1 << 16
+
+
+def byte_budget(info: encode.TokenizerInfo, max_tokens: int) -> int:
+  """Bytes of a rendering that certainly hold its first `max_tokens` tokens."""
+  return max_tokens * info.max_token_bytes + BYTE_MARGIN
 
 
 @dataclasses.dataclass
 class Tally:
-  """Counts of one split's preprocessing; `as_dict` goes into the dataset's metadata."""
+  """Counts of one split's (or one source's) preprocessing; `as_dict` goes into the metadata."""
 
   records: int = 0
   examples: int = 0
   truncated: int = 0
+  byte_truncated: int = 0  # records whose rendering was cut to the byte budget
   student_tokens: int = 0
   teacher_tokens: int = 0
   aligned: int = 0  # chunks or pairs over all examples
@@ -53,6 +69,7 @@ class Tally:
         "records": self.records,
         "examples": self.examples,
         "truncated": self.truncated,
+        "byte_truncated": self.byte_truncated,
         "dropped": dict(self.dropped),
         "dropped_examples": self.dropped_sources,
         "student_tokens": self.student_tokens,
@@ -61,10 +78,44 @@ class Tally:
         "seconds": round(self.seconds, 2),
     }
 
+  @classmethod
+  def from_dict(cls, values: dict) -> "Tally":
+    return cls(
+        records=values["records"],
+        examples=values["examples"],
+        truncated=values["truncated"],
+        byte_truncated=values["byte_truncated"],
+        student_tokens=values["student_tokens"],
+        teacher_tokens=values["teacher_tokens"],
+        aligned=values["aligned_units"],
+        dropped=collections.Counter(values["dropped"]),
+        dropped_sources={k: list(v) for k, v in values["dropped_examples"].items()},
+        seconds=values["seconds"],
+    )
+
+  def add(self, other: "Tally") -> None:
+    """Adds another tally's counts (e.g. one source's into the split's)."""
+    for field in (
+        "records",
+        "examples",
+        "truncated",
+        "byte_truncated",
+        "student_tokens",
+        "teacher_tokens",
+        "aligned",
+        "seconds",
+    ):
+      setattr(self, field, getattr(self, field) + getattr(other, field))
+    for kind, count in other.dropped.items():
+      self.dropped[kind] += count
+      shown = self.dropped_sources.setdefault(kind, [])
+      shown.extend(other.dropped_sources.get(kind, [])[: EXAMPLES_SHOWN - len(shown)])
+
   def report(self, split: str) -> str:
     lines = [
         f"[{split}] records read {self.records}, examples kept {self.examples} "
-        f"(truncated {self.truncated}), dropped {sum(self.dropped.values())}, "
+        f"(truncated {self.truncated}, cut to the byte budget {self.byte_truncated}), "
+        f"dropped {sum(self.dropped.values())}, "
         f"student tokens {self.student_tokens}, teacher tokens {self.teacher_tokens}, "
         f"aligned chunks/pairs {self.aligned}, {self.seconds:.1f}s"
     ]
@@ -83,15 +134,34 @@ def _infos(options: DataOptions):
   return student, teacher
 
 
-def process_record(item, options: DataOptions) -> list[tuple[dict | None, str, str]]:
-  """One record -> [(features or None, status, source)]; plain text may give several pieces."""
+def process_record(item, options: DataOptions) -> list[tuple[dict | None, str, str, bool]]:
+  """One record -> [(features or None, status, source, byte_truncated)]; plain text may give
+  several pieces."""
   s_info, t_info = _infos(options)
   shapes = options.shapes
   try:
     if isinstance(item, ChatRecord):
-      student = encode.encode_chat(s_info, item.messages)
-      teacher = encode.encode_chat(t_info, item.messages) if t_info else None
-      return [(*features_lib.build_example(student, s_info, shapes, teacher, t_info), item.source)]
+      student = encode.encode_chat(
+          s_info,
+          item.messages,
+          options.template_args,
+          options.train_turns,
+          byte_budget(s_info, options.max_len),
+      )
+      teacher = (
+          encode.encode_chat(
+              t_info,
+              item.messages,
+              options.teacher_template_args,
+              options.train_turns,
+              byte_budget(t_info, options.teacher_max_len),
+          )
+          if t_info
+          else None
+      )
+      cut = student.byte_truncated or (teacher is not None and teacher.byte_truncated)
+      feats, status = features_lib.build_example(student, s_info, shapes, teacher, t_info)
+      return [(feats, status, item.source, cut)]
     out = []
     for number, (text, student) in enumerate(
         encode.split_text(s_info, item.text, options.max_len), start=1
@@ -101,11 +171,12 @@ def process_record(item, options: DataOptions) -> list[tuple[dict | None, str, s
           (
               *features_lib.build_example(student, s_info, shapes, teacher, t_info),
               f"{item.source}#{number}",
+              False,
           )
       )
     return out
-  except encode.TemplateError as err:
-    return [(None, f"template_error: {err}", item.source)]
+  except (TemplateError, encode.OffsetError) as err:
+    return [(None, f"{err.kind}: {err}", item.source, False)]
 
 
 def _worker(args):
@@ -114,8 +185,9 @@ def _worker(args):
 
 
 def _count(
-    tally: Tally, feats: dict | None, status: str, source: str, options: DataOptions
+    tally: Tally, feats: dict | None, status: str, source: str, cut: bool, options: DataOptions
 ) -> None:
+  tally.byte_truncated += cut
   if feats is None:
     kind = status.split(":")[0]
     if options.strict:
@@ -134,16 +206,20 @@ def _count(
 
 
 def examples(items, options: DataOptions, tally: Tally):
-  """Yields (key, features) for the records and problems in `items`, updating `tally`."""
+  """Yields (key, features) for the (source id, record or problem) pairs in `items`.
+
+  Updates `tally`; each example's features carry its `source` id.
+  """
   start = time.time()
-  records = []
-  for item in items:
+  records, origins = [], []
+  for origin, item in items:
     if isinstance(item, Problem):
       if options.strict:
         raise item.error()
       tally.drop(item.kind, item.source)
       continue
     records.append(item)
+    origins.append(origin)
     if options.max_records and len(records) >= options.max_records:
       break
   tally.records += len(records)
@@ -156,9 +232,10 @@ def examples(items, options: DataOptions, tally: Tally):
   else:
     results = ((i, process_record(r, options)) for i, r in enumerate(records))
   for index, outputs in results:
-    for piece, (feats, status, source) in enumerate(outputs):
-      _count(tally, feats, status, source, options)
+    for piece, (feats, status, source, cut) in enumerate(outputs):
+      _count(tally, feats, status, source, cut, options)
       if feats is not None:
+        feats["source"] = np.int32(origins[index])
         yield f"{index:010d}-{piece:05d}", feats
   tally.seconds += time.time() - start
 

@@ -2,8 +2,12 @@
 
 Two formats:
 - "text": each file is one document (UTF-8); it becomes one `TextRecord`.
-- "chat": JSON Lines (one `{"messages": [{"role", "content"}, ...]}` object per line) or
-  Parquet (a `messages` column of lists of {role, content} structs); each row is a `ChatRecord`.
+- "chat": JSON Lines (one object per line) or Parquet files; each record (line or row) is a
+  `ChatRecord`, in either of the published layouts of the paper's SFT sources:
+  - `messages`: a list of {role, content} (Tulu-3 SFT mixture, SmolTalk); other fields
+    (`id`, `source`) are ignored;
+  - `instruction` and `output` strings (OpenCoder SFT stage 1 and 2): a user turn and the
+    assistant's answer; other fields (`tag`, `code`, `entry_point`, `testcase`) are ignored.
 
 Readers yield records and `Problem`s in file order; a `Problem` names the file and line (or row)
 and says what is wrong, so the caller can count it, report it, or raise it in strict mode.
@@ -11,6 +15,7 @@ and says what is wrong, so the caller can count it, report it, or raise it in st
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
@@ -22,6 +27,9 @@ from typing import Iterator, Union
 
 STDLIB_PREFIX = "pystdlib://"
 ROLES = ("system", "user", "assistant")
+# Parquet columns a chat record may be read from (see the module docstring).
+CHAT_COLUMNS = ("messages", "instruction", "output")
+PARQUET_BATCH_ROWS = 1024
 
 
 class DataError(ValueError):
@@ -116,7 +124,7 @@ def read_text_file(path: str) -> Iterator[Item]:
   if not data.strip():
     yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or give it content")
     return
-  text, problem = _decode_utf8(data, name)
+  text, problem = _decode_utf8(data.removeprefix(codecs.BOM_UTF8), name)
   if problem is not None:
     yield problem
     return
@@ -124,12 +132,27 @@ def read_text_file(path: str) -> Iterator[Item]:
 
 
 def parse_messages(obj, source: str) -> Union[ChatRecord, Problem]:
-  """Validates one decoded JSON/Parquet row into a ChatRecord (or says what is wrong)."""
+  """Validates one decoded JSON/Parquet record, in either layout, into a ChatRecord.
+
+  Empty contents (e.g. an empty system prompt) are kept: the template renders them as such.
+  """
+  if isinstance(obj, dict) and "messages" not in obj and "instruction" in obj and "output" in obj:
+    if not isinstance(obj["instruction"], str) or not isinstance(obj["output"], str):
+      return Problem(
+          "bad_message", source, '"instruction" and "output" must be strings (OpenCoder layout)'
+      )
+    obj = {
+        "messages": [
+            {"role": "user", "content": obj["instruction"]},
+            {"role": "assistant", "content": obj["output"]},
+        ]
+    }
   if not isinstance(obj, dict) or "messages" not in obj:
     return Problem(
         "missing_messages",
         source,
-        'the record has no "messages" field; each record must be {"messages": [{"role": ..., "content": ...}, ...]}',
+        'the record has neither "messages" (a list of {"role", "content"}: the Tulu-3 / '
+        'SmolTalk layout) nor "instruction" and "output" (the OpenCoder SFT layout)',
     )
   messages = obj["messages"]
   if not isinstance(messages, (list, tuple)) or not messages:
@@ -153,12 +176,6 @@ def parse_messages(obj, source: str) -> Union[ChatRecord, Problem]:
       return Problem(
           "unknown_role", source, f"message {i} has unknown role {role!r}; use one of {ROLES}"
       )
-    if not content.strip():
-      return Problem(
-          "empty_content",
-          source,
-          f"message {i} ({role}) has empty content; drop the message or fill it",
-      )
     parsed.append((role, unicodedata.normalize("NFC", content)))
   if not any(role == "assistant" for role, _ in parsed):
     return Problem(
@@ -170,59 +187,74 @@ def parse_messages(obj, source: str) -> Union[ChatRecord, Problem]:
 
 
 def read_jsonl_file(path: str) -> Iterator[Item]:
-  """Yields a ChatRecord or Problem per non-blank line of a JSON Lines file."""
+  """Yields a ChatRecord or Problem per non-blank line of a JSON Lines file (read line by line).
+
+  A UTF-8 byte order mark before the first line is skipped.
+  """
   name = display_name(path)
+  seen = False
   with open(path, "rb") as f:
-    data = f.read()
-  if not data.strip():
+    for number, raw in enumerate(f, start=1):
+      if number == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+      if not raw.strip():
+        continue
+      seen = True
+      source = f"{name}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as err:
+        yield Problem(
+            "invalid_utf8",
+            source,
+            f"byte {err.start} of the line is not valid UTF-8; re-encode the file as UTF-8",
+        )
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as err:
+        yield Problem(
+            "malformed_json",
+            source,
+            f"the line is not valid JSON ({err.msg} at column {err.colno}); fix or remove it",
+        )
+        continue
+      yield parse_messages(obj, source)
+  if not seen:
     yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or add records")
-    return
-  for number, raw in enumerate(data.split(b"\n"), start=1):
-    if not raw.strip():
-      continue
-    source = f"{name}:{number}"
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-      yield Problem(
-          "invalid_utf8",
-          source,
-          f"byte {err.start} of the line is not valid UTF-8; re-encode the file as UTF-8",
-      )
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as err:
-      yield Problem(
-          "malformed_json",
-          source,
-          f"the line is not valid JSON ({err.msg} at column {err.colno}); fix or remove it",
-      )
-      continue
-    yield parse_messages(obj, source)
 
 
 def read_parquet_file(path: str) -> Iterator[Item]:
-  """Yields a ChatRecord or Problem per row of a Parquet file with a `messages` column."""
-  import pyarrow.parquet as pq
+  """Yields a ChatRecord or Problem per row of a Parquet file (read in row batches).
+
+  The rows need a `messages` column, or `instruction` and `output` columns.
+  """
+  import pyarrow.parquet as pq  # imported lazily: only Parquet inputs need it
 
   name = display_name(path)
-  table = pq.read_table(path)
-  if table.num_rows == 0:
+  table = pq.ParquetFile(path)
+  rows = table.metadata.num_rows
+  if rows == 0:
     yield Problem(
         "empty_file", f"{name}:row 1", "the Parquet file has no rows; remove it or add records"
     )
     return
-  if "messages" not in table.column_names:
-    for row in range(table.num_rows):
+  names = table.schema_arrow.names
+  columns = [c for c in CHAT_COLUMNS if c in names]
+  if "messages" not in columns and not {"instruction", "output"} <= set(columns):
+    for row in range(rows):
       yield Problem(
           "missing_messages",
           f"{name}:row {row + 1}",
-          f'the table has no "messages" column (columns: {table.column_names})',
+          f'the table has neither a "messages" column nor "instruction" and "output" columns '
+          f"(columns: {names})",
       )
     return
-  for row, messages in enumerate(table.column("messages").to_pylist(), start=1):
-    yield parse_messages({"messages": messages}, f"{name}:row {row}")
+  row = 0
+  for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+    for record in batch.to_pylist():
+      row += 1
+      yield parse_messages(record, f"{name}:row {row}")
 
 
 def read_file(path: str, fmt: str) -> Iterator[Item]:

