@@ -132,3 +132,13 @@ def local_iterator_state(
       process_count=process_count,
   )
   return state
+
+
+def sum_over_hosts(counts: Mapping[str, int]) -> dict[str, int]:
+  """Per-name integer counts summed over every process (each host counts its own rows)."""
+  names = sorted(counts)
+  mine = np.asarray([counts[n] for n in names], np.int64)
+  if jax.process_count() == 1:
+    return {n: int(c) for n, c in zip(names, mine)}
+  every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(names))
+  return {n: int(c) for n, c in zip(names, every.sum(axis=0))}

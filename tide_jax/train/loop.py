@@ -344,9 +344,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   save_every_s = 60.0 * float(config.train.checkpoint_every_minutes)
   with preemption.PreemptionGuard(check_every, save_every_s) as guard:
     for step in range(start_step + 1, min(stop_at, num_steps) + 1):
-      batch = to_global(next(train_iter))
-      state, step_metrics = train_step(state, batch, teacher_params)
+      local = next(train_iter)
+      state, step_metrics = train_step(state, to_global(local), teacher_params)
       host = metrics_lib.to_python(jax.device_get(step_metrics))
+      if len(train_iter.source_names) > 1:  # a mixture: rows of each source in this step
+        rows = host_data.sum_over_hosts(train_iter.source_counts(local))
+        host.update({f"rows/{name}": count for name, count in rows.items()})
       step_lib.check_finite(step, host)
       progress.add_tokens(tokens_per_step)
       last_metrics = host
