@@ -18,6 +18,7 @@ from flax import nnx
 from tide_jax import configs_lib
 from tide_jax.data import records
 from tide_jax.diffusion import sampler
+from tide_jax.eval import harness
 from tide_jax.train import checkpoint, optimizer, step as step_lib
 
 
@@ -171,6 +172,9 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     )
     out["humaneval"] = he["summary"]
     print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+  if config.eval.tasks:
+    cfg = sampler_config(config, tokenizer)
+    out["lm_eval"] = harness.run_config_tasks(config, workdir, model, tokenizer, cfg, step)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
   return out
 
