@@ -92,10 +92,12 @@ def test_reliability_figure(tmp_path):
       num_masked=np.array([10, 50, 90]),
   )
   fig = plot.reliability_figure(curve, tidal_lambda=0.9 * (1.0 - curve.t))
-  acc_ax, nll_ax = fig.axes
+  acc_ax, nll_ax, weight_ax = fig.axes
   assert acc_ax.get_xlabel() == nll_ax.get_xlabel() == "masking ratio t"
   assert acc_ax.get_ylabel() == "fraction of masked tokens"
+  assert weight_ax.get_ylabel() == "TIDAL teacher weight" and weight_ax.get_ylim() == (0.0, 1.0)
   assert nll_ax.get_ylabel() == "nats per masked token"
+  np.testing.assert_allclose(weight_ax.get_lines()[0].get_ydata(), 0.9 * (1.0 - curve.t))
   legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
   assert legend == ["teacher top-1 accuracy", "TIDAL teacher weight"]
   np.testing.assert_allclose(nll_ax.get_lines()[0].get_ydata(), curve.nll)

@@ -86,18 +86,25 @@ def reliability_figure(curve, tidal_lambda=None) -> Figure:
     curve: a :class:`tide_jax.eval.reliability.ReliabilityCurve` (``t``, ``accuracy``,
       ``nll`` arrays of the same length).
     tidal_lambda: optional ``[len(t)]`` weights TIDAL gives the teacher at these t (at the
-      end of training), drawn on the accuracy axis for comparison.
+      end of training), drawn on a second y axis of the accuracy panel for comparison.
   """
   fig = Figure(figsize=(9.0, 3.8), dpi=120, layout="constrained")
   acc_ax, nll_ax = fig.subplots(1, 2)
-  acc_ax.plot(curve.t, curve.accuracy, marker="o", color="C0", label="teacher top-1 accuracy")
-  if tidal_lambda is not None:
-    acc_ax.plot(curve.t, tidal_lambda, linestyle="--", color="C3", label="TIDAL teacher weight")
-  acc_ax.set_xlabel("masking ratio t")
+  lines = acc_ax.plot(
+      curve.t, curve.accuracy, marker="o", color="C0", label="teacher top-1 accuracy"
+  )
   acc_ax.set_ylabel("fraction of masked tokens")
+  if tidal_lambda is not None:
+    # Its own axis: a briefly trained teacher's accuracy is far below TIDAL's 0..1 weights.
+    weight_ax = acc_ax.twinx()
+    lines += weight_ax.plot(
+        curve.t, tidal_lambda, linestyle="--", color="C3", label="TIDAL teacher weight"
+    )
+    weight_ax.set_ylabel("TIDAL teacher weight")
+    weight_ax.set_ylim(0.0, 1.0)
+  acc_ax.set_xlabel("masking ratio t")
   acc_ax.set_title("How often the teacher is right")
-  acc_ax.set_ylim(0.0, 1.0)
-  acc_ax.legend()
+  acc_ax.legend(lines, [line.get_label() for line in lines])
   nll_ax.plot(curve.t, curve.nll, marker="o", color="C1", label="teacher NLL")
   nll_ax.set_xlabel("masking ratio t")
   nll_ax.set_ylabel("nats per masked token")
