@@ -174,7 +174,8 @@ class BlockDiffusionLM(LM):
     """Token ids of context and continuation, split where encoding them together splits.
 
     Trailing spaces of the context move to the continuation (where tokenizers attach
-    them); an empty context becomes the EOS token, the document separator in training.
+    them); an empty context becomes the EOS token, as the harness's HF models use their
+    end-of-text token, since the bound and the sampler need at least one context token.
     """
     spaces = len(context) - len(context.rstrip())
     if spaces:
