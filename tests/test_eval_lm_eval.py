@@ -201,7 +201,13 @@ def test_loglikelihood_is_the_conditional_diffusion_bound(lm):
   assert len(lm._encode(text)) > 2 * lm.rolling_window
   (rolling,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", text)])
   result = bpb.bits_per_byte(
-      lm.model, lm.tokenizer, [text], block_size=32, max_len=64, mask_token_id=151669
+      lm.model,
+      lm.tokenizer,
+      [text],
+      block_size=32,
+      max_len=64,
+      mask_token_id=151669,
+      grid=lm.bound.grid,
   )
   assert result.num_windows == 3
   np.testing.assert_allclose(-rolling, result.total_bits * np.log(2.0), rtol=1e-6)
