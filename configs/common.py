@@ -96,7 +96,9 @@ def base_config() -> config_dict.ConfigDict:
   c.mesh.num_devices = 0  # 0 = every device; n = the first n (single process only)
 
   c.sampler = config_dict.ConfigDict()  # --mode=sample and HumanEval
-  c.sampler.steps_per_block = c.get_ref("block_size")  # one token per step (the paper)
+  # One token per step (the paper): follows block_size unless set. A derived reference
+  # (`* 1`), so that setting steps_per_block never writes through to block_size.
+  c.sampler.steps_per_block = c.get_ref("block_size") * 1
   c.sampler.max_new_tokens = 256
   c.sampler.temperature = 0.0
   c.sampler.order = "low_confidence"
@@ -110,4 +112,12 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.humaneval = False
   c.eval.humaneval_samples = 1
   c.eval.humaneval_tasks = config_dict.placeholder(list)
+  # lm-evaluation-harness tasks for --mode=eval (docs/eval.md), comma-separated like the
+  # harness's --tasks: e.g. "gsm8k,hellaswag". Empty = none.
+  c.eval.tasks = ""
+  c.eval.task_paths = ""  # comma-separated directories of extra YAML tasks
+  c.eval.num_fewshot = -1  # -1 = each task's own default
+  c.eval.limit = 0  # documents per task; 0 = all
+  c.eval.chat_template = False  # render the harness's prompts with the chat template
+  c.eval.batch_size = 8  # prompts per sampler call and rows per likelihood evaluation
   return c

@@ -17,7 +17,7 @@ from flax import nnx
 
 from tide_jax import configs_lib
 from tide_jax.diffusion import sampler
-from tide_jax.eval import bpb, export, humaneval, sample_cli
+from tide_jax.eval import bpb, export, harness, humaneval, sample_cli
 from tide_jax.models import dense
 from tide_jax.train import checkpoint, loop, optimizer, step as step_lib
 
@@ -111,6 +111,9 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     )
     out["humaneval"] = he["summary"]
     print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+  if config.eval.tasks:
+    cfg = sampler_config(config, tokenizer)
+    out["lm_eval"] = harness.run_config_tasks(config, workdir, model, tokenizer, cfg, step)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
   return out
 
