@@ -6,20 +6,33 @@ source is its own split (`train_0`, `train_1`, ...: the mixture reads them side 
 held-out records of all sources form the `eval` split. The summaries (kept, truncated,
 dropped by reason; for "train" in total and per source) are written into the dataset's
 metadata.
+
+TFDS writes the array_record files with local file writes, so a dataset whose `cache_dir` is
+remote (`gs://`) is prepared under a local staging directory and then uploaded, its
+`dataset_info.json` last: a dataset that looks prepared is complete. It is read from `gs://`
+directly (array_record's reader has a GCS client).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from tide_jax.data import preprocess, records
 from tide_jax.data.options import DataOptions
 
 HASH_BUCKETS = 1_000_000
+# Written last by an upload, in this order: TFDS sees a dataset as prepared once both exist.
+_INFO_FILES = ("features.json", "dataset_info.json")
+_COPY_PIECE = 64 << 20  # bytes per read while uploading; bounds the copy's memory
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,14 +164,66 @@ def make_builder(options: DataOptions) -> TideSft:
   return TideSft(config=config, data_dir=options.cache_dir, file_format="array_record")
 
 
-def prepare(options: DataOptions) -> TideSft:
-  """Prepares the dataset if it is not there yet (idempotent) and returns its builder."""
+def is_remote(path: str) -> bool:
+  """Whether `path` names a remote filesystem (`scheme://...`) rather than local disk."""
+  return "://" in path
+
+
+def upload(local_dir: str, remote_dir: str, say: Callable[[str], None] = print) -> None:
+  """Copies a prepared dataset's files to `remote_dir`; last the two TFDS looks for.
+
+  A file already there with the same size is not copied again (a re-run after an
+  interrupted upload copies only what is missing).
+  """
+  target = epath.Path(remote_dir)
+  target.mkdir(parents=True, exist_ok=True)
+  rank = lambda name: (_INFO_FILES.index(name) + 1 if name in _INFO_FILES else 0, name)  # noqa: E731
+  for name in sorted(os.listdir(local_dir), key=rank):
+    local = os.path.join(local_dir, name)
+    if not os.path.isfile(local):
+      continue
+    remote = target / name
+    size = os.path.getsize(local)
+    if name not in _INFO_FILES and remote.exists() and remote.stat().length == size:
+      continue
+    say(f"uploading {name} ({size / 1e6:.1f} MB) -> {remote}")
+    with open(local, "rb") as reader, remote.open("wb") as writer:
+      shutil.copyfileobj(reader, writer, _COPY_PIECE)
+
+
+def prepare(options: DataOptions, stage_root: str | None = None) -> TideSft:
+  """Prepares the dataset if it is not there yet (idempotent) and returns its builder.
+
+  Args:
+    options: the data options; the dataset goes under `options.cache_dir`.
+    stage_root: for a remote `cache_dir`, the local directory the dataset is prepared in
+      before the upload (default: a temporary directory, removed afterwards). A staged
+      dataset that is complete is uploaded without being prepared again.
+  """
   builder = make_builder(options)
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    return builder
+  if not is_remote(options.cache_dir):
     print(f"preparing dataset in {builder.data_dir} ...", flush=True)
     builder.download_and_prepare()
-    builder = make_builder(options)  # re-read the written info, metadata included
-  return builder
+    return make_builder(options)  # re-read the written info, metadata included
+  temporary = None
+  if stage_root is None:
+    temporary = stage_root = tempfile.mkdtemp(prefix="tide_data_")
+  try:
+    # The same fingerprint (cache_dir is not part of it), so the same folder names.
+    staged = make_builder(dataclasses.replace(options, cache_dir=stage_root))
+    if not staged.is_prepared():
+      print(
+          f"preparing dataset in {staged.data_dir} (to upload to {builder.data_dir}) ...",
+          flush=True,
+      )
+      staged.download_and_prepare()
+    upload(staged.data_dir, builder.data_dir)
+  finally:
+    if temporary is not None:
+      shutil.rmtree(temporary, ignore_errors=True)
+  return make_builder(options)
 
 
 def wait_until_prepared(options: DataOptions, poll_s: float = 10.0) -> TideSft:
