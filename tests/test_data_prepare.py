@@ -14,6 +14,7 @@ import ml_collections
 import pytest
 
 from tests.test_gcs_checkpoint import BUCKET, gcs  # noqa: F401 (the storage emulator fixture)
+from tide_jax.data import prepare as data_prepare
 from tide_jax.data.pipeline import make_iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,7 @@ STDLIB_FILES = ("json/encoder.py", "json/decoder.py", "json/scanner.py", "textwr
 READER = """
 import hashlib, json, sys
 import ml_collections
+from tide_jax.data import prepare as data_prepare
 from tide_jax.data.pipeline import make_iterator
 values, index, count, batches = json.loads(sys.argv[1])
 it = make_iterator(ml_collections.ConfigDict(values), split="train", batch_size=2, seed=4,
@@ -122,3 +124,36 @@ def test_a_gs_cache_dir_is_prepared_on_local_disk_uploaded_and_read_from_gs(
   again = subprocess.run(cmd, cwd=REPO, env=gcs["env"], capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "preparing" not in again.stdout and "uploading" not in again.stdout
+
+
+def test_a_multihost_run_refuses_to_prepare_and_the_step_prepares_once(corpus, tmp_path):
+  cache = tmp_path / "cache"
+  config = ml_collections.ConfigDict(data_values(corpus, cache))
+  # Neither host of two prepares (the first one used to, while the others waited on it).
+  for index in (0, 1):
+    with pytest.raises(
+        ValueError, match="the hosts of a multi-host run do not prepare it .* launch/prepare.sh"
+    ):
+      make_iterator(
+          config, split="train", batch_size=2, seed=0, process_index=index, process_count=2
+      )
+  assert not cache.exists() or not any(cache.rglob("*.array_record*"))
+  # The explicit step prepares it once; then every host reads the same dataset.
+  summary = data_prepare.run(config, None)
+  hosts = [
+      make_iterator(config, split="train", batch_size=2, seed=0, process_index=p, process_count=2)
+      for p in (0, 1)
+  ]
+  assert hosts[0].num_records == hosts[1].num_records == summary["train"]["examples"] > 8
+  # With host-local caches each host prepares its own copy on first use; a shared gs://
+  # cache_dir cannot be host-local.
+  own = ml_collections.ConfigDict(
+      dict(data_values(corpus, tmp_path / "host_1"), prepare_on="every_host")
+  )
+  mine = make_iterator(own, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
+  assert mine.num_records == hosts[1].num_records
+  shared = ml_collections.ConfigDict(
+      dict(data_values(corpus, f"gs://{BUCKET}/x"), prepare_on="every_host")
+  )
+  with pytest.raises(ValueError, match="is shared by the hosts; use a host-local cache_dir"):
+    make_iterator(shared, split="train", batch_size=2, seed=0, process_index=1, process_count=2)

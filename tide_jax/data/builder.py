@@ -19,7 +19,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
 from typing import Callable
 
 import numpy as np
@@ -226,17 +225,20 @@ def prepare(options: DataOptions, stage_root: str | None = None) -> TideSft:
   return make_builder(options)
 
 
-def wait_until_prepared(options: DataOptions, poll_s: float = 10.0) -> TideSft:
-  """For hosts other than the first: waits for the first host to prepare the shared dataset."""
-  deadline = time.time() + options.prepare_timeout_s
-  while True:
-    builder = make_builder(options)
-    if builder.is_prepared():
-      return builder
-    if time.time() > deadline:
-      raise ValueError(
-          f"the dataset in {options.cache_dir} was not prepared by the first host within "
-          f"{options.prepare_timeout_s:.0f}s; give all hosts a shared data_config.cache_dir, run "
-          "`python -m tide_jax.data.prepare` before the job, or set data_config.prepare_on='every_host'"
-      )
-    time.sleep(poll_s)
+def require_prepared(options: DataOptions) -> TideSft:
+  """The builder of a dataset that must already be prepared (a multi-host run's hosts).
+
+  Several hosts preparing on first use would all write the same dataset at once, so a
+  multi-host run reads only what the explicit step (`python -m tide_jax.data.prepare`,
+  run by launch/prepare.sh on one host) prepared.
+  """
+  builder = make_builder(options)
+  if not builder.is_prepared():
+    raise ValueError(
+        f"the dataset {builder.data_dir} is not prepared, and the hosts of a multi-host run "
+        "do not prepare it (they would all write it at once): prepare it once, on one host, "
+        "with `bash launch/prepare.sh CONFIG WORKDIR [overrides]` (or `python -m "
+        "tide_jax.data.prepare --config=CONFIG --workdir=WORKDIR`) and the training run's "
+        "config, overrides and input files (files over 4 MiB count with their modification times)"
+    )
+  return builder

@@ -167,7 +167,11 @@ def make_iterator(
     workdir_cache: str | None = None,
     repeat: bool = True,
 ) -> BatchIterator:
-  """Prepares the dataset if needed and returns a batch iterator over `split` ("train"/"eval").
+  """Returns a batch iterator over `split` ("train"/"eval") of the prepared dataset.
+
+  A single process prepares a missing dataset on first use, and so does every host with
+  `prepare_on="every_host"` (host-local cache_dir); the hosts of a multi-host run otherwise
+  refuse to start without the dataset the explicit step prepared (`builder.require_prepared`).
 
   Args:
     data_config: the data section of the config (fields in options.py).
@@ -184,10 +188,10 @@ def make_iterator(
     raise ValueError(
         "there is no 'eval' split: set data_config.eval_files or a positive data_config.eval_fraction"
     )
-  if process_index == 0 or options.prepare_on == "every_host":
-    builder = builder_lib.prepare(options)
+  if process_count > 1 and options.prepare_on == "first_host":
+    builder = builder_lib.require_prepared(options)  # prepared by the explicit step
   else:
-    builder = builder_lib.wait_until_prepared(options)
+    builder = builder_lib.prepare(options)
   if split == "train":
     source = mixture.ConcatSource(
         builder.as_data_source(split=name) for name in builder_lib.train_splits(options)
