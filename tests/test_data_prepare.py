@@ -157,3 +157,9 @@ def test_a_multihost_run_refuses_to_prepare_and_the_step_prepares_once(corpus, t
   )
   with pytest.raises(ValueError, match="is shared by the hosts; use a host-local cache_dir"):
     make_iterator(shared, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
+
+
+def test_the_step_without_a_cache_dir_asks_for_the_runs_workdir(corpus):
+  config = ml_collections.ConfigDict(data_values(corpus, ""))
+  with pytest.raises(ValueError, match="launch/prepare.sh CONFIG WORKDIR"):
+    data_prepare.run(config, None)

@@ -276,7 +276,8 @@ def _check(o: DataOptions) -> None:
     raise ValueError(f"data_config.eval_fraction must be in [0, 1), not {o.eval_fraction}")
   if not o.cache_dir:
     raise ValueError(
-        "data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir"
+        "data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir, "
+        "or give the run's workdir (--workdir=DIR, or `launch/prepare.sh CONFIG WORKDIR`)"
     )
   if o.prepare_on not in ("first_host", "every_host"):
     raise ValueError(
