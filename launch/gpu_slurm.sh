@@ -21,10 +21,11 @@
 # holding the submitted script (from `scontrol show job`, or TIDE_REPO), and a relative
 # CONFIG is looked up in the submission directory first, then in the checkout.
 #
-# Steps: launch/prepare.sh once on the batch host (teacher conversion; PREPARE=0 skips it),
-# then one training task per node through launch/host_run.sh: each node's log is
-# WORKDIR/logs/host_<i>.log (WORKDIR local or gs://). JAX_LOCAL_DEVICE_IDS gives each
-# task all GPUs of its node (JAX alone would bind it to GPU number SLURM_LOCALID only).
+# Steps: launch/prepare.sh once on the batch host (teacher conversion, data preparation;
+# PREPARE=0 skips it), then one training task per node through launch/host_run.sh: each
+# node's log is WORKDIR/logs/host_<i>.log (WORKDIR local or gs://). JAX_LOCAL_DEVICE_IDS
+# gives each task all GPUs of its node (JAX alone would bind it to GPU number SLURM_LOCALID
+# only).
 #
 # Time limit: --signal=B:USR1@300 sends USR1 to this batch shell 5 minutes before the limit.
 # The trap forwards SIGTERM to every task (`scancel --signal=TERM JOBID` signals the job's
@@ -84,7 +85,7 @@ export JAX_LOCAL_DEVICE_IDS
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 
 if [ "${PREPARE:-1}" = "1" ]; then
-  bash launch/prepare.sh "$CONFIG" "$@"
+  bash launch/prepare.sh "$CONFIG" "$WORKDIR" "$@"
 fi
 
 REQUEUE=0

@@ -7,7 +7,7 @@
 #   launch/tpu_vm.sh status | logs [WORKER] | stop | delete
 #
 # prepare  get the slice, ship the working tree, install, and run launch/prepare.sh (teacher
-#          conversion) once, on worker 0.
+#          conversion, data preparation) once, on worker 0.
 # train    get the slice, ship, install, start the run on every worker in the background
 #          (each worker's log: ~/tide_jax/logs/host_<i>.log, copied to
 #          GS_WORKDIR/logs/host_<i>.log every minute), then follow worker 0's log unless
@@ -258,10 +258,8 @@ case "$VERB" in
     ensure_slice
     WORKERS="$(worker_count)"
     ship_and_install
-    config="$1"
-    shift 2
-    say "preparing on worker 0 only (one process converts the teacher)"
-    on_workers 0 "cd ~/tide_jax && bash launch/prepare.sh$(quoted_args "$config" "$@")"
+    say "preparing on worker 0 only (one process converts the teacher and prepares the data)"
+    on_workers 0 "cd ~/tide_jax && bash launch/prepare.sh$(quoted_args "$@")"
     ;;
   train)
     need_run_args "$@"

@@ -9,6 +9,7 @@ import pytest
 
 from tide_jax.data import corpora
 from tide_jax.data.pipeline import make_iterator
+from tide_jax.parallel import host_data
 from tests import data_layouts
 
 L, BLOCK = 1024, 32
@@ -154,3 +155,67 @@ def test_two_hosts_share_the_mixture(cfg):
 def test_bad_mixture_settings_are_one_sentence(corpus, tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     make_iterator(config(corpus, tmp_path, **overrides), split="train", batch_size=2, seed=0)
+
+
+GLOBAL_BATCH = 4
+
+
+def run_hosts(cfg, hosts, steps, saved=None):
+  """`steps` global batches read by `hosts` hosts (resumed from the checkpoint record
+  `saved` when given): the global rows as (source, row bytes) in the order the step sees
+  them (global row p + P * j is host p's row j, host_data.make_global_batch_fn), and the
+  checkpoint record of every host's position after them (host_data.gather_iterator_states)."""
+  iterators = [
+      make_iterator(
+          cfg,
+          split="train",
+          batch_size=GLOBAL_BATCH // hosts,
+          seed=2,
+          process_index=p,
+          process_count=hosts,
+      )
+      for p in range(hosts)
+  ]
+  if saved is not None:
+    for p, it in enumerate(iterators):
+      it.set_state(host_data.local_iterator_state(saved, p, hosts))
+  rows = []
+  for _ in range(steps):
+    batches = [next(it) for it in iterators]
+    for j in range(GLOBAL_BATCH // hosts):
+      rows += [(int(b["source"][j]), b["input_ids"][j].tobytes()) for b in batches]
+  record = json.loads(json.dumps({"hosts": [it.get_state() for it in iterators]}))
+  return rows, record
+
+
+@pytest.mark.parametrize("order", ["mixture", "plain"])
+@pytest.mark.parametrize("before, after", [(2, 4), (4, 2)])
+def test_a_resume_on_another_host_count_continues_the_global_sequence_in_any_epoch(
+    cfg, corpus, order, before, after, capsys
+):
+  if order == "plain":  # the plain (seed, epoch) permutation of one source of 25 records
+    files = ["code.jsonl", "prose.jsonl", "opc1.parquet", "opc2.parquet"]
+    cfg = config(corpus, cfg.cache_dir, weights={}, train_files=[str(corpus / f) for f in files])
+  records = make_iterator(cfg, split="train", batch_size=1, seed=2).num_records
+  assert records in (23, 25)  # the mixture's 12 + 5 + 6 rows, the plain 12 + 10 + 3: odd
+  epoch = -(-records // GLOBAL_BATCH) * GLOBAL_BATCH  # rows per epoch, fill rows included
+  steps = epoch // GLOBAL_BATCH  # global batches per epoch
+  capsys.readouterr()
+  whole, _ = run_hosts(cfg, before, 3 * steps)
+  assert f"{records} rows per epoch + {epoch - records} fill row" in capsys.readouterr().out
+  # The global sequence does not depend on the host count.
+  assert whole == run_hosts(cfg, 1, 3 * steps)[0] == run_hosts(cfg, after, 3 * steps)[0]
+  # Each epoch: its rows, then the fill rows (no loss), counted.
+  for e in range(3):
+    sources = [s for s, _ in whole[e * epoch : (e + 1) * epoch]]
+    assert min(sources[:records]) >= 0 and sources[records:] == [-1] * (epoch - records)
+  # Interrupted at the end of the first epoch or inside the second, resumed on the other
+  # host count, on across the next epoch boundary.
+  for done, position in (
+      (steps, (0, epoch // before)),
+      (steps + 2, (1, 2 * GLOBAL_BATCH // before)),
+  ):
+    first, saved = run_hosts(cfg, before, done)
+    assert {(h["epoch"], h["offset"]) for h in saved["hosts"]} == {position}
+    rest, _ = run_hosts(cfg, after, 3 * steps - done, saved)
+    assert first + rest == whole

@@ -199,15 +199,6 @@ def test_pystdlib_prefix_and_bad_config(tmp_path):
     make_iterator(bad, split="train", batch_size=2, seed=0)
 
 
-def test_other_hosts_wait_for_the_first_hosts_dataset(corpus, tmp_path):
-  c = config(corpus, tmp_path, prepare_timeout_s=0)
-  with pytest.raises(ValueError, match="not prepared by the first host"):
-    make_iterator(c, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
-  first = make_iterator(c, split="train", batch_size=2, seed=0, process_index=0, process_count=2)
-  second = make_iterator(c, split="train", batch_size=2, seed=0, process_index=1, process_count=2)
-  assert first.num_records == second.num_records
-
-
 def _first_rows(cfg, tmp):
   it = make_iterator(cfg, split="train", batch_size=1, seed=0, repeat=False)
   return sorted(r.tobytes() for b in it for r, v in zip(b["input_ids"], b["valid"]) if v.any())

@@ -2,7 +2,9 @@
 
 The emulator (``gcp-storage-emulator``) is started on 127.0.0.1 with a free port and
 stopped at the end. gcsfs (used by etils epath for metadata and metrics) follows
-``STORAGE_EMULATOR_HOST``; tensorstore (array data) follows ``TENSORSTORE_GCS_HTTP_URL``.
+``STORAGE_EMULATOR_HOST``; tensorstore (array data) follows ``TENSORSTORE_GCS_HTTP_URL``;
+the GCS client inside array_record's reader (prepared datasets) follows
+``CLOUD_STORAGE_EMULATOR_ENDPOINT``.
 Training runs are ``python -m tide_jax.main`` processes on 8 fake CPU devices.
 """
 
@@ -88,6 +90,7 @@ def gcs(tmp_path_factory):
       os.environ,
       STORAGE_EMULATOR_HOST=url,
       TENSORSTORE_GCS_HTTP_URL=url,
+      CLOUD_STORAGE_EMULATOR_ENDPOINT=url,
       GOOGLE_AUTH_TOKEN_FOR_TESTING="fake",
       GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
       XLA_FLAGS="--xla_force_host_platform_device_count=8",

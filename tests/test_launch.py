@@ -309,7 +309,7 @@ def test_tpu_queued_resource_for_v5p_waits_until_active(tmp_path, stubs):
   assert verbs[3].startswith("compute tpus queued-resources create tide-a --node-id=tide-a")
 
 
-def test_tpu_prepare_converts_once_on_worker_0(tmp_path, stubs):
+def test_tpu_prepare_converts_and_prepares_data_once_on_worker_0(tmp_path, stubs):
   repo = make_repo(tmp_path)
   env = dict(stubs["env"], STUB_WORKERS="4")
   run(["launch/tpu_vm.sh", "prepare", "configs/tracked.py", "gs://bkt/r", LIST_OVERRIDE], env, repo)
@@ -318,6 +318,15 @@ def test_tpu_prepare_converts_once_on_worker_0(tmp_path, stubs):
   assert converts[0]["cwd"].endswith("worker_0/tide_jax")
   assert converts[0]["argv"][2:] == ["--config=configs/tracked.py", LIST_OVERRIDE]
   assert converts[0]["env"]["JAX_PLATFORMS"] == "cpu"
+  # The dataset goes where training looks for it: the same workdir and overrides.
+  data = [c for c in stubs["calls"]("python") if c["argv"][:2] == ["-m", "tide_jax.data.prepare"]]
+  assert len(data) == 1 and data[0]["cwd"].endswith("worker_0/tide_jax")
+  assert data[0]["argv"][2:] == [
+      "--config=configs/tracked.py",
+      "--workdir=gs://bkt/r",
+      LIST_OVERRIDE,
+  ]
+  assert data[0]["env"]["JAX_PLATFORMS"] == "cpu"
   ssh = [c["argv"] for c in stubs["calls"]("gcloud") if "ssh" in c["argv"]]
   assert "--worker=0" in ssh[-1] and "--worker=all" in ssh[-2]
   assert not [c for c in stubs["calls"]("python") if c["argv"][:2] == ["-m", "tide_jax.main"]]
@@ -476,11 +485,14 @@ def test_slurm_time_limit_checkpoints_and_requeues(tmp_path, stubs):
     log = open(os.path.join(workdir, "logs", f"host_{host}.log")).read()
     assert f"Preempted: checkpoint of step 3 written to {workdir}" in log
     assert log.rstrip().endswith(f"host {host}: preempted")
-  # The teacher was prepared once, on the batch host, before the training step.
+  # The teacher and the data were prepared once, on the batch host, before the training step.
+  steps = ("tide_jax.convert", "tide_jax.data.prepare", "srun", "tide_jax.main")
   order = [c["tool"] if c["tool"] != "python" else c["argv"][1] for c in stubs["calls"]()]
-  order = [t for t in order if t in ("tide_jax.convert", "srun", "tide_jax.main")]
-  assert order == ["tide_jax.convert", "srun", "tide_jax.main", "tide_jax.main"]
+  order = [t for t in order if t in steps]
+  assert order == ["tide_jax.convert", "tide_jax.data.prepare", "srun"] + ["tide_jax.main"] * 2
   config = str(tmp_path / "home" / "my_configs" / "b.py")  # found in the submission directory
+  (data,) = [c for c in stubs["calls"]("python") if c["argv"][1:2] == ["tide_jax.data.prepare"]]
+  assert data["argv"][2:] == [f"--config={config}", f"--workdir={workdir}", LIST_OVERRIDE]
   (srun,) = stubs["calls"]("srun")
   assert srun["cwd"] == repo
   assert srun["argv"] == [

@@ -6,20 +6,32 @@ source is its own split (`train_0`, `train_1`, ...: the mixture reads them side 
 held-out records of all sources form the `eval` split. The summaries (kept, truncated,
 dropped by reason; for "train" in total and per source) are written into the dataset's
 metadata.
+
+TFDS writes the array_record files with local file writes, so a dataset whose `cache_dir` is
+remote (`gs://`) is prepared under a local staging directory and then uploaded, its
+`dataset_info.json` last: a dataset that looks prepared is complete. It is read from `gs://`
+directly (array_record's reader has a GCS client).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import os
+import shutil
+import tempfile
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from tide_jax.data import preprocess, records
 from tide_jax.data.options import DataOptions
 
 HASH_BUCKETS = 1_000_000
+# Written last by an upload, in this order: TFDS sees a dataset as prepared once both exist.
+_INFO_FILES = ("features.json", "dataset_info.json")
+_COPY_PIECE = 64 << 20  # bytes per read while uploading; bounds the copy's memory
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,27 +163,82 @@ def make_builder(options: DataOptions) -> TideSft:
   return TideSft(config=config, data_dir=options.cache_dir, file_format="array_record")
 
 
-def prepare(options: DataOptions) -> TideSft:
-  """Prepares the dataset if it is not there yet (idempotent) and returns its builder."""
+def is_remote(path: str) -> bool:
+  """Whether `path` names a remote filesystem (`scheme://...`) rather than local disk."""
+  return "://" in path
+
+
+def upload(local_dir: str, remote_dir: str, say: Callable[[str], None] = print) -> None:
+  """Copies a prepared dataset's files to `remote_dir`; last the two TFDS looks for.
+
+  A file already there with the same size is not copied again (a re-run after an
+  interrupted upload copies only what is missing).
+  """
+  target = epath.Path(remote_dir)
+  target.mkdir(parents=True, exist_ok=True)
+  rank = lambda name: (_INFO_FILES.index(name) + 1 if name in _INFO_FILES else 0, name)  # noqa: E731
+  for name in sorted(os.listdir(local_dir), key=rank):
+    local = os.path.join(local_dir, name)
+    if not os.path.isfile(local):
+      continue
+    remote = target / name
+    size = os.path.getsize(local)
+    if name not in _INFO_FILES and remote.exists() and remote.stat().length == size:
+      continue
+    say(f"uploading {name} ({size / 1e6:.1f} MB) -> {remote}")
+    with open(local, "rb") as reader, remote.open("wb") as writer:
+      shutil.copyfileobj(reader, writer, _COPY_PIECE)
+
+
+def prepare(options: DataOptions, stage_root: str | None = None) -> TideSft:
+  """Prepares the dataset if it is not there yet (idempotent) and returns its builder.
+
+  Args:
+    options: the data options; the dataset goes under `options.cache_dir`.
+    stage_root: for a remote `cache_dir`, the local directory the dataset is prepared in
+      before the upload (default: a temporary directory, removed afterwards). A staged
+      dataset that is complete is uploaded without being prepared again.
+  """
   builder = make_builder(options)
-  if not builder.is_prepared():
+  if builder.is_prepared():
+    return builder
+  if not is_remote(options.cache_dir):
     print(f"preparing dataset in {builder.data_dir} ...", flush=True)
     builder.download_and_prepare()
-    builder = make_builder(options)  # re-read the written info, metadata included
-  return builder
-
-
-def wait_until_prepared(options: DataOptions, poll_s: float = 10.0) -> TideSft:
-  """For hosts other than the first: waits for the first host to prepare the shared dataset."""
-  deadline = time.time() + options.prepare_timeout_s
-  while True:
-    builder = make_builder(options)
-    if builder.is_prepared():
-      return builder
-    if time.time() > deadline:
-      raise ValueError(
-          f"the dataset in {options.cache_dir} was not prepared by the first host within "
-          f"{options.prepare_timeout_s:.0f}s; give all hosts a shared data_config.cache_dir, run "
-          "`python -m tide_jax.data.prepare` before the job, or set data_config.prepare_on='every_host'"
+    return make_builder(options)  # re-read the written info, metadata included
+  temporary = None
+  if stage_root is None:
+    temporary = stage_root = tempfile.mkdtemp(prefix="tide_data_")
+  try:
+    # The same fingerprint (cache_dir is not part of it), so the same folder names.
+    staged = make_builder(dataclasses.replace(options, cache_dir=stage_root))
+    if not staged.is_prepared():
+      print(
+          f"preparing dataset in {staged.data_dir} (to upload to {builder.data_dir}) ...",
+          flush=True,
       )
-    time.sleep(poll_s)
+      staged.download_and_prepare()
+    upload(staged.data_dir, builder.data_dir)
+  finally:
+    if temporary is not None:
+      shutil.rmtree(temporary, ignore_errors=True)
+  return make_builder(options)
+
+
+def require_prepared(options: DataOptions) -> TideSft:
+  """The builder of a dataset that must already be prepared (a multi-host run's hosts).
+
+  Several hosts preparing on first use would all write the same dataset at once, so a
+  multi-host run reads only what the explicit step (`python -m tide_jax.data.prepare`,
+  run by launch/prepare.sh on one host) prepared.
+  """
+  builder = make_builder(options)
+  if not builder.is_prepared():
+    raise ValueError(
+        f"the dataset {builder.data_dir} is not prepared, and the hosts of a multi-host run "
+        "do not prepare it (they would all write it at once): prepare it once, on one host, "
+        "with `bash launch/prepare.sh CONFIG WORKDIR [overrides]` (or `python -m "
+        "tide_jax.data.prepare --config=CONFIG --workdir=WORKDIR`) and the training run's "
+        "config, overrides and input files (files over 4 MiB count with their modification times)"
+    )
+  return builder

@@ -27,8 +27,7 @@ every field from configs/common.py, the defaults below serve bare data configs):
 | strict                | False          | raise on the first bad record instead of counting it           |
 | num_workers           | 0              | preprocessing processes: 0 = auto (one per core from 20k records), 1 = in-process, n = pool of n |
 | max_records           | 0              | read at most this many records per source and split (0 = all) |
-| prepare_on            | "first_host"   | who prepares a missing dataset: "first_host" (others wait; needs a cache_dir shared by the hosts) or "every_host" (host-local cache_dir) |
-| prepare_timeout_s     | 7200           | how long other hosts wait for the first host's dataset         |
+| prepare_on            | "first_host"   | who prepares a missing dataset: "first_host" (the explicit step on one host, `python -m tide_jax.data.prepare`; a multi-host run refuses to start without it, a single process prepares on first use) or "every_host" (each host on first use, into a host-local cache_dir) |
 
 A source of `sources`: `files` (globs, required), `format` (default: the `format` field),
 `weight` (default 1.0: how many times each of its examples is used per epoch, on average;
@@ -86,7 +85,6 @@ class DataOptions:
   num_workers: int
   max_records: int
   prepare_on: str = "first_host"
-  prepare_timeout_s: float = 7200.0
   train_turns: str = "last"
   template_args: tuple = ()  # sorted (name, value) pairs
   teacher_template_args: tuple = ()
@@ -115,7 +113,7 @@ class DataOptions:
     HASH_EDGE_BYTES. So an edit that keeps the size prepares a new dataset too.
     """
     content = dataclasses.asdict(self)
-    for key in ("cache_dir", "strict", "num_workers", "prepare_on", "prepare_timeout_s"):
+    for key in ("cache_dir", "strict", "num_workers", "prepare_on"):
       content.pop(key)
     files = {"eval_files": [file_identity(p) for p in expand_files(list(self.eval_files))]}
     for number, source in enumerate(self.sources):
@@ -233,7 +231,6 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
       num_workers=int(_get(config, "num_workers", 0)),
       max_records=int(_get(config, "max_records", 0)),
       prepare_on=str(_get(config, "prepare_on", "first_host")),
-      prepare_timeout_s=float(_get(config, "prepare_timeout_s", 7200.0)),
       train_turns=str(_get(config, "train_turns", "last")),
       template_args=_template_args(_get(config, "template_args", {}), "template_args"),
       teacher_template_args=_template_args(
@@ -279,11 +276,18 @@ def _check(o: DataOptions) -> None:
     raise ValueError(f"data_config.eval_fraction must be in [0, 1), not {o.eval_fraction}")
   if not o.cache_dir:
     raise ValueError(
-        "data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir"
+        "data_config.cache_dir is empty and no workdir was given; set data_config.cache_dir, "
+        "or give the run's workdir (--workdir=DIR, or `launch/prepare.sh CONFIG WORKDIR`)"
     )
   if o.prepare_on not in ("first_host", "every_host"):
     raise ValueError(
         f"data_config.prepare_on must be 'first_host' or 'every_host', not {o.prepare_on!r}"
+    )
+  if o.prepare_on == "every_host" and "://" in o.cache_dir:
+    raise ValueError(
+        f"data_config.prepare_on='every_host' has every host write its own dataset, but "
+        f"cache_dir {o.cache_dir} is shared by the hosts; use a host-local cache_dir, or "
+        "prepare_on='first_host' and the prepare step"
     )
   if o.teacher_tokenizer:
     if o.teacher_max_len % o.teacher_block_size:

@@ -1,14 +1,22 @@
 """Deterministic, resumable, host-sharded batches over the prepared dataset.
 
-Order: epoch e visits every record once in the permutation drawn from (seed, e); host p of
-P takes the records at positions p, p + P, p + 2P, ... of it, so hosts are disjoint and
-together cover the epoch. Batches run on across epoch boundaries (no record is skipped),
-and the iterator's position is (epoch, offset into this host's share), which `get_state`
+Order: epoch e visits every record once in the permutation drawn from (seed, e), followed
+by fill rows (all invalid, no loss) up to a multiple of the global batch (batch_size x
+process_count); host p of P takes the rows at positions p, p + P, p + 2P, ... of it, so
+hosts are disjoint, together cover the epoch, and each reads the same number of rows per
+epoch. An epoch's length, and so the global sequence of rows, does not depend on how many
+hosts share it: with the global batch order of `host_data.make_global_batch_fn` every host
+count sees the single reader's batches, epochs start on a batch boundary, and a checkpoint's
+position converts to another host count in any epoch (`host_data.local_iterator_state`).
+The fill rows (`fill_rows` per epoch, fewer than a global batch) are reported when the
+iterator is made, never added silently.
+
+The iterator's position is (epoch, offset into this host's share), which `get_state`
 returns as a JSON-serialisable dict and `set_state` restores exactly.
 
 With `data_config.sources` the training epoch is a weighted mixture of the sources instead
-(`mixture.MixtureOrder`), sharded across hosts the same way. Every row carries the index of
-its source (`source`, -1 for a fill row); `source_names` names them.
+(`mixture.MixtureOrder`), padded and sharded across hosts the same way. Every row carries the
+index of its source (`source`, -1 for a fill row); `source_names` names them.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from tide_jax.data.encode import tokenizer_info
 from tide_jax.data.options import parse_options
 
 STATE_VERSION = 1
+FILL = -1  # a fill slot of an epoch's order: an all-invalid row
 
 
 class BatchIterator:
@@ -29,6 +38,8 @@ class BatchIterator:
     seq_len: L, the student row length.
     teacher_seq_len: Lt (0 without a teacher).
     num_records: rows per epoch (all hosts): the split's examples, or the mixture's rows.
+    epoch_rows: num_records plus the fill rows: a multiple of the global batch.
+    fill_rows: the fill rows that end every epoch (fewer than a global batch).
     summary: the dataset's preprocessing summary (from its metadata).
     source_names: the name of each source id of the `source` batch key.
   """
@@ -72,15 +83,29 @@ class BatchIterator:
       raise ValueError(
           f"the split has {self.num_records} examples, fewer than process_count={process_count}; add data or lower eval_fraction"
       )
+    global_batch = batch_size * process_count
+    self.epoch_rows = -(-self.num_records // global_batch) * global_batch
+    self.fill_rows = self.epoch_rows - self.num_records
     self._epoch, self._offset = 0, 0
-    self._order = None  # this host's share of the current epoch's permutation
+    self._order = None  # this host's share of the current epoch's order
 
   def _share(self, epoch: int) -> np.ndarray:
+    """This host's rows of `epoch`: record indices, FILL for a fill row."""
     if self._epoch_order is not None:
       order = self._epoch_order(epoch)
     else:
       order = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+    order = np.concatenate([order, np.full(self.fill_rows, FILL, np.int64)])
     return order[self.process_index :: self.process_count]
+
+  def describe_fill(self, split: str) -> str:
+    """One line on the epoch's fill rows, for the run's log."""
+    return (
+        f"[data] {split}: {self.num_records} rows per epoch + {self.fill_rows} fill row(s) "
+        f"(no loss) = {self.epoch_rows}, a multiple of the global batch "
+        f"{self.batch_size * self.process_count}: each of the {self.process_count} host(s) "
+        f"reads {self.epoch_rows // self.process_count} per epoch"
+    )
 
   def _next_index(self) -> int | None:
     if self._order is None:
@@ -106,10 +131,14 @@ class BatchIterator:
       indices.append(index)
     if not indices:
       raise StopIteration
-    stored = self._source.__getitems__(indices)
-    rows = [features.to_row(ex, self._shapes, *self._pad_ids) for ex in stored]
-    # A single pass ends with a partly filled batch: fill it with rows that are all invalid.
-    rows += [features.empty_row(self._shapes, *self._pad_ids)] * (self.batch_size - len(rows))
+    # A host's share is a whole number of batches, so a single pass ends on a full batch.
+    records = [index for index in indices if index != FILL]
+    stored = iter(self._source.__getitems__(records) if records else [])
+    empty = features.empty_row(self._shapes, *self._pad_ids)
+    rows = [
+        empty if index == FILL else features.to_row(next(stored), self._shapes, *self._pad_ids)
+        for index in indices
+    ]
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
   def source_counts(self, batch: dict) -> dict[str, int]:
@@ -167,7 +196,11 @@ def make_iterator(
     workdir_cache: str | None = None,
     repeat: bool = True,
 ) -> BatchIterator:
-  """Prepares the dataset if needed and returns a batch iterator over `split` ("train"/"eval").
+  """Returns a batch iterator over `split` ("train"/"eval") of the prepared dataset.
+
+  A single process prepares a missing dataset on first use, and so does every host with
+  `prepare_on="every_host"` (host-local cache_dir); the hosts of a multi-host run otherwise
+  refuse to start without the dataset the explicit step prepared (`builder.require_prepared`).
 
   Args:
     data_config: the data section of the config (fields in options.py).
@@ -184,10 +217,10 @@ def make_iterator(
     raise ValueError(
         "there is no 'eval' split: set data_config.eval_files or a positive data_config.eval_fraction"
     )
-  if process_index == 0 or options.prepare_on == "every_host":
-    builder = builder_lib.prepare(options)
+  if process_count > 1 and options.prepare_on == "first_host":
+    builder = builder_lib.require_prepared(options)  # prepared by the explicit step
   else:
-    builder = builder_lib.wait_until_prepared(options)
+    builder = builder_lib.prepare(options)
   if split == "train":
     source = mixture.ConcatSource(
         builder.as_data_source(split=name) for name in builder_lib.train_splits(options)
@@ -209,7 +242,7 @@ def make_iterator(
   order = None
   if split == "train" and options.mixture:
     order = mixture.MixtureOrder(source.sizes, [s.weight for s in options.sources], seed)
-  return BatchIterator(
+  iterator = BatchIterator(
       source,
       options.shapes,
       batch_size=batch_size,
@@ -222,3 +255,6 @@ def make_iterator(
       epoch_order=order,
       source_names=tuple(s.name for s in options.sources),
   )
+  if iterator.fill_rows:
+    print(iterator.describe_fill(split), flush=True)
+  return iterator

@@ -1,7 +1,8 @@
 """Per-host batches -> global arrays, and the data-iterator position of every host.
 
 Each host reads its own share of the data (``tide_jax.data.pipeline``: host p of P takes the
-records at positions p, p + P, ... of the epoch's permutation) and gives this module its
+rows at positions p, p + P, ... of the epoch's order, which fill rows pad to a multiple of
+B, so every host reads the same number per epoch) and gives this module its
 ``[B / P, ...]`` rows. ``global_batch`` assembles the ``[B, ...]`` array the step sees with
 ``jax.make_array_from_process_local_data`` and then interleaves the hosts' rows so that
 global row ``p + P * j`` is host p's row j. That is exactly the order in which one process
@@ -107,10 +108,14 @@ def local_iterator_state(
 ) -> dict[str, Any]:
   """This host's iterator position from a checkpoint's ``gather_iterator_states`` record.
 
-  A checkpoint written by a different number of hosts is converted when all hosts stood
-  at the same place of the same epoch (the usual case: hosts advance in lockstep and the
-  interleaved order of ``global_batch`` is the single-reader order): R records consumed
-  in the epoch by P hosts are R / P' records for each of P' hosts.
+  A checkpoint written by a different number of hosts is converted. Every host reads the
+  same number of rows per epoch and the hosts advance in lockstep, so all stood at the same
+  (epoch, offset): R = P x offset rows of the epoch were consumed, R / P' for each of P'
+  hosts. R is a whole number of global batches (epochs are padded to a multiple of the
+  global batch B, and checkpoints fall between steps) and P' divides B, so this works in
+  any epoch; the interleaved order of ``global_batch`` is the single reader's, so the run
+  continues with the rows it would have read on P hosts. Only a record whose hosts stood
+  at different places, or between global batches, is refused.
   """
   hosts: Sequence[Mapping[str, Any]] = saved["hosts"] if "hosts" in saved else [saved]
   if len(hosts) == process_count:
