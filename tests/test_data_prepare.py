@@ -163,3 +163,32 @@ def test_the_step_without_a_cache_dir_asks_for_the_runs_workdir(corpus):
   config = ml_collections.ConfigDict(data_values(corpus, ""))
   with pytest.raises(ValueError, match="launch/prepare.sh CONFIG WORKDIR"):
     data_prepare.run(config, None)
+
+
+GS_READER = """
+import json, sys
+from tide_jax.data import records
+files = records.expand_files([sys.argv[1]])
+items = list(records.read_records(files, "chat"))
+print("READ " + json.dumps([files, [type(i).__name__ for i in items]]))
+"""
+
+
+def test_input_files_on_gs_are_matched_and_read(gcs):  # noqa: F811 (fixture argument)
+  chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+  for name in ("a.jsonl", "b.jsonl", "notes.txt"):
+    with gcs["fs"].open(f"{BUCKET}/inputs/{name}", "w") as f:
+      f.write(json.dumps(chat) + "\n" + json.dumps(chat) + "\n")
+  proc = subprocess.run(
+      [sys.executable, "-c", GS_READER, f"gs://{BUCKET}/inputs/*.jsonl"],
+      cwd=REPO,
+      env=gcs["env"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("READ ")]
+  assert proc.returncode == 0 and lines, proc.stderr[-2000:]
+  files, kinds = json.loads(lines[-1][5:])
+  assert files == [f"gs://{BUCKET}/inputs/a.jsonl", f"gs://{BUCKET}/inputs/b.jsonl"]
+  assert kinds == ["ChatRecord"] * 4

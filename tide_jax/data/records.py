@@ -25,6 +25,8 @@ import sysconfig
 import unicodedata
 from typing import Iterator, Union
 
+from etils import epath
+
 STDLIB_PREFIX = "pystdlib://"
 ROLES = ("system", "user", "assistant")
 # Parquet columns a chat record may be read from (see the module docstring).
@@ -74,6 +76,18 @@ def display_name(path: str) -> str:
   return STDLIB_PREFIX + path[len(stdlib) :] if path.startswith(stdlib) else path
 
 
+def _glob(pattern: str) -> list[str]:
+  """Files matching ``pattern``: local globs, or ``scheme://bucket/dir/*.jsonl`` (gs://)."""
+  if "://" not in pattern:
+    return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  first = min((i for i, c in enumerate(pattern) if c in "*?["), default=len(pattern))
+  root = pattern[: pattern.rfind("/", 0, first)]
+  rest = pattern[len(root) + 1 :]
+  if first == len(pattern):  # no wildcard: the file itself
+    return [pattern] if epath.Path(pattern).is_file() else []
+  return sorted(os.fspath(p) for p in epath.Path(root).glob(rest) if p.is_file())
+
+
 def expand_files(patterns) -> list[str]:
   """All files matched by a list of glob patterns, sorted and de-duplicated.
 
@@ -84,9 +98,7 @@ def expand_files(patterns) -> list[str]:
     patterns = [patterns]
   files = []
   for pattern in patterns:
-    matched = sorted(
-        p for p in glob.glob(resolve_pattern(pattern), recursive=True) if os.path.isfile(p)
-    )
+    matched = _glob(resolve_pattern(pattern))
     if not matched:
       raise ValueError(
           f"file pattern {pattern!r} matches no file; fix the path in data_config.train_files/eval_files"
@@ -119,7 +131,7 @@ def _decode_utf8(data: bytes, source: str) -> tuple[str | None, Problem | None]:
 def read_text_file(path: str) -> Iterator[Item]:
   """Yields one TextRecord for the whole file, or a Problem when it is empty or not UTF-8."""
   name = display_name(path)
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     data = f.read()
   if not data.strip():
     yield Problem("empty_file", f"{name}:1", "the file is empty; remove it or give it content")
@@ -193,7 +205,7 @@ def read_jsonl_file(path: str) -> Iterator[Item]:
   """
   name = display_name(path)
   seen = False
-  with open(path, "rb") as f:
+  with epath.Path(path).open("rb") as f:
     for number, raw in enumerate(f, start=1):
       if number == 1:
         raw = raw.removeprefix(codecs.BOM_UTF8)
@@ -232,7 +244,7 @@ def read_parquet_file(path: str) -> Iterator[Item]:
   import pyarrow.parquet as pq  # imported lazily: only Parquet inputs need it
 
   name = display_name(path)
-  table = pq.ParquetFile(path)
+  table = pq.ParquetFile(epath.Path(path).open("rb") if "://" in path else path)
   rows = table.metadata.num_rows
   if rows == 0:
     yield Problem(

@@ -188,12 +188,14 @@ def _compile_train_step(step_fn, state, state_shardings, example_batch, teacher_
   return compiled, batch_sh
 
 
-def resolve_num_steps(config, num_records: int) -> int:
-  """``train.num_steps``, or ``ceil(train.epochs * records / batch_size)`` when epochs > 0."""
+def resolve_num_steps(config, epoch_rows: int) -> int:
+  """``train.num_steps``, or ``ceil(train.epochs * epoch rows / batch_size)`` when epochs > 0
+  (an epoch's rows are the records plus the fill rows that make it a whole number of
+  global batches)."""
   epochs = float(config.train.get("epochs", 0) or 0)
   if epochs <= 0:
     return int(config.train.num_steps)
-  return max(1, math.ceil(epochs * num_records / int(config.train.batch_size)))
+  return max(1, math.ceil(epochs * epoch_rows / int(config.train.batch_size)))
 
 
 def _peek(iterator) -> dict[str, np.ndarray]:
@@ -260,7 +262,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       process_count=process_count,
       workdir_cache=workdir,
   )
-  num_steps = resolve_num_steps(config, train_iter.num_records)
+  num_steps = resolve_num_steps(config, train_iter.epoch_rows)
   to_global = host_data.make_global_batch_fn(mesh, sharding.STUDENT_RULES, process_count)
   eval_batches = [to_global(next(eval_iter)) for _ in range(int(config.train.eval_batches))]
 
