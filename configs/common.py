@@ -35,6 +35,7 @@ def base_config() -> config_dict.ConfigDict:
   ob.mask_token_id = 151669
   ob.block_size = c.get_ref("block_size")
   ob.row_block = 256  # rows per block of every fused vocabulary statistic (CE, terms, bpb)
+  ob.vocab_tile = 16384  # vocabulary columns per tile of their backward pass (at most)
 
   c.data = config_dict.ConfigDict()
   d = c.data

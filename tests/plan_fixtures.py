@@ -99,7 +99,7 @@ def distill_config(recipe, alignment, **custom):
   return c
 
 
-def make_plan(recipe, alignment, **custom):
+def make_plan(recipe, alignment, vocab_tile=16384, **custom):
   vt = VT_POS if alignment == "positions" else VT_CHUNK
   tcfg, tgraph, tparams = decoder(vt, seed=7)
   builder = "bd3lm_x0_first" if alignment == "positions" else "bidirectional"
@@ -107,5 +107,7 @@ def make_plan(recipe, alignment, **custom):
   validated = recipes.validate_distill_config(
       distill_config(recipe, alignment, **custom), student_vocab=VS, teacher_vocab=vt
   )
-  objective = plan_lib.Objective("bd3lm", "linear", 1e-3, MASK_S, BLOCK, row_block=5)
+  objective = plan_lib.Objective(
+      "bd3lm", "linear", 1e-3, MASK_S, BLOCK, row_block=5, vocab_tile=vocab_tile
+  )
   return plan_lib.Plan(objective, validated, teacher if validated.uses_teacher else None), tparams

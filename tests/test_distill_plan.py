@@ -108,9 +108,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("recipe,alignment,custom", CASES)
-def test_fused_loss_and_gradients_equal_the_materialised_formulas(recipe, alignment, custom):
-  plan, tparams = make_plan(recipe, alignment, **custom)
+@pytest.mark.parametrize(
+    "recipe,alignment,custom,vocab_tile",
+    [(*case, 16384) for case in CASES]
+    # Vocabulary tiles of 16 columns: 3 tiles over the 46 student columns (2 zero-filled).
+    + [("tide_shared", "positions", {}, 16), ("tide_cross", "chunks", {}, 16)],
+)
+def test_fused_loss_and_gradients_equal_the_materialised_formulas(
+    recipe, alignment, custom, vocab_tile
+):
+  plan, tparams = make_plan(recipe, alignment, vocab_tile, **custom)
   _, graphdef, params = decoder(VS, seed=1)
   batch = make_batch(alignment)
   noise = plan.draw(jax.random.key(3), batch)

@@ -428,3 +428,76 @@ def test_value_and_grad_never_builds_a_positions_by_vocab_array(name):
   # ... and the check does see a naive formulation's full-size array.
   naive = lambda h, k: jnp.sum(jax.nn.log_softmax((h @ k).astype(jnp.float32)) * w[:, None])
   assert (n, v) in _compiled_float32_shapes(jax.value_and_grad(naive, argnums=(0, 1)), hs, ws)
+
+
+# ----------------------------------------------------------------------------- vocabulary tiles
+
+
+@pytest.mark.parametrize("vocab,tile", [(64, 16), (70, 16), (67, 16), (64, 64)])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tidal", "jensen_shannon"])
+def test_vocabulary_tiles_give_the_float64_gradients(vocab, tile, name):
+  # 40 rows in blocks of 7 (several blocks: the tiled backward pass); tiles that divide
+  # the vocabulary (64/16, 70 -> 5 x 14), one that does not (67: zero-filled columns).
+  s, tp, w, t = random_case(12, vs=vocab, vt=vocab + 9, scale=8.0)
+  cut = vocab - 3
+  lam = np_lambda(0.3, t) if name == "tidal" else None
+  zs, zt = logits64(s)[:, :cut], logits64(tp)[:, :cut]
+  T = 2.0
+  oracles = {
+      "forward_kl": np_forward_kl,
+      "reverse_kl": np_reverse_kl,
+      "jensen_shannon": np_jensen_shannon,
+      "tidal": lambda a, b, T: np_tidal(a, b, T, lam),
+  }
+
+  def loss(h, k):
+    return terms.token_term(
+        name,
+        fused.Projection(h, k),
+        tp,
+        w,
+        lam=None if lam is None else jnp.asarray(lam, jnp.float32),
+        temperature=T,
+        shared_vocab=cut,
+        block_rows=7,
+        vocab_tile=tile,
+    )[0]
+
+  value, grads = jax.value_and_grad(loss, argnums=(0, 1))(s.hidden, s.kernel)
+  np.testing.assert_allclose(value, (w * oracles[name](zs, zt, T)).sum(), rtol=RTOL)
+  # d/dlogits by central differences of the float64 oracle (TIDAL: its closed form, the
+  # target r being constant), columns beyond the cut zero.
+  eps, g_logits = 1e-6, np.zeros((zs.shape[0], vocab))
+  if name == "tidal":
+    g_logits[:, :cut] = np_tidal_grad(zs, zt, T, lam, as64(w))
+  for j in range(cut if name != "tidal" else 0):
+    step = np.zeros_like(zs)
+    step[:, j] = eps
+    g_logits[:, j] = (
+        w * (oracles[name](zs + step, zt, T) - oracles[name](zs - step, zt, T)) / (2 * eps)
+    )
+  for got, want in zip(grads, chain_rule(s, g_logits)):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vocab,tile", [(64, 16), (67, 16)])
+def test_vocabulary_tiles_give_the_cross_entropy_gradient(vocab, tile):
+  s, _, _, _ = random_case(13, n=33, vs=vocab)
+  x = np.random.default_rng(13).integers(0, vocab, 33).astype(np.int32)
+  grads = jax.grad(
+      lambda h, k: terms.target_log_probs(fused.Projection(h, k), x, block_rows=8, vocab_tile=tile)[
+          0
+      ].sum(),
+      argnums=(0, 1),
+  )(s.hidden, s.kernel)
+  ls = log_softmax64(logits64(s))
+  for got, want in zip(grads, chain_rule(s, np.eye(vocab)[x] - np.exp(ls))):
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_tile_counts_prefer_exact_divisors():
+  assert fused.tile_count(151936) == (9496, 16)
+  assert fused.tile_count(128256) == (16032, 8)
+  assert fused.tile_count(157184) == (9824, 16)
+  assert fused.tile_count(67, 16) == (14, 5)  # 67 is prime: 5 tiles of 14, 3 columns past
+  assert fused.tile_count(1000, 16384) == (1000, 1)

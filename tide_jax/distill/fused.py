@@ -1,27 +1,37 @@
-"""Hidden states x output kernel -> per-row statistics, one block of rows at a time.
+"""Hidden states x output kernel -> per-row statistics, blocks of rows by tiles of vocabulary.
 
 Every objective of the project that needs a softmax over the vocabulary (the student's
 cross-entropy, every distillation term, bits per byte, evaluation) goes through
-:func:`row_statistics`. It never holds the ``[rows, vocab]`` logits of either model: a
-``fori_loop`` projects ``block_rows`` rows of hidden states onto the output kernel, hands
-the float32 block of logits to a *row kernel*, keeps only the kernel's per-row outputs
-and moves on. The backward pass is written by hand (a ``custom_vjp``): it recomputes each
-block's logits, asks the row kernel for the vector-Jacobian product with respect to them,
-and turns that into the gradients of the hidden states (one ``[block, E]`` slice per
-block) and of the kernel (one float32 ``[E, V]`` accumulator, the gradient itself). So
-neither pass keeps more than one block of float32 logits alive, whatever the vocabulary.
+:func:`row_statistics`. Neither pass holds more than one block of logits:
 
-A row kernel is a frozen, hashable dataclass with two methods over one block
-(``zs [c, Vs]`` float32 student logits, ``zt [c, Vt]`` float32 teacher logits or None,
-``extra`` a pytree of per-row arrays ``[c, ...]``):
+* forward: a ``fori_loop`` over blocks of ``block_rows`` rows projects each block onto
+  the kernel (tile by tile of ``vocab_tile`` columns, into one float32 ``[block, V]``
+  buffer), hands the block's logits to a *row kernel* and keeps only its per-row outputs,
+  plus a few per-row statistics its gradient needs (log-sum-exps, a divergence);
+* backward (a hand-written ``custom_vjp``): an outer loop over vocabulary tiles and an
+  inner loop over row blocks recompute each ``[block, tile]`` piece of logits, ask the
+  row kernel for the gradient with respect to it (closed forms, from the saved per-row
+  statistics), and accumulate the gradient of the hidden states (float32 ``[N, E]``) and
+  of one ``[E, tile]`` column slice of the kernel, written to the kernel's gradient
+  before the next tile. No ``[E, V]`` float32 array and no ``[rows, V]`` array exist.
 
-* ``forward(zs, zt, extra) -> (values [c, K], stats [c, S])``: ``values`` are
-  differentiable in ``zs``; ``stats`` (argmax agreement, correctness) are not;
-* ``vjp(zs, zt, extra, g [c, K]) -> [c, Vs]``: ``sum_k g[:, k] d values[:, k] / d zs``.
+When all the rows fit in one block, the block's float32 logits are kept for the backward
+pass instead of being projected again (the memory ``block_rows`` allows, the fastest
+path).
+
+A row kernel is a frozen, hashable dataclass with two methods (``zs [c, Vs]`` float32
+student logits, ``zt`` the teacher's or None, ``extra`` a pytree of per-row arrays):
+
+* ``forward(zs, zt, extra) -> (values [c, K], stats [c, S], grad_stats [c, G])``:
+  ``values`` are differentiable in ``zs``; ``stats`` (argmax agreement, correctness) are
+  not; ``grad_stats`` is what ``tile_vjp`` needs about the whole row;
+* ``tile_vjp(zs, zt, extra, grad_stats, g [c, K], start) -> [c, tile]``: the columns
+  ``start .. start + tile`` of ``sum_k g[:, k] d values[:, k] / d zs``, from those columns'
+  logits (``zs``, ``zt`` hold only them here; columns past the vocabulary are zeros).
 
 Rows are visited in contiguous blocks of the arrays this function receives; on a mesh the
 caller runs it per device (``tide_jax.parallel.batch_map``), so blocks never span devices
-and the loop is local. Teacher rows are read through ``teacher_rows`` (a local gather of
+and the loops are local. Teacher rows are read through ``teacher_rows`` (a local gather of
 ``[c, Et]`` hidden states, never of logits).
 """
 
@@ -37,6 +47,7 @@ import numpy as np
 Array = jax.Array
 
 DEFAULT_BLOCK_ROWS = 256
+VOCAB_TILE = 16384  # columns per tile of the vocabulary (at most)
 
 
 class Projection(NamedTuple):
@@ -59,46 +70,83 @@ def block_count(num_rows: int, block_rows: int) -> tuple[int, int]:
   return block, -(-num_rows // block)
 
 
+def tile_count(vocab: int, most: int = VOCAB_TILE) -> tuple[int, int]:
+  """``(columns per tile, number of tiles)``: equal tiles of at most ``most`` columns.
+
+  A tile count that divides the vocabulary exactly is preferred (up to twice the fewest
+  tiles), so that tiles are plain slices; 151,936 = 16 x 9,496, 128,256 = 8 x 16,032.
+  """
+  fewest = -(-vocab // most)
+  for tiles in range(fewest, 2 * fewest + 1):
+    if vocab % tiles == 0:
+      return vocab // tiles, tiles
+  return -(-vocab // fewest), fewest
+
+
+_HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _sliceable(kernel: Array) -> Array:
+  """The kernel in a form whose column slices stay local to a loop iteration.
+
+  XLA's CPU backend has no native 16-bit float dynamic-slice: it converts the whole
+  operand to float32 and hoists that copy out of the loop. Their uint16 bit patterns slice
+  natively (the bitcast costs one 16-bit copy on that backend, half the float32 one);
+  accelerators slice 16-bit floats natively and get the kernel unchanged.
+  """
+  if jax.default_backend() == "cpu" and kernel.dtype in _HALF_FLOATS:
+    return jax.lax.bitcast_convert_type(kernel, jnp.uint16)
+  return kernel
+
+
 def _pad_rows(x: Array, total: int) -> Array:
   if x.shape[0] == total:
     return x
   return jnp.pad(x, [(0, total - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
 
-def _project(hidden: Array, kernel: Array) -> Array:
-  """float32 logits ``[c, V]`` of a block of hidden states (the kernel in their dtype)."""
-  return jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
-
-
 def _slice(x: Array, k: Array, block: int) -> Array:
   return jax.lax.dynamic_slice_in_dim(x, k * block, block)
 
 
-def _blocks(student, teacher, rows, extra, block_rows):
-  """Padded inputs and the per-block reader shared by the forward and backward loops."""
-  n = student.hidden.shape[0]
-  block, num_blocks = block_count(n, block_rows)
-  total = block * num_blocks
-  hidden = _pad_rows(student.hidden, total)
-  rows = None if rows is None else _pad_rows(rows.astype(jnp.int32), total)
-  teacher_hidden = None
-  if teacher is not None:
-    teacher_hidden = teacher.hidden if rows is not None else _pad_rows(teacher.hidden, total)
-  extra = jax.tree.map(lambda a: _pad_rows(a, total), extra)
+def _columns(kernel: Array, start: Array, tile: int, dtype) -> Array:
+  """Columns ``start .. start + tile`` of a :func:`_sliceable` kernel ``[E, V]`` holding
+  ``dtype`` values (zeros past V): ``[E, tile]`` in ``dtype``."""
+  if kernel.shape[1] % tile == 0:
+    out = jax.lax.dynamic_slice_in_dim(kernel, start, tile, axis=1)
+  else:
+    index = start + jnp.arange(tile, dtype=jnp.int32)
+    out = jnp.take(kernel, index, axis=1, mode="fill", fill_value=0)
+  if out.dtype == jnp.uint16 and jnp.dtype(dtype) != jnp.uint16:
+    return jax.lax.bitcast_convert_type(out, dtype)
+  return out
 
-  def read(k):
-    h = _slice(hidden, k, block)
-    zs = _project(h, student.kernel)
-    zt = None
-    if teacher is not None:
-      if rows is None:
-        ht = _slice(teacher_hidden, k, block)
-      else:
-        ht = jnp.take(teacher_hidden, _slice(rows, k, block), axis=0, mode="clip")
-      zt = _project(ht, teacher.kernel)
-    return h, zs, zt, jax.tree.map(lambda a: _slice(a, k, block), extra)
 
-  return n, block, num_blocks, read
+def _dot(hidden: Array, kernel: Array) -> Array:
+  """float32 ``hidden @ kernel`` with the kernel in the hidden states' dtype."""
+  return jnp.dot(hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+def _project(hidden: Array, kernel: Array, vocab_tile: int) -> Array:
+  """float32 logits ``[c, V]`` of a block, computed tile by tile of the kernel's columns.
+
+  Converting a whole kernel to the compute dtype (or, on XLA's CPU backend, a 16-bit one
+  to float32) outside the loops would be a kernel-sized copy; a tile at a time it is not.
+  """
+  vocab = kernel.shape[1]
+  tile, tiles = tile_count(vocab, vocab_tile)
+  if tiles == 1:
+    return _dot(hidden, kernel)
+  dtype, sliceable = kernel.dtype, _sliceable(kernel)
+
+  def body(j, out):
+    start = j * tile
+    z = _dot(hidden, _columns(sliceable, start, tile, dtype))
+    return jax.lax.dynamic_update_slice_in_dim(out, z, start, 1)
+
+  out = jnp.zeros((hidden.shape[0], tile * tiles), jnp.float32) + _anchor(hidden, kernel)
+  out = jax.lax.fori_loop(0, tiles, body, out)
+  return out if tile * tiles == vocab else out[:, :vocab]
 
 
 def _anchor(*trees: Any) -> Array:
@@ -120,79 +168,162 @@ def _zero_cotangent(x: Array) -> Array:
   return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _forward(row_kernel, block_rows, student, teacher, rows, extra):
-  n, block, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
-  if num_blocks == 1:
-    return row_kernel.forward(*read(0)[1:])
-  shapes = jax.eval_shape(lambda k: row_kernel.forward(*read(k)[1:]), 0)
+class _Blocks(NamedTuple):
+  """Row-padded inputs and the readers of one row block."""
+
+  n: int
+  block: int
+  count: int
+  hidden: Array
+  teacher_hidden: Array | None
+  rows: Array | None
+  extra: Any
+
+  def student(self, k):
+    return _slice(self.hidden, k, self.block)
+
+  def teacher(self, k):
+    if self.teacher_hidden is None:
+      return None
+    if self.rows is None:
+      return _slice(self.teacher_hidden, k, self.block)
+    return jnp.take(self.teacher_hidden, _slice(self.rows, k, self.block), axis=0, mode="clip")
+
+  def extra_of(self, k):
+    return jax.tree.map(lambda a: _slice(a, k, self.block), self.extra)
+
+
+def _blocks(student, teacher, rows, extra, block_rows) -> _Blocks:
+  n = student.hidden.shape[0]
+  block, count = block_count(n, block_rows)
+  total = block * count
+  rows = None if rows is None else _pad_rows(rows.astype(jnp.int32), total)
+  teacher_hidden = None
+  if teacher is not None:
+    teacher_hidden = teacher.hidden if rows is not None else _pad_rows(teacher.hidden, total)
+  return _Blocks(
+      n,
+      block,
+      count,
+      _pad_rows(student.hidden, total),
+      teacher_hidden,
+      rows,
+      jax.tree.map(lambda a: _pad_rows(a, total), extra),
+  )
+
+
+def _block_logits(blocks: _Blocks, student, teacher, k, vocab_tile):
+  zs = _project(blocks.student(k), student.kernel, vocab_tile)
+  zt = None if teacher is None else _project(blocks.teacher(k), teacher.kernel, vocab_tile)
+  return zs, zt
+
+
+def _forward(row_kernel, sizes, student, teacher, rows, extra):
+  """``(values, stats, grad_stats)`` of every row, and the one block's logits if single."""
+  block_rows, vocab_tile = sizes
+  blocks = _blocks(student, teacher, rows, extra, block_rows)
+  if blocks.count == 1:
+    zs, zt = _block_logits(blocks, student, teacher, 0, vocab_tile)
+    return row_kernel.forward(zs, zt, blocks.extra_of(0)), (zs, zt)
+  read = lambda k: (*_block_logits(blocks, student, teacher, k, vocab_tile), blocks.extra_of(k))
+  shapes = jax.eval_shape(lambda k: row_kernel.forward(*read(k)), 0)
   anchor = _anchor(student, teacher, rows, extra)
   init = jax.tree.map(
-      lambda s: jnp.zeros((num_blocks,) + s.shape, s.dtype) + anchor.astype(s.dtype), shapes
+      lambda s: jnp.zeros((blocks.count,) + s.shape, s.dtype) + anchor.astype(s.dtype), shapes
   )
 
   def body(k, buffers):
-    _, zs, zt, ex = read(k)
-    outs = row_kernel.forward(zs, zt, ex)
+    outs = row_kernel.forward(*read(k))
     return jax.tree.map(lambda buf, y: buf.at[k].set(y), buffers, outs)
 
-  outs = jax.lax.fori_loop(0, num_blocks, body, init)
-  return jax.tree.map(lambda o: o.reshape((num_blocks * block,) + o.shape[2:])[:n], outs)
+  outs = jax.lax.fori_loop(0, blocks.count, body, init)
+  n, total = blocks.n, blocks.block * blocks.count
+  return jax.tree.map(lambda o: o.reshape((total,) + o.shape[2:])[:n], outs), None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(row_kernel, block_rows, student, teacher, rows, extra):
-  return _forward(row_kernel, block_rows, student, teacher, rows, extra)
+def _fused(row_kernel, sizes, student, teacher, rows, extra):
+  values, stats, _ = _forward(row_kernel, sizes, student, teacher, rows, extra)[0]
+  return values, stats
 
 
-def _fused_fwd(row_kernel, block_rows, student, teacher, rows, extra):
-  _, _, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
-  if num_blocks == 1:
-    # Every row fits in one block: the block's logits (the memory row_block allows) are
-    # kept for the backward pass instead of being projected again.
-    _, zs, zt, ex = read(0)
-    return row_kernel.forward(zs, zt, ex), (student, teacher, rows, extra, (zs, zt))
-  outs = _forward(row_kernel, block_rows, student, teacher, rows, extra)
-  # Otherwise the residuals are the inputs themselves: no logits, no float32 copies.
-  return outs, (student, teacher, rows, extra, None)
+def _fused_fwd(row_kernel, sizes, student, teacher, rows, extra):
+  (values, stats, grad_stats), logits = _forward(row_kernel, sizes, student, teacher, rows, extra)
+  # Residuals: the inputs, the per-row gradient statistics and, for a single block, its
+  # logits. Never logits of more than one block.
+  return (values, stats), (student, teacher, rows, extra, grad_stats, logits)
 
 
-def _grads_of_block(row_kernel, student, h, zs, zt, ex, g):
-  """``(d hidden [c, E] float32, d kernel [E, V] float32)`` of one block."""
-  hidden_dtype = student.hidden.dtype
-  g_compute = row_kernel.vjp(zs, zt, ex, g).astype(hidden_dtype)  # [c, V]
-  dh = jnp.dot(g_compute, student.kernel.astype(hidden_dtype).T, preferred_element_type=jnp.float32)
-  dk = jnp.dot(h.T, g_compute, preferred_element_type=jnp.float32)
-  return dh, dk
-
-
-def _fused_bwd(row_kernel, block_rows, residuals, cotangents):
-  student, teacher, rows, extra, logits = residuals
+def _fused_bwd(row_kernel, sizes, residuals, cotangents):
+  block_rows, vocab_tile = sizes
+  student, teacher, rows, extra, grad_stats, logits = residuals
   g_values = cotangents[0].astype(jnp.float32)  # stats carry no gradient
-  n, block, num_blocks, read = _blocks(student, teacher, rows, extra, block_rows)
   zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
-  if logits is not None:
-    h, _, _, ex = read(0)
-    dh, dk = _grads_of_block(row_kernel, student, h, *logits, ex, g_values)
-    d_student = Projection(dh.astype(h.dtype), dk.astype(student.kernel.dtype))
-    return d_student, zeros(teacher), zeros(rows), zeros(extra)
-  g_values = _pad_rows(g_values, block * num_blocks)
   hidden_dtype = student.hidden.dtype
-
-  def body(k, carry):
-    d_hidden, d_kernel = carry
-    h, zs, zt, ex = read(k)
-    dh, dk = _grads_of_block(row_kernel, student, h, zs, zt, ex, _slice(g_values, k, block))
-    d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, dh.astype(hidden_dtype), k * block, 0)
-    return d_hidden, d_kernel + dk
-
+  if logits is not None:
+    blocks = _blocks(student, teacher, rows, extra, block_rows)
+    h = blocks.student(0)
+    g = row_kernel.tile_vjp(*logits, blocks.extra_of(0), grad_stats, g_values, 0)
+    g = g.astype(hidden_dtype)
+    dh = jnp.dot(g, student.kernel.astype(hidden_dtype).T, preferred_element_type=jnp.float32)
+    dk = jnp.dot(h.T, g, preferred_element_type=jnp.float32)
+    d_student = Projection(dh.astype(hidden_dtype), dk.astype(student.kernel.dtype))
+    return d_student, zeros(teacher), zeros(rows), zeros(extra)
+  blocks = _blocks(student, teacher, rows, extra, block_rows)
+  total = blocks.block * blocks.count
+  g_values = _pad_rows(g_values, total)
+  grad_stats = _pad_rows(grad_stats, total)
+  vocab = student.kernel.shape[1]
+  tile, tiles = tile_count(vocab, vocab_tile)
   anchor = _anchor(student, teacher, rows, extra, g_values)
+  student_cols = _sliceable(student.kernel)
+  teacher_cols = None if teacher is None else _sliceable(teacher.kernel)
+
+  def one_tile(j, carry):
+    d_hidden, d_kernel = carry
+    start = j * tile
+    ws = _columns(student_cols, start, tile, student.kernel.dtype)
+    wt = None if teacher is None else _columns(teacher_cols, start, tile, teacher.kernel.dtype)
+
+    def one_block(k, inner):
+      d_hidden, d_tile = inner
+      h = blocks.student(k)
+      zs = _dot(h, ws)
+      zt = None if teacher is None else _dot(blocks.teacher(k), wt)
+      g = row_kernel.tile_vjp(
+          zs,
+          zt,
+          blocks.extra_of(k),
+          _slice(grad_stats, k, blocks.block),
+          _slice(g_values, k, blocks.block),
+          start,
+      ).astype(hidden_dtype)
+      dh = jnp.dot(g, ws.astype(hidden_dtype).T, preferred_element_type=jnp.float32)
+      rows_k = jax.lax.dynamic_slice_in_dim(d_hidden, k * blocks.block, blocks.block)
+      d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, rows_k + dh, k * blocks.block, 0)
+      return d_hidden, d_tile + jnp.dot(h.T, g, preferred_element_type=jnp.float32)
+
+    d_tile = jnp.zeros((student.kernel.shape[0], tile), jnp.float32) + anchor
+    d_hidden, d_tile = jax.lax.fori_loop(0, blocks.count, one_block, (d_hidden, d_tile))
+    d_tile = d_tile.astype(student.kernel.dtype)
+    if d_kernel.dtype == jnp.uint16:  # written as bit patterns: see _sliceable
+      d_tile = jax.lax.bitcast_convert_type(d_tile, jnp.uint16)
+    if tile * tiles == vocab:
+      d_kernel = jax.lax.dynamic_update_slice_in_dim(d_kernel, d_tile, start, 1)
+    else:
+      columns = start + jnp.arange(tile, dtype=jnp.int32)
+      d_kernel = d_kernel.at[:, columns].set(d_tile, mode="drop")
+    return d_hidden, d_kernel
+
+  kernel_zeros = jnp.zeros(student.kernel.shape, student.kernel.dtype)
   init = (
-      jnp.zeros((block * num_blocks, student.hidden.shape[1]), hidden_dtype)
-      + anchor.astype(hidden_dtype),
-      jnp.zeros(student.kernel.shape, jnp.float32) + anchor,
+      jnp.zeros((total, student.hidden.shape[1]), jnp.float32) + anchor,
+      _sliceable(kernel_zeros + anchor.astype(kernel_zeros.dtype)),
   )
-  d_hidden, d_kernel = jax.lax.fori_loop(0, num_blocks, body, init)
-  d_student = Projection(d_hidden[:n], d_kernel.astype(student.kernel.dtype))
+  d_hidden, d_kernel = jax.lax.fori_loop(0, tiles, one_tile, init)
+  if d_kernel.dtype == jnp.uint16:
+    d_kernel = jax.lax.bitcast_convert_type(d_kernel, student.kernel.dtype)
+  d_student = Projection(d_hidden[: blocks.n].astype(hidden_dtype), d_kernel)
   return d_student, zeros(teacher), zeros(rows), zeros(extra)
 
 
@@ -207,6 +338,7 @@ def row_statistics(
     extra: Any = None,
     *,
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    vocab_tile: int = VOCAB_TILE,
 ) -> tuple[Array, Array]:
   """Per-row outputs of ``row_kernel`` over ``student.hidden @ student.kernel``.
 
@@ -218,6 +350,7 @@ def row_statistics(
     teacher_rows: ``[N]`` int32, the teacher row paired with each student row.
     extra: pytree of ``[N, ...]`` per-row arrays for the kernel (no gradient).
     block_rows: rows per block.
+    vocab_tile: at most this many vocabulary columns per tile.
 
   Returns:
     ``(values [N, K] float32, stats [N, S])``; only ``values`` carry a gradient, to
@@ -247,9 +380,10 @@ def row_statistics(
             jnp.zeros((1, kernel.shape[1])),
             None if teacher is None else jnp.zeros((1, teacher.kernel.shape[1])),
             jax.tree.map(lambda a: jnp.zeros((1,) + a.shape[1:], a.dtype), extra),
-        )
+        )[:2]
     )
     return jax.tree.map(lambda s: jnp.zeros((0,) + s.shape[1:], s.dtype), shapes)
-  return _fused(
-      row_kernel, int(block_rows), Projection(hidden, kernel), teacher, teacher_rows, extra
-  )
+  if vocab_tile <= 0:
+    raise ValueError(f"The vocabulary tile must be positive, got {vocab_tile}.")
+  sizes = (int(block_rows), int(vocab_tile))
+  return _fused(row_kernel, sizes, Projection(hidden, kernel), teacher, teacher_rows, extra)

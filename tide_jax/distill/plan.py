@@ -52,6 +52,7 @@ class Objective:
     mask_token_id: the student's mask token.
     block_size: B.
     row_block: rows per block of the fused vocabulary statistics.
+    vocab_tile: vocabulary columns per tile of their backward pass (at most).
   """
 
   kind: str
@@ -60,6 +61,7 @@ class Objective:
   mask_token_id: int
   block_size: int
   row_block: int
+  vocab_tile: int = fused.VOCAB_TILE
 
   @classmethod
   def from_config(cls, config) -> "Objective":
@@ -71,6 +73,7 @@ class Objective:
         mask_token_id=int(o.mask_token_id),
         block_size=int(config.block_size),
         row_block=int(o.row_block),
+        vocab_tile=int(o.vocab_tile),
     )
 
 
@@ -346,6 +349,7 @@ class Plan:
           r["teacher_rows"],
           {"targets": r["targets"], "lam": r["lam"]},
           block_rows=self.objective.row_block,
+          vocab_tile=self.objective.vocab_tile,
       )
 
     values, flags = split.rowwise(
@@ -455,6 +459,7 @@ def _target_rows(split, hidden, kernel, targets, plan) -> tuple[Array, Array]:
         Projection(r["hidden"], whole["kernel"]),
         extra=r["targets"],
         block_rows=plan.objective.row_block,
+        vocab_tile=plan.objective.vocab_tile,
     )
 
   values, flags = split.rowwise(

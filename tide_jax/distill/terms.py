@@ -93,66 +93,86 @@ def timestep_weight(t: Array, mode: str = "midrange") -> Array:
 
 
 # ----------------------------------------------------------------------------- token terms
+#
+# Each term: ``value(zs, zt, lam) -> [c]`` on (cut) logits; ``row_stats(zs, zt, lam) ->
+# [c, G]``, what its gradient needs about a whole row (log-sum-exps, a divergence); and
+# ``tile_grad(zs, zt, lam, stats) -> [c, tile]``, d value / d zs on any range of columns
+# from those columns' logits and the row statistics. ``grad`` is the whole row's.
+
+
+def _lse(z: Array) -> Array:
+  return jax.nn.logsumexp(z, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardKL:
-  """``T^2 KL(softmax(zt/T) || softmax(zs/T))``; d/dzs = ``T (p_s - p_t)``."""
-
+class _Term:
   temperature: float = 2.0
+
+  def grad(self, zs, zt, lam):
+    return self.tile_grad(zs, zt, lam, self.row_stats(zs, zt, lam))
+
+
+class ForwardKL(_Term):
+  """``T^2 KL(softmax(zt/T) || softmax(zs/T))``; d/dzs = ``T (p_s - p_t)``."""
 
   def value(self, zs, zt, lam):
     ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
     return self.temperature**2 * jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
 
-  def grad(self, zs, zt, lam):
+  def row_stats(self, zs, zt, lam):
     t = self.temperature
-    return t * (jnp.exp(_log_probs(zs, t)) - jnp.exp(_log_probs(zt, t)))
+    return jnp.stack([_lse(zs / t), _lse(zt / t)], axis=1)
+
+  def tile_grad(self, zs, zt, lam, stats):
+    t = self.temperature
+    return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(zt / t - stats[:, 1:2]))
 
 
-@dataclasses.dataclass(frozen=True)
-class ReverseKL:
+class ReverseKL(_Term):
   """``T^2 KL(softmax(zs/T) || softmax(zt/T))``; d/dzs = ``T p_s (a - KL)``, a = log p_s - log p_t."""
-
-  temperature: float = 2.0
 
   def value(self, zs, zt, lam):
     ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
     return self.temperature**2 * jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
 
-  def grad(self, zs, zt, lam):
-    ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
-    ps, a = jnp.exp(ls), ls - lt
-    kl = jnp.sum(ps * a, axis=-1, keepdims=True)
-    return self.temperature * ps * (a - kl)
+  def row_stats(self, zs, zt, lam):
+    t = self.temperature
+    ls, lt = _log_probs(zs, t), _log_probs(zt, t)
+    kl = jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
+    return jnp.stack([_lse(zs / t), _lse(zt / t), kl], axis=1)
+
+  def tile_grad(self, zs, zt, lam, stats):
+    t = self.temperature
+    ls, lt = zs / t - stats[:, :1], zt / t - stats[:, 1:2]
+    return t * jnp.exp(ls) * (ls - lt - stats[:, 2:3])
 
 
-@dataclasses.dataclass(frozen=True)
-class Tidal:
+class Tidal(_Term):
   """``T^2 KL(r || softmax(zs/T))`` with the constant target
   ``r = softmax(((1 - lam) zs + lam zt) / T)``; d/dzs = ``T (p_s - r)``. ``lam [c]``."""
 
-  temperature: float = 2.0
+  def _mixed(self, zs, zt, lam):
+    lam = lam[:, None]
+    return ((1.0 - lam) * zs + lam * zt) / self.temperature
 
   def target_log_probs(self, zs, zt, lam):
-    lam = lam[:, None]
-    return _log_probs((1.0 - lam) * zs + lam * zt, self.temperature)
+    return jax.nn.log_softmax(self._mixed(zs, zt, lam), axis=-1)
 
   def value(self, zs, zt, lam):
     ls, lr = _log_probs(zs, self.temperature), self.target_log_probs(zs, zt, lam)
     return self.temperature**2 * jnp.sum(jnp.exp(lr) * (lr - ls), axis=-1)
 
-  def grad(self, zs, zt, lam):
+  def row_stats(self, zs, zt, lam):
+    return jnp.stack([_lse(zs / self.temperature), _lse(self._mixed(zs, zt, lam))], axis=1)
+
+  def tile_grad(self, zs, zt, lam, stats):
     t = self.temperature
-    return t * (jnp.exp(_log_probs(zs, t)) - jnp.exp(self.target_log_probs(zs, zt, lam)))
+    return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(self._mixed(zs, zt, lam) - stats[:, 1:2]))
 
 
-@dataclasses.dataclass(frozen=True)
-class JensenShannon:
+class JensenShannon(_Term):
   """``T^2 JS(p_t, p_s)`` with ``m = (p_t + p_s) / 2``, symmetric and bounded by ``T^2 log 2``;
   d/dzs = ``T/2 p_s (a - sum p_s a)``, a = log p_s - log m."""
-
-  temperature: float = 2.0
 
   def _parts(self, zs, zt):
     ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
@@ -165,10 +185,17 @@ class JensenShannon:
     kl_s = jnp.sum(jnp.exp(ls) * (ls - lm), axis=-1)
     return self.temperature**2 * 0.5 * (kl_t + kl_s)
 
-  def grad(self, zs, zt, lam):
+  def row_stats(self, zs, zt, lam):
+    t = self.temperature
     ls, _, lm = self._parts(zs, zt)
-    ps, a = jnp.exp(ls), ls - lm
-    return self.temperature * 0.5 * ps * (a - jnp.sum(ps * a, axis=-1, keepdims=True))
+    kl_s = jnp.sum(jnp.exp(ls) * (ls - lm), axis=-1)
+    return jnp.stack([_lse(zs / t), _lse(zt / t), kl_s], axis=1)
+
+  def tile_grad(self, zs, zt, lam, stats):
+    t = self.temperature
+    ls, lt = zs / t - stats[:, :1], zt / t - stats[:, 1:2]
+    a = ls - (jnp.logaddexp(ls, lt) - jnp.log(2.0))
+    return t * 0.5 * jnp.exp(ls) * (a - stats[:, 2:3])
 
 
 # Terms by the name a recipe uses (recipes.py); each takes the temperature.
@@ -195,15 +222,23 @@ def make_token_term(name: str, temperature: float):
 # ----------------------------------------------------------------------------- row kernels
 
 
+def _onehot(targets: Array, width: int, start: Array | int = 0) -> Array:
+  """``[c, width]`` float32: 1 where column ``start + j`` is the row's target."""
+  columns = start + jnp.arange(width, dtype=jnp.int32)
+  return (columns[None, :] == targets[:, None]).astype(jnp.float32)
+
+
 def _target_log_prob(z: Array, targets: Array) -> tuple[Array, Array]:
-  """``(log softmax(z)[target], softmax(z))`` per row."""
-  lse = jax.nn.logsumexp(z, axis=-1)
-  picked = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-  return picked - lse, jnp.exp(z - lse[:, None])
+  """``(log softmax(z)[target], logsumexp(z))`` per row."""
+  lse = _lse(z)
+  return jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - lse, lse
 
 
-def _onehot(targets: Array, width: int) -> Array:
-  return (jnp.arange(width)[None, :] == targets[:, None]).astype(jnp.float32)
+def _width(z: Array, width: int) -> Array:
+  """``z [c, V']`` cut or zero-padded to ``width`` columns."""
+  if z.shape[1] >= width:
+    return z[:, :width]
+  return jnp.pad(z, [(0, 0), (0, width - z.shape[1])])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,13 +247,17 @@ class TargetRows:
   ``[c, 1]``); d/dz = ``onehot(target) - softmax(z)``. ``extra = targets [c]`` int32."""
 
   def forward(self, z, _, targets):
-    logp, _ = _target_log_prob(z, targets)
+    logp, lse = _target_log_prob(z, targets)
     correct = jnp.argmax(z, axis=-1) == targets
-    return logp[:, None], correct[:, None].astype(jnp.float32)
+    return logp[:, None], correct[:, None].astype(jnp.float32), lse[:, None]
 
   def vjp(self, z, _, targets, g):
-    _, probs = _target_log_prob(z, targets)
-    return g[:, :1] * (_onehot(targets, z.shape[-1]) - probs)
+    """Full-width gradient (``tile_vjp`` on all columns)."""
+    return self.tile_vjp(z, None, targets, _lse(z)[:, None], g, 0)
+
+  def tile_vjp(self, z, _, targets, stats, g, start):
+    probs = jnp.exp(z - stats[:, :1])
+    return g[:, :1] * (_onehot(targets, z.shape[1], start) - probs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,29 +271,36 @@ class PairedRows:
   argmaxes over the shared vocabulary agree.
   """
 
-  term: ForwardKL | ReverseKL | Tidal
+  term: _Term
   shared_vocab: int | None = None
 
   def _cut(self, z):
     return z if self.shared_vocab is None else z[:, : self.shared_vocab]
 
   def forward(self, zs, zt, extra):
-    targets = extra["targets"]
-    logp, _ = _target_log_prob(zs, targets)
+    targets, lam = extra["targets"], extra["lam"]
+    logp, lse = _target_log_prob(zs, targets)
     cs, ct = self._cut(zs), self._cut(zt)
-    value = self.term.value(cs, ct, extra["lam"])
+    value = self.term.value(cs, ct, lam)
     correct = jnp.argmax(zs, axis=-1) == targets
     agree = jnp.argmax(cs, axis=-1) == jnp.argmax(ct, axis=-1)
-    return jnp.stack([logp, value], axis=1), jnp.stack([correct, agree], 1).astype(jnp.float32)
+    grad_stats = jnp.concatenate([lse[:, None], self.term.row_stats(cs, ct, lam)], axis=1)
+    flags = jnp.stack([correct, agree], 1).astype(jnp.float32)
+    return jnp.stack([logp, value], axis=1), flags, grad_stats
 
   def vjp(self, zs, zt, extra, g):
-    targets = extra["targets"]
-    _, probs = _target_log_prob(zs, targets)
-    grad = g[:, :1] * (_onehot(targets, zs.shape[-1]) - probs)
-    term_grad = g[:, 1:2] * self.term.grad(self._cut(zs), self._cut(zt), extra["lam"])
-    if term_grad.shape[1] < zs.shape[1]:  # columns beyond the shared vocabulary: no term
-      term_grad = jnp.pad(term_grad, [(0, 0), (0, zs.shape[1] - term_grad.shape[1])])
-    return grad + term_grad
+    """Full-width gradient (``tile_vjp`` on all columns)."""
+    return self.tile_vjp(zs, zt, extra, self.forward(zs, zt, extra)[2], g, 0)
+
+  def tile_vjp(self, zs, zt, extra, stats, g, start):
+    width = zs.shape[1]
+    zt = _width(zt, width)
+    ce = g[:, :1] * (_onehot(extra["targets"], width, start) - jnp.exp(zs - stats[:, :1]))
+    term = g[:, 1:2] * self.term.tile_grad(zs, zt, extra["lam"], stats[:, 1:])
+    if self.shared_vocab is not None:  # columns beyond the shared vocabulary: no term
+      columns = start + jnp.arange(width, dtype=jnp.int32)
+      term = jnp.where(columns[None, :] < self.shared_vocab, term, 0.0)
+    return ce + term
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -298,14 +344,22 @@ def weighted_sum(per_row: Array, weights: Array) -> tuple[Array, Array]:
 
 
 def target_log_probs(
-    model: Projection, targets: Array, *, block_rows: int = fused.DEFAULT_BLOCK_ROWS
+    model: Projection,
+    targets: Array,
+    *,
+    block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    vocab_tile: int = fused.VOCAB_TILE,
 ) -> tuple[Array, Array]:
   """``log softmax(h W)[target]`` and ``argmax(h W) == target`` per row: ``[N]`` float32 each.
 
   Differentiable in ``model.hidden`` and ``model.kernel`` (the first output).
   """
   values, stats = fused.row_statistics(
-      TargetRows(), model, extra=targets.astype(jnp.int32), block_rows=block_rows
+      TargetRows(),
+      model,
+      extra=targets.astype(jnp.int32),
+      block_rows=block_rows,
+      vocab_tile=vocab_tile,
   )
   return values[:, 0], stats[:, 0]
 
@@ -321,6 +375,7 @@ def paired_rows(
     shared_vocab: int | None = None,
     teacher_rows: Array | None = None,
     block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    vocab_tile: int = fused.VOCAB_TILE,
 ) -> tuple[Array, Array, Array]:
   """Per-row student log-probability of ``targets``, token term ``name`` and argmax agreement.
 
@@ -334,6 +389,7 @@ def paired_rows(
     shared_vocab: cut both logits to this many columns before the term.
     teacher_rows: ``[N]`` int32, the teacher row paired with each student row.
     block_rows: rows per block.
+    vocab_tile: at most this many vocabulary columns per tile.
 
   Returns:
     ``(log_prob [N], term [N], agree [N])`` float32.
@@ -346,7 +402,7 @@ def paired_rows(
       "lam": jnp.zeros((n,), jnp.float32) if lam is None else jnp.asarray(lam, jnp.float32),
   }
   values, stats = fused.row_statistics(
-      kernel, student, teacher, teacher_rows, extra, block_rows=block_rows
+      kernel, student, teacher, teacher_rows, extra, block_rows=block_rows, vocab_tile=vocab_tile
   )
   return values[:, 0], values[:, 1], stats[:, 1]
 
@@ -362,6 +418,7 @@ def token_term(
     shared_vocab: int | None = None,
     teacher_rows: Array | None = None,
     block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    vocab_tile: int = fused.VOCAB_TILE,
 ) -> tuple[Array, Array]:
   """``(loss_sum, count)`` of token term ``name`` over rows with ``weights [N]`` float32."""
   n = student.hidden.shape[0]
@@ -375,6 +432,7 @@ def token_term(
       shared_vocab=shared_vocab,
       teacher_rows=teacher_rows,
       block_rows=block_rows,
+      vocab_tile=vocab_tile,
   )
   return weighted_sum(per_row, weights)
 
