@@ -33,16 +33,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIGS = [
-    # (label, objective, formulation, block rows)
-    ("naive forward KL", "forward_kl", "naive", 0),
-    ("fused forward KL, 128 rows", "forward_kl", "fused", 128),
-    ("fused forward KL, 64 rows", "forward_kl", "fused", 64),
-    ("naive TIDAL", "tidal", "naive", 0),
-    ("fused TIDAL, 128 rows", "tidal", "fused", 128),
-    ("naive reverse KL", "reverse_kl", "naive", 0),
-    ("fused reverse KL, 128 rows", "reverse_kl", "fused", 128),
-    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0),
-    ("fused target log-probs (CE, CALM), 128 rows", "target_logp", "fused", 128),
+    # (label, objective, formulation, block rows, dtype)
+    ("naive forward KL", "forward_kl", "naive", 0, "float32"),
+    ("fused forward KL, 128 rows", "forward_kl", "fused", 128, "float32"),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, "float32"),
+    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, "float32"),
+    ("fused target log-probs (CE, CALM), 64 rows", "target_logp", "fused", 64, "float32"),
+    ("naive forward KL", "forward_kl", "naive", 0, "bfloat16"),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, "bfloat16"),
+    ("naive TIDAL", "tidal", "naive", 0, "bfloat16"),
+    ("fused TIDAL, 64 rows", "tidal", "fused", 64, "bfloat16"),
+    ("naive reverse KL", "reverse_kl", "naive", 0, "bfloat16"),
+    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, "bfloat16"),
+    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, "bfloat16"),
+    ("fused target log-probs (CE, CALM), 64 rows", "target_logp", "fused", 64, "bfloat16"),
 ]
 TEMPERATURE = 2.0
 
@@ -98,7 +102,9 @@ def _status_kib(field):
   raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def run_one(objective, formulation, block_rows, positions, vocab, student_width, teacher_width):
+def run_one(
+    objective, formulation, block_rows, dtype, positions, vocab, student_width, teacher_width
+):
   """Runs in the child process; returns a dict of measurements."""
   import jax
   import jax.numpy as jnp
@@ -128,10 +134,15 @@ def run_one(objective, formulation, block_rows, positions, vocab, student_width,
   loss = _naive(objective) if formulation == "naive" else _fused(objective, block_rows)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   compiled = step.lower(*args).compile()
-  result = {"inputs_bytes": inputs_bytes, "backend": jax.default_backend()}
+  stats = compiled.memory_analysis()
+  result = {
+      "inputs_bytes": inputs_bytes,
+      "backend": jax.default_backend(),
+      "temp_bytes": stats.temp_size_in_bytes,
+      "output_bytes": stats.output_size_in_bytes,
+  }
   on_cpu = jax.default_backend() == "cpu"
   if not on_cpu:
-    stats = compiled.memory_analysis()
     result["peak_extra_bytes"] = stats.temp_size_in_bytes + stats.output_size_in_bytes
   else:
     # The first call is the measured one: after it the allocator keeps its pages, so a
@@ -169,11 +180,12 @@ def main():
 
   rows = []
   wanted = [c for c in CONFIGS if not args.only or c[0] in args.only.split(";")]
-  for label, objective, formulation, block in wanted:
+  for label, objective, formulation, block, dtype in wanted:
     spec = dict(
         objective=objective,
         formulation=formulation,
         block_rows=block,
+        dtype=dtype,
         positions=args.positions,
         vocab=args.vocab,
         student_width=args.student_width,
@@ -188,36 +200,39 @@ def main():
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
       raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-    rows.append((label, objective, formulation, json.loads(lines[-1][7:])))
-    print(f"done: {label}", file=sys.stderr)
+    rows.append((label, objective, formulation, dtype, json.loads(lines[-1][7:])))
+    print(f"done: {label} ({dtype})", file=sys.stderr)
 
-  naive = {obj: r["peak_extra_bytes"] for _, obj, form, r in rows if form == "naive"}
-  backend = rows[0][3]["backend"]
+  naive = {(o, d): r for _, o, form, d, r in rows if form == "naive"}
+  backend = rows[0][4]["backend"]
   gib = 2.0**30
   header = (
-      "| configuration | peak above inputs (GiB) | vs naive | one call (s) | value |\n"
-      "|---|---|---|---|---|"
+      "| configuration | inputs | peak above inputs (GiB) | vs naive | compiled temporaries "
+      "(GiB) | vs naive | gradients (GiB) | one call (s) | value |\n"
+      "|---|---|---|---|---|---|---|---|---|"
   )
   lines = [header]
-  for label, objective, formulation, r in rows:
-    ratio = r["peak_extra_bytes"] / naive[objective] if objective in naive else float("nan")
+  for label, objective, formulation, dtype, r in rows:
+    base = naive.get((objective, dtype))
+    peak_ratio = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else float("nan")
+    temp_ratio = r["temp_bytes"] / base["temp_bytes"] if base else float("nan")
     lines.append(
-        f"| {label} | {r['peak_extra_bytes'] / gib:.3f} | {ratio:.2f} | "
+        f"| {label} | {dtype} | {r['peak_extra_bytes'] / gib:.3f} | {peak_ratio:.2f} | "
+        f"{r['temp_bytes'] / gib:.3f} | {temp_ratio:.2f} | {r['grad_bytes'] / gib:.3f} | "
         f"{r['seconds']:.3g} | {r['value']:.6g} |"
     )
   table = "\n".join(lines)
-  first = rows[0][3]
   summary = (
       f"value + gradient (student hidden states and kernel), {args.positions} positions x "
       f"{args.vocab} vocabulary, student width {args.student_width}, teacher width "
-      f"{args.teacher_width}, bfloat16 inputs ({first['inputs_bytes'] / gib:.2f} GiB), "
-      f"backend {backend}; the bfloat16 gradients alone are {first['grad_bytes'] / gib:.3f} "
-      "GiB; measured as "
+      f"{args.teacher_width}, backend {backend}; peak above inputs measured as "
       + (
           "peak RSS during the call minus RSS before it (inputs allocated, program compiled)"
           if backend == "cpu"
           else "the compiled program's temporaries plus outputs (memory_analysis)"
       )
+      + "; compiled temporaries from memory_analysis (the gradients, which both "
+      "formulations return, are outputs, not temporaries)"
   )
   print(summary)
   print(table)
