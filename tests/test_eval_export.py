@@ -81,3 +81,49 @@ def test_export_refuses_a_mismatched_tokenizer(tmp_path):
   assert not os.path.exists(tmp_path / "x")
   with pytest.raises(FileNotFoundError, match="no bd3lm.json"):
     export.read_sampler_settings(str(tmp_path))
+
+
+def test_export_refuses_a_non_empty_directory_and_never_removes_foreign_files(tmp_path):
+  tok = get_tokenizer("qwen3")
+  model = tiny_decoder(seed=2, vocab=151936)
+  workdir = tmp_path / "workdir"
+  (workdir / "checkpoints" / "5").mkdir(parents=True)
+  (workdir / "checkpoints" / "5" / "state").write_text("weights")
+  (workdir / "metrics.jsonl").write_text('{"step": 5}\n')
+  args = dict(block_size=4, mask_token_id=MASK_ID)
+  with pytest.raises(ValueError, match=r"directory .*workdir is not empty; .* pass --overwrite"):
+    export.export_student(model, tok, str(workdir), **args)
+  with pytest.raises(ValueError, match=r"holds files the export did not write \(checkpoints, "):
+    export.export_student(model, tok, str(workdir), overwrite=True, **args)
+  assert (workdir / "checkpoints" / "5" / "state").read_text() == "weights"
+  assert (workdir / "metrics.jsonl").read_text() == '{"step": 5}\n'
+  assert sorted(os.listdir(tmp_path)) == ["workdir"]  # no staging left behind
+
+  # A previous export is replaced only with overwrite=True.
+  out = str(tmp_path / "student")
+  export.export_student(model, tok, out, **args)
+  with pytest.raises(ValueError, match="is not empty"):
+    export.export_student(model, tok, out, **args)
+  export.export_student(tiny_decoder(seed=3, vocab=151936), tok, out, overwrite=True, **args)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  embed = reloaded.get_input_embeddings().weight.detach().numpy()
+  np.testing.assert_array_equal(embed, np.asarray(tiny_decoder(seed=3, vocab=151936).embed[...]))
+  assert sorted(os.listdir(tmp_path)) == ["student", "workdir"]
+
+
+def test_exported_directory_follows_the_umask(tmp_path):
+  previous = os.umask(0o022)
+  try:
+    out = export.export_student(
+        tiny_decoder(vocab=151936),
+        get_tokenizer("qwen3"),
+        str(tmp_path / "student"),
+        block_size=4,
+        mask_token_id=MASK_ID,
+    )
+  finally:
+    os.umask(previous)
+  assert os.stat(out).st_mode & 0o777 == 0o755
+  modes = {name: os.stat(os.path.join(out, name)).st_mode & 0o777 for name in os.listdir(out)}
+  assert "model.safetensors" in modes and "tokenizer.json" in modes
+  assert set(modes.values()) == {0o644}, modes

@@ -69,3 +69,13 @@ def test_eval_mode_without_checkpoint_fails_cleanly(tmp_path):
   res = run_main(f"--workdir={tmp_path / 'empty'}", "--mode=eval")
   assert res.returncode == 2
   assert "holds no checkpoint and model.init_from is empty" in res.stderr
+
+
+def test_export_into_the_workdir_is_refused_and_deletes_nothing(trained):
+  config, workdir = trained
+  before = sorted(os.path.join(r, f) for r, _, files in os.walk(workdir) for f in files)
+  for overwrite in (False, True):
+    with pytest.raises(ValueError, match="export directory .* (is not empty|holds files the)"):
+      modes.run_export(config, workdir, workdir, overwrite=overwrite)
+  after = sorted(os.path.join(r, f) for r, _, files in os.walk(workdir) for f in files)
+  assert before == after and any("checkpoints" in f for f in after)

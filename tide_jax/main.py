@@ -37,6 +37,12 @@ _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat in --mode=sample.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Output of --mode=export (default <workdir>/hf_export)."
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "--mode=export: replace a previous export in --export_dir (a directory holding anything "
+    "else is always refused).",
+)
 
 
 class UserError(Exception):
@@ -62,7 +68,7 @@ def run(config, workdir: str, mode: str):
   if mode == "sample":
     return modes.run_sample(config, workdir, _PROMPTS.value, _CHAT.value)
   if mode == "export":
-    return modes.run_export(config, workdir, _EXPORT_DIR.value)
+    return modes.run_export(config, workdir, _EXPORT_DIR.value, _OVERWRITE.value)
   raise UserError(f"Unknown mode {mode!r}.")
 
 

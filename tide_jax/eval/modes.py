@@ -188,7 +188,8 @@ def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
   return sample_cli.run_sample(model, tokenizer, list(prompts), cfg)
 
 
-def run_export(config, workdir: str, out_dir: str | None) -> str:
+def run_export(config, workdir: str, out_dir: str | None, overwrite: bool = False) -> str:
+  """Exports the student as an HF directory; a non-empty ``out_dir`` needs ``overwrite``."""
   from tide_jax.eval import export
 
   model, step = load_trained_student(config, workdir)
@@ -201,6 +202,7 @@ def run_export(config, workdir: str, out_dir: str | None) -> str:
       block_size=int(config.block_size),
       mask_token_id=int(config.objective.mask_token_id),
       schedule=config.objective.schedule,
+      overwrite=overwrite,
   )
   print(f"exported the student (step {step}) to {path}", flush=True)
   return path
