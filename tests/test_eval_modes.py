@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from configs import smoke
+from tests.hf_fixtures import tiny_qwen
 from tests.test_train_e2e import run_main
 from tide_jax.diffusion.masks import causal_attention_mask
 from tide_jax.eval import modes
@@ -79,3 +80,28 @@ def test_export_into_the_workdir_is_refused_and_deletes_nothing(trained):
       modes.run_export(config, workdir, workdir, overwrite=overwrite)
   after = sorted(os.path.join(r, f) for r, _, files in os.walk(workdir) for f in files)
   assert before == after and any("checkpoints" in f for f in after)
+
+
+def test_modes_use_model_init_from_before_any_checkpoint(tmp_path, capsys):
+  hf_dir = str(tmp_path / "hf")
+  hf_model = tiny_qwen("qwen3", hf_dir, tied=True, vocab=151936, head_dim=16, num_layers=1)
+  c = smoke.get_config("bd3lm")
+  c.model.init_from = hf_dir
+  c.data.max_len = 64
+  c.sampler.max_new_tokens = 8
+  c.sampler.steps_per_block = 8
+  c.eval.bpb_files = ["pystdlib://this.py"]
+  c.eval.bpb_max_texts = 1
+  workdir = str(tmp_path / "fresh")
+  result = modes.run_eval(c, workdir)
+  assert result["step"] is None and 0.5 < result["bits_per_byte"] < 40
+  assert "initial weights (model.init_from)" in capsys.readouterr().out
+  generations, _ = modes.run_sample(c, workdir, ["def f():"], chat=False)
+  assert len(generations) == 1
+  out = modes.run_export(c, workdir, str(tmp_path / "export"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = torch.arange(1, 13)[None] * 1000
+  with torch.no_grad():
+    np.testing.assert_allclose(
+        exported(input_ids=ids).logits.numpy(), hf_model(input_ids=ids).logits.numpy(), atol=1e-5
+    )

@@ -16,6 +16,7 @@ from etils import epath
 from flax import nnx
 
 from tide_jax import configs_lib
+from tide_jax.convert import hf_checkpoint
 from tide_jax.data import records
 from tide_jax.diffusion import sampler
 from tide_jax.train import checkpoint, optimizer, step as step_lib
@@ -38,7 +39,11 @@ def load_trained_student(config, workdir: str):
           f"{workdir} holds no checkpoint and model.init_from is empty; "
           "train first (--mode=train) or set model.init_from."
       )
-    return loop.build_model(config, model_cfg), None
+    # The initial student, before any training (the paper's baseline row).
+    model = hf_checkpoint.load_dense_from_hf(
+        config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
+    )
+    return model, None
   saved = checkpoint.read_model_meta(workdir, latest)
   if saved is not None:
     checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
@@ -152,8 +157,9 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       "num_bytes": result.num_bytes,
       "num_tokens": result.num_tokens,
   }
+  at = "initial weights (model.init_from)" if step is None else f"step {step}"
   print(
-      f"step {step}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
+      f"{at}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
       f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)",
       flush=True,
   )
@@ -171,6 +177,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
     )
     out["humaneval"] = he["summary"]
     print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
   return out
 
@@ -204,5 +211,6 @@ def run_export(config, workdir: str, out_dir: str | None, overwrite: bool = Fals
       schedule=config.objective.schedule,
       overwrite=overwrite,
   )
-  print(f"exported the student (step {step}) to {path}", flush=True)
+  at = "initial weights" if step is None else f"step {step}"
+  print(f"exported the student ({at}) to {path}", flush=True)
   return path
