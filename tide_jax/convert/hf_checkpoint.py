@@ -79,8 +79,12 @@ def fill_state_from_checkpoint(
     for hf_name, tensor in ckpt.iter_file(path_file, wanted=set(expected)):
       path, rule = expected[hf_name]
       target = flat[path]
-      arr = rule.to_flax(tensor)
       want = target.get_value()
+      try:
+        arr = rule.to_flax(tensor)
+      except ValueError as err:  # a transform's own shape check, made before it reshapes
+        shape_errors.append(f"{hf_name} {err} ({nm.format_path(path)} expects {want.shape})")
+        continue
       if tuple(arr.shape) != tuple(want.shape):
         shape_errors.append(
             f"{hf_name} {tuple(tensor.shape)} -> {nm.format_path(path)} "
@@ -90,7 +94,9 @@ def fill_state_from_checkpoint(
       values[path] = place(path, arr.astype(want.dtype))
   if shape_errors:
     raise ValueError(
-        "Checkpoint tensor shapes do not match config.json: " + "; ".join(shape_errors[:10]) + "."
+        f"Checkpoint tensor shapes in {ckpt.model_dir} do not match its config.json ("
+        + "; ".join(shape_errors[:10])
+        + "); check head_dim and the head counts in config.json."
     )
   new_flat = [(p, v.replace(value=values[p])) for p, v in flat.items()]
   return nnx.merge(graphdef, nnx.from_flat_state(new_flat))

@@ -276,7 +276,13 @@ def stream_convert(
       source = sources[hf_name]
       done_bytes += tensor.nbytes
       tensors += 1
-      parts = source.convert(tensor)
+      try:
+        parts = source.convert(tensor)
+      except ValueError as err:  # a transform's own shape check, made before it reshapes
+        raise ValueError(
+            f"Tensor {hf_name} in {path_file}: {err}; config.json does not describe these "
+            "weights (check head_dim and the head counts)."
+        ) from None
       del tensor
       for path, part in zip(source.paths, parts):
         target = targets[path]
