@@ -9,10 +9,43 @@ call the same code.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
+import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
+
+
+class _ListParser(flags.ArgumentParser):
+  """List fields on the command line: a Python literal or comma-separated strings.
+
+  ``--config.data.train_files=a.jsonl,b.jsonl`` and
+  ``--config.eval.humaneval_tasks="['HumanEval/0', 'HumanEval/1']"`` both give lists;
+  an empty value gives an empty list.
+  """
+
+  def parse(self, argument):
+    if isinstance(argument, list):
+      return argument
+    text = str(argument).strip()
+    if text.startswith("["):
+      try:
+        value = ast.literal_eval(text)
+      except (SyntaxError, ValueError):
+        raise ValueError(f"{text!r} is not a Python list literal") from None
+      if not isinstance(value, list):
+        raise ValueError(f"{text!r} is not a list")
+      return value
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+  def flag_type(self):
+    return "list"
+
+
+config_flags.register_flag_parser_for_type(list, _ListParser())
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -72,6 +105,63 @@ def run(config, workdir: str, mode: str):
   raise UserError(f"Unknown mode {mode!r}.")
 
 
+def _field_paths(config, prefix: str = "") -> list[str]:
+  """Dotted paths of every field and section of a ConfigDict."""
+  paths = []
+  for key, value in config.items():
+    paths.append(prefix + key)
+    if isinstance(value, config_dict.ConfigDict):
+      paths += _field_paths(value, f"{prefix}{key}.")
+  return paths
+
+
+def _has_field(config, path: str) -> bool:
+  for key in path.split("."):
+    if not isinstance(config, config_dict.ConfigDict) or key not in config:
+      return False
+    config = config[key]
+  return True
+
+
+def _load_config_file(spec: str):
+  """The ConfigDict of ``--config=FILE[:ARG]`` (loaded again, only to name fields)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("tide_jax_cli_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_field_message(argv: list[str]) -> str | None:
+  """One line for the first ``--config.<field>`` of ``argv`` the config does not have."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([^=]+)", a))]
+  if spec is None or not overrides:
+    return None
+  try:
+    config = _load_config_file(spec)
+  except Exception:  # the config file itself is broken: absl reports that
+    return None
+  for field in overrides:
+    if not _has_field(config, field):
+      close = difflib.get_close_matches(field, _field_paths(config), n=3, cutoff=0.6)
+      hint = (
+          f"did you mean {' or '.join(close)}?" if close else "see the config file for the fields."
+      )
+      return f"--config.{field} is not a field of {spec}; {hint}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error for a misspelled ``--config.<field>``."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as err:  # raised by config_flags for an unknown field
+    message = unknown_field_message(argv) or f"bad --config override ({err})"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
   # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; --verbosity=0 shows them.
   if not flags.FLAGS["verbosity"].present:
@@ -95,4 +185,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -17,16 +17,16 @@ from etils import epath
 
 DENSE_MODEL_TYPES = ("qwen3", "qwen2")
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def resolve_dtype(name: str | Any) -> Any:
   """Maps a dtype name ("float32", "bfloat16") to a jnp dtype; passes dtypes through."""
   if not isinstance(name, str):
     return name
-  if name not in _DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; use one of {', '.join(_DTYPES)}.")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
