@@ -73,9 +73,8 @@ def base_config() -> config_dict.ConfigDict:
   t.async_checkpoint = False
   t.stop_at_step = 0  # > 0: checkpoint and stop after this step (time-sliced jobs)
   t.preemption_check_every = 1  # multi-host: combine the hosts' SIGTERM flags every n steps
-  t.rng_offset = (
-      0  # > 0: different noise from the same seed (e.g. past a NaN); folded into the step key
-  )
+  # > 0: different noise from the same seed (e.g. to resume past a NaN); see train/step.py.
+  t.rng_offset = 0
 
   # Device mesh (tide_jax.parallel.sharding): -1 = the remaining devices. The student's
   # parameters and optimizer state spread over fsdp x tensor, the teacher's over

@@ -1,0 +1,52 @@
+"""Resuming safely: noise past a NaN (train.rng_offset), damaged checkpoints, one run per
+workdir, metrics written once per step."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.test_train_e2e import read_metrics, short_config
+from tide_jax.train import loop
+from tide_jax.train import step as step_lib
+from tide_jax.train.step import NonFiniteError, check_finite
+
+
+def fast_config(tmp_path, num_steps=3, stop_at=0):
+  """The shortened smoke config without periodic evaluation (these tests only resume)."""
+  c = short_config(tmp_path, num_steps=num_steps, stop_at=stop_at)
+  c.train.batch_size = 2
+  c.train.eval_every = 0
+  c.train.eval_batches = 1
+  c.eval.bpb_during_training = False
+  return c
+
+
+def test_rng_offset_changes_the_step_key_and_zero_keeps_it():
+  state = step_lib.TrainState(
+      step=jnp.asarray(5, jnp.int32),
+      params={},
+      opt_state=(),
+      rng=jax.random.key_data(jax.random.key(0)),
+  )
+  plain = jax.random.fold_in(jax.random.key(0), 5)
+  same = lambda a, b: np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
+  assert same(step_lib.step_key(state), plain)
+  assert same(step_lib.step_key(state, 0), plain)
+  assert not same(step_lib.step_key(state, 1), plain)
+  assert not same(step_lib.step_key(state, 1), step_lib.step_key(state, 2))
+
+
+def test_nan_advice_names_rng_offset_and_resume_accepts_it(tmp_path):
+  with pytest.raises(NonFiniteError, match="--config.train.rng_offset=N") as err:
+    check_finite(7, {"loss": float("nan"), "grad_norm": 1.0})
+  assert "different seed" not in str(err.value)
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(fast_config(tmp_path, stop_at=2), workdir)
+  resumed = fast_config(tmp_path)
+  resumed.train.rng_offset = 1
+  assert loop.train_and_evaluate(resumed, workdir)["step"] == 3
+  assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3]
