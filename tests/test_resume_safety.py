@@ -1,8 +1,10 @@
 """Resuming safely: noise past a NaN (train.rng_offset), damaged checkpoints, one run per
 workdir, metrics written once per step."""
 
+import glob
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -50,3 +52,50 @@ def test_nan_advice_names_rng_offset_and_resume_accepts_it(tmp_path):
   resumed.train.rng_offset = 1
   assert loop.train_and_evaluate(resumed, workdir)["step"] == 3
   assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+  """A finished 4-step run with checkpoints at steps 2 and 4, and its metrics."""
+  root = tmp_path_factory.mktemp("four")
+  c = fast_config(root, num_steps=4)
+  c.train.checkpoint_every = 2
+  workdir = str(root / "wd")
+  loop.train_and_evaluate(c, workdir)
+  return root, workdir, read_metrics(workdir)
+
+
+def damage(step_dir: str, kind: str) -> None:
+  if kind == "truncated file":
+    data = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+    with open(max(data, key=os.path.getsize), "r+b") as f:
+      f.truncate(1000)
+  elif kind == "missing metadata":
+    os.remove(os.path.join(step_dir, "state", "_METADATA"))
+  elif kind == "empty step folder":
+    shutil.rmtree(step_dir)
+    os.mkdir(step_dir)
+
+
+@pytest.mark.parametrize("kind", ["truncated file", "missing metadata", "empty step folder"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(four_steps, kind, capsys):
+  root, source, rows = four_steps
+  workdir = str(root / kind.replace(" ", "_"))
+  shutil.copytree(source, workdir)
+  damage(os.path.join(workdir, "checkpoints", "4"), kind)
+  c = fast_config(root, num_steps=4)
+  c.train.checkpoint_every = 2
+  # Evaluation reports the damage, uses step 2 and moves nothing.
+  from tide_jax.eval import modes
+
+  _, step = modes.load_trained_student(c, workdir)
+  out = capsys.readouterr().out
+  assert step == 2 and "Checkpoint of step 4 in" in out and "is damaged (" in out
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+  # Training reports it, sets it aside (not deleted) and redoes steps 3-4 from step 2.
+  assert loop.train_and_evaluate(c, workdir)["step"] == 4
+  out = capsys.readouterr().out
+  assert "Checkpoint of step 4 in" in out and "moved it to" in out
+  assert "Resuming from checkpoint at step 2" in out
+  assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "4"))
+  assert read_metrics(workdir) == rows  # exactly the uninterrupted run's metrics

@@ -19,6 +19,7 @@ from tide_jax import configs_lib
 from tide_jax.convert import hf_checkpoint
 from tide_jax.data import records
 from tide_jax.diffusion import sampler
+from tide_jax.models import dense
 from tide_jax.train import checkpoint, optimizer, step as step_lib
 
 
@@ -33,34 +34,37 @@ def load_trained_student(config, workdir: str):
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   latest = checkpoint.find_latest_step(workdir)
-  if latest is None:
-    if not config.model.get("init_from", ""):
-      raise FileNotFoundError(
-          f"{workdir} holds no checkpoint and model.init_from is empty; "
-          "train first (--mode=train) or set model.init_from."
-      )
-    # The initial student, before any training (the paper's baseline row).
-    model = hf_checkpoint.load_dense_from_hf(
-        config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
+  restored = None
+  if latest is not None:
+    abstract = dense.abstract_decoder(model_cfg)
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
+    abstract_state = jax.eval_shape(
+        lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params
     )
-    return model, None
-  saved = checkpoint.read_model_meta(workdir, latest)
-  if saved is not None:
-    checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
-  from tide_jax.models import dense
-
-  abstract = dense.abstract_decoder(model_cfg)
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
-  abstract_state = jax.eval_shape(
-      lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params
+    ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+    try:  # a damaged newest step is reported and passed over, and left where it is
+      restored = ckpt.restore_newest_intact(
+          abstract_state,
+          checkpoint.model_meta(model_cfg),
+          lambda line: print(line, flush=True),
+          set_aside=False,
+      )
+    finally:
+      ckpt.close()
+  if restored is not None:
+    step, state, _ = restored
+    return nnx.merge(graphdef, state.params), step
+  if not config.model.init_from:
+    raise FileNotFoundError(
+        f"{workdir} holds no {'intact ' if latest is not None else ''}checkpoint and "
+        "model.init_from is empty; train first (--mode=train) or set model.init_from."
+    )
+  # The initial student, before any training (the paper's baseline row).
+  model = hf_checkpoint.load_dense_from_hf(
+      config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
   )
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
-  try:
-    state, _ = ckpt.restore(latest, abstract_state)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, state.params), latest
+  return model, None
 
 
 def student_tokenizer(config):

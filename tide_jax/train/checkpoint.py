@@ -8,11 +8,13 @@ through ``etils.epath``, so a ``gs://`` workdir uses the same code.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 # Shape fields that must agree between a checkpoint and the model being trained.
 SHAPE_FIELDS = (
@@ -77,6 +79,50 @@ class Checkpointer:
     )
     return restored.state, restored.data
 
+  def restore_newest_intact(
+      self,
+      abstract_state: Any,
+      current_meta: Mapping[str, Any],
+      say: Callable[[str], None],
+      *,
+      set_aside: bool = True,
+  ) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back, falling back over damaged ones.
+
+    A step that cannot be read (a truncated file, missing metadata, an empty step folder)
+    is reported with ``say``, naming the step and the error, and the next older one is
+    tried. With ``set_aside`` (training) a damaged step is moved, not deleted, to
+    ``<workdir>/checkpoints_damaged/`` so that training can write that step again; without
+    it (evaluation) nothing is touched. A checkpoint of a different model is an error, not
+    damage (:func:`check_same_model`).
+
+    Returns:
+      ``(step, state, data_state)``, or None when no checkpoint is intact.
+    """
+    workdir = str(self.directory.parent)
+    for step in sorted(self.manager.all_steps(read=True), reverse=True):
+      saved = read_model_meta(workdir, step)
+      if saved is not None:
+        check_same_model(workdir, saved, current_meta)
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state
+      except Exception as err:  # any failure to read the step back is damage to report
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+      if set_aside:
+        where = set_damaged_step_aside(self.directory, step)
+        self.manager.reload()
+        say(
+            f"Checkpoint of step {step} in {self.directory} is damaged ({reason}); moved it "
+            f"to {where} and falling back to the newest intact checkpoint."
+        )
+      else:
+        say(
+            f"Checkpoint of step {step} in {self.directory} is damaged ({reason}); falling "
+            "back to the newest intact checkpoint."
+        )
+    return None
+
   def saved_model_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
 
@@ -86,6 +132,26 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def set_damaged_step_aside(directory: epath.Path, step: int) -> epath.Path:
+  """Moves ``directory/<step>`` to ``<workdir>/checkpoints_damaged/<step>[.n]``; returns it.
+
+  Only the first process moves it (orbax writes from every process, so all of them must
+  agree that the step is gone); the others wait for it.
+  """
+  damaged = directory.parent / "checkpoints_damaged"
+  target = damaged / str(step)
+  copy = 1
+  while target.exists():
+    target = damaged / f"{step}.{copy}"
+    copy += 1
+  if jax.process_index() == 0:
+    damaged.mkdir(parents=True, exist_ok=True)
+    (directory / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"tide_jax_set_aside_step_{step}")
+  return target
 
 
 def model_meta(model_cfg) -> dict[str, Any]:
@@ -125,13 +191,17 @@ def find_latest_step(workdir: str) -> int | None:
 
 
 def read_model_meta(workdir: str, step: int) -> dict[str, Any] | None:
-  """Reads the saved model shape of a step directly (no manager, no writes)."""
-  import json
+  """The saved model shape of a step, read directly (no manager, no writes).
 
+  None when it is missing or unreadable: a damaged step is then found, reported and passed
+  over when it is restored (:meth:`Checkpointer.restore_newest_intact`).
+  """
   path = epath.Path(workdir) / "checkpoints" / str(step) / "model" / "metadata"
-  if not path.exists():
+  try:
+    meta = json.loads(path.read_text())
+  except (OSError, ValueError):
     return None
-  return json.loads(path.read_text())
+  return meta if isinstance(meta, dict) else None
 
 
 def abstract_like(tree: Any) -> Any:

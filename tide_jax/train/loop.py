@@ -281,10 +281,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       async_save=bool(config.train.get("async_checkpoint", False)),
   )
   start_step = 0
-  if latest is not None:
-    state, data_state = ckpt.restore(
-        latest, placement.abstract_with_shardings(abstract_state, state_sh)
+  restored = None
+  if latest is not None:  # a damaged newest step is reported and passed over
+    restored = ckpt.restore_newest_intact(
+        placement.abstract_with_shardings(abstract_state, state_sh),
+        checkpoint.model_meta(model_cfg),
+        _say,
     )
+    latest = None if restored is None else restored[0]
+  if restored is not None:
+    _, state, data_state = restored
     train_iter.set_state(host_data.local_iterator_state(data_state, process_index, process_count))
     start_step = int(state.step)
     _say(f"Resuming from checkpoint at step {start_step} in {workdir}")
