@@ -5,14 +5,17 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_train_e2e import read_metrics, short_config
-from tide_jax.train import loop
+from tests.test_train_e2e import REPO, read_metrics, run_main, short_config
+from tide_jax.train import loop, workdir_lock
+from tide_jax.train import metrics as metrics_lib
 from tide_jax.train import step as step_lib
 from tide_jax.train.step import NonFiniteError, check_finite
 
@@ -99,3 +102,73 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(four_st
   assert "Resuming from checkpoint at step 2" in out
   assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "4"))
   assert read_metrics(workdir) == rows  # exactly the uninterrupted run's metrics
+
+
+HOLD_LOCK = """
+import sys, time
+from tide_jax.train import workdir_lock
+workdir_lock.acquire(sys.argv[1], stale_after_s=float(sys.argv[2]), settle_s=0.2)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_lock(workdir: str, stale_after_s: float = 300.0, env=None) -> subprocess.Popen:
+  """A separate process that takes the workdir lock and keeps it until killed."""
+  proc = subprocess.Popen(
+      [sys.executable, "-c", HOLD_LOCK, workdir, str(stale_after_s)],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  line = proc.stdout.readline()
+  assert line.strip() == "held", proc.stderr.read()[-2000:]
+  return proc
+
+
+def test_a_second_run_on_a_workdir_is_refused_before_writing_anything(tmp_path, capsys):
+  workdir = str(tmp_path / "wd")
+  holder = hold_lock(workdir)
+  try:
+    with pytest.raises(workdir_lock.WorkdirInUse) as err:
+      loop.train_and_evaluate(fast_config(tmp_path), workdir)
+    message = str(err.value)
+    assert message.startswith(f"Workdir {workdir} is in use by another run (host ")
+    assert f"pid {holder.pid}, started " in message and message.count(". ") == 0
+    assert sorted(os.listdir(workdir)) == ["run.lock"]  # no metrics, config or checkpoints
+    assert not (tmp_path / "data_cache").exists()  # and no data prepared
+    res = run_main(f"--workdir={workdir}", f"--config.data.cache_dir={tmp_path / 'cache'}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith(f"error: Workdir {workdir} is in use by another run (host ")
+  finally:
+    holder.kill()
+    holder.wait()
+  # The holder died without releasing: its lock is taken over, with a notice.
+  lock = workdir_lock.acquire(workdir, stale_after_s=300.0, say=print)
+  assert f"pid {holder.pid}" in capsys.readouterr().out
+  lock.release()
+  assert not os.path.exists(os.path.join(workdir, "run.lock"))
+
+
+def test_metrics_are_written_once_per_step_and_group(tmp_path):
+  rows = [
+      {"step": 0, "eval/masked_nll": 11.9},
+      {"step": 1, "train/loss": 3.0},
+      {"step": 2, "train/loss": 2.5},
+      {"step": 2, "eval/masked_nll": 9.0},
+  ]
+  doubled = rows[:2] + rows[:2] + rows[2:] + rows[2:]  # two runs appending to one file
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in doubled))
+  writer = metrics_lib.MetricsWriter(str(tmp_path), resume_step=2)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+  writer.write(2, {"loss": 2.5}, prefix="train/")  # the same step again: replaced, not added
+  writer.write(3, {"loss": 2.0}, prefix="train/")
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == rows + [
+      {"step": 3, "train/loss": 2.0}
+  ]

@@ -100,6 +100,7 @@ _RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.stop_at_step": (_non_negative, "zero (no early stop) or a step"),
     "train.preemption_check_every": (_positive, "positive"),
     "train.rng_offset": (_non_negative, "zero or a positive integer"),
+    "train.workdir_lock_stale_s": (_positive, "a positive number of seconds"),
     "sampler.max_new_tokens": (_positive, "positive"),
     "sampler.temperature": (_non_negative, "zero (greedy) or positive"),
     "sampler.context_len": (_positive, "positive"),

@@ -29,6 +29,7 @@ from tide_jax.models import dense
 from tide_jax.models.config import DecoderConfig
 from tide_jax.parallel import host_data, memory, placement, preemption, sharding
 from tide_jax.train import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
+from tide_jax.train import workdir_lock
 
 Preempted = preemption.Preempted
 
@@ -250,6 +251,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   )
   latest = _check_resume(workdir, model_cfg)
   primary = process_index == 0
+  # One run per workdir, refused before the data is prepared or anything else written.
+  lock = workdir_lock.acquire(
+      workdir, stale_after_s=float(config.train.workdir_lock_stale_s), say=_say
+  )
 
   train_iter = pipeline.make_iterator(
       config.data,
@@ -383,6 +388,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpt.close()
         writer.close()
         _say(f"SIGTERM received: checkpoint of step {step} written; exiting.")
+        lock.release()
         raise Preempted(step, workdir)
 
   ckpt.close()
@@ -402,4 +408,5 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     (wd / "summary.json").write_text(
         json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2)
     )
+  lock.release()
   return {**summary, "state": state, "graphdef": graphdef, "teacher_params": teacher_params}
