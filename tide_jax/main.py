@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import errno
 import importlib.util
 import re
 import sys
@@ -162,10 +163,45 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+# Why an operating-system error happened, in words a user acts on.
+_OS_REASONS = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted (a read-only or immutable location)",
+    errno.ENOSPC: "no space is left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file would exceed the allowed file size (a file-size limit)",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+
+
+def os_error_sentence(err: OSError) -> str:
+  """One sentence for a failed file-system operation, naming the file."""
+  if err.errno is None or not err.filename:
+    return str(err)  # already a sentence (e.g. a checkpoint that could not be written)
+  reason = _OS_REASONS.get(err.errno, err.strerror or "it failed")
+  return (
+      f"Cannot write or read {err.filename}: {reason}; use a writable --workdir on a file "
+      "system with free space, or fix its permissions."
+  )
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """After a failed checkpoint write, tensorstore completes its other pending writes on the
+  event loop orbax has already closed; each would print a traceback ("Event loop is
+  closed") around the one-sentence error. Every other unraisable exception is reported."""
+  value = unraisable.exc_value
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def main(argv):
-  # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; --verbosity=0 shows them.
+  sys.unraisablehook = _drop_closed_loop_callbacks
+  # Library logs (orbax, tfds) drown the progress lines, and failures end in one sentence
+  # below rather than in a library's logged traceback; --verbosity=0 shows them all.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
+    logging.set_verbosity(logging.FATAL)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
@@ -180,6 +216,9 @@ def main(argv):
     sys.exit(0)
   except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
     print(f"error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except OSError as err:  # a read-only or full workdir, missing permissions
+    print(f"error: {os_error_sentence(err)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

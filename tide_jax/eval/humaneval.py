@@ -350,6 +350,8 @@ def evaluate_humaneval(
       problems, completions, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb
   )
   scores = score(results, ks)
+  # Printed before the report is written, so a read-only workdir still shows the result.
+  print(f"HumanEval: {scores['summary']} over {scores['num_problems']} problems", flush=True)
   write_report(
       out_json,
       scores,

@@ -180,7 +180,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         task_ids=list(ev.get("humaneval_tasks", [])) or None,
     )
     out["humaneval"] = he["summary"]
-    print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+    print(f"HumanEval per-problem report: {report}", flush=True)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
   return out

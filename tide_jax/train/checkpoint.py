@@ -9,6 +9,8 @@ through ``etils.epath``, so a ``gs://`` workdir uses the same code.
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -32,6 +34,27 @@ SHAPE_FIELDS = (
     "o_bias",
     "param_dtype",
 )
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the message is one sentence naming the step."""
+
+
+def _write_error(step: int | None, directory, err: Exception) -> CheckpointWriteError:
+  """One sentence for a failed save; tensorstore reports the OS error as a code in its text."""
+  text = " ".join(str(err).split())
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if isinstance(err, OSError) and err.errno is not None:
+    reason = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+  elif code:
+    reason = os.strerror(int(code.group(1)))
+  else:
+    reason = text[:200]
+  what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+  return CheckpointWriteError(
+      f"Could not write {what} to {directory} ({reason}); free space on that file system "
+      "or use a writable --workdir, then re-run to resume from the last checkpoint."
+  )
 
 
 class Checkpointer:
@@ -59,15 +82,18 @@ class Checkpointer:
       *,
       force: bool = False,
   ) -> bool:
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(data_state)),
-            model=ocp.args.JsonSave(dict(model_meta)),
-        ),
-        force=force,
-    )
+    try:
+      return self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(dict(data_state)),
+              model=ocp.args.JsonSave(dict(model_meta)),
+          ),
+          force=force,
+      )
+    except Exception as err:  # a full or read-only file system, whatever layer reports it
+      raise _write_error(step, self.directory, err) from err
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores onto the shardings carried by ``abstract_state`` (resharding if needed)."""
@@ -127,10 +153,13 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as err:  # an asynchronous save that failed
+      raise _write_error(None, self.directory, err) from err
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
