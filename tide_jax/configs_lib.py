@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
 from tide_jax.diffusion import masks, sampler, schedules
 from tide_jax.distill import recipes, terms
 from tide_jax.models import config as mcfg
@@ -150,9 +151,12 @@ def validate(config) -> None:
 def student_model_config(config) -> mcfg.DecoderConfig:
   """The student's DecoderConfig: from ``model.init_from``'s config.json, else the fields."""
   m = config.model
-  if m.get("init_from", ""):
+  if m.init_from:
     hf = mcfg.read_hf_config(m.init_from)
     cfg = mcfg.decoder_config_from_hf(hf, param_dtype=m.param_dtype, dtype=m.dtype)
+    # The weights' headers too (no tensor data): a truncated or corrupt file is reported
+    # now, before the data is prepared, not when the weights are loaded.
+    SafetensorsCheckpoint(m.init_from)
   else:
     cfg = mcfg.decoder_config_from_hf(
         {

@@ -224,4 +224,12 @@ def read_hf_config(model_dir: str) -> dict[str, Any]:
     raise FileNotFoundError(
         f"{model_dir} has no config.json; pass an HF model directory " "saved with save_pretrained."
     )
-  return json.loads(config_path.read_text())
+  try:
+    config = json.loads(config_path.read_text())
+  except ValueError as err:
+    raise ValueError(
+        f"{config_path} is not valid JSON ({err}); repair it or download the model again."
+    ) from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path} holds no JSON object; download the model again.")
+  return config
