@@ -85,6 +85,11 @@ def base_config() -> config_dict.ConfigDict:
   t.async_checkpoint = False
   t.stop_at_step = 0  # > 0: checkpoint and stop after this step (time-sliced jobs)
   t.preemption_check_every = 1  # multi-host: combine the hosts' SIGTERM flags every n steps
+  # > 0: different noise from the same seed (e.g. to resume past a NaN); see train/step.py.
+  t.rng_offset = 0
+  # gs:// workdirs: a run lock whose heartbeat is older than this is taken over (local
+  # workdirs need no timeout: the lock dies with its process); see train/workdir_lock.py.
+  t.workdir_lock_stale_s = 300.0
 
   # Device mesh (tide_jax.parallel.sharding): -1 = the remaining devices. The student's
   # parameters and optimizer state spread over fsdp x tensor, the teacher's over

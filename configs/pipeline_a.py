@@ -94,6 +94,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # Chunk temperature: the release's pipeline-A script uses 5.0 (its trainer default is 2.0).
   config.distill.chunk_temperature = 5.0
   config.distill.tidal.l0, config.distill.tidal.l1 = 0.1, 0.9
+  config.distill.tidal.growth = "cosine"
+  # The official pipeline-A script leaves the TIDAL timestep weight at its default, uniform
+  # (pipeline B's passes midrange, which averages 0.38 over t); only tide_shared uses TIDAL.
+  config.distill.tidal.timestep_weight = "uniform"
   config.distill.compdemo.ratio = 0.5
   config.teacher = teachers.teacher_config(
       "llada2",

@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.distill.shared_vocab = SHARED_VOCAB
   config.distill.tidal.l0, config.distill.tidal.l1 = 0.1, 0.9
   config.distill.tidal.growth = "cosine"
-  config.distill.tidal.timestep_weight = "midrange"
+  config.distill.tidal.timestep_weight = "midrange"  # what the official pipeline-B script passes
   config.distill.compdemo.ratio = 0.5
   config.teacher = teachers.teacher_config(
       "wedlm",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import signal
 import time
 
 import numpy as np
@@ -48,7 +50,8 @@ def test_canonical_solutions_pass_and_empty_completions_fail(problems, tmp_path)
 def test_infinite_loop_and_unbounded_allocation_fail_within_the_timeout(problems):
   p = problems["HumanEval/0"]
   loop = "    while True:\n        pass\n"
-  fork_and_sleep = "    import os, time\n    os.fork()\n    time.sleep(100)\n"
+  # posix.fork: os.fork itself is disabled by the guards.
+  fork_and_sleep = "    import posix, time\n    posix.fork()\n    time.sleep(100)\n"
   start = time.monotonic()
   results = humaneval.check_completions(
       {p["task_id"]: p}, {p["task_id"]: [loop, fork_and_sleep]}, workers=2, timeout_s=2.0
@@ -158,3 +161,113 @@ def test_end_to_end_with_a_tiny_student_writes_the_report(tmp_path):
   assert scores["summary"]["pass@1"] == pytest.approx(np.mean(per))
   with pytest.raises(ValueError, match="k=5 needs at least that many samples"):
     humaneval.evaluate_humaneval(model, tok, cfg, out_json=path, ks=(1, 5), task_ids=tasks)
+
+
+def test_exiting_early_with_status_zero_does_not_pass(problems):
+  p = problems["HumanEval/0"]
+  full = "```python\nimport sys\nsys.exit(0)\ndef has_close_elements(numbers, threshold):\n    pass\n```"
+  early = [
+      "    raise SystemExit(0)\n",
+      "    import os\n    os._exit(0)\n",
+      "    import sys\n    sys.exit(0)\n",
+      "    exit(0)\n",
+      full,
+  ]
+  results = humaneval.check_completions(
+      {p["task_id"]: p}, {p["task_id"]: early + [p["canonical_solution"]]}, timeout_s=5.0
+  )[p["task_id"]]
+  assert [r["status"] for r in results] == ["failed"] * len(early) + ["passed"], results
+
+
+def test_each_program_runs_in_its_own_empty_directory():
+  res = humaneval.run_program("import os\nassert os.listdir('.') == [], os.listdir('.')\n")
+  assert res.passed, res.detail
+
+
+def test_guards_block_os_system_and_changes_to_files_outside_the_directory(tmp_path):
+  victim = tmp_path / "victim.txt"
+  victim_dir = tmp_path / "victim_dir"
+  victim_dir.mkdir()
+  (victim_dir / "keep.txt").write_text("keep")
+  created = tmp_path / "created.txt"
+  attacks = [
+      f"import os\nos.system('rm -f {victim}')",
+      f"import os\nos.remove('{victim}')",
+      f"import os\nos.unlink('{victim}')",
+      f"import shutil\nshutil.rmtree('{victim_dir}')",
+      f"import os\nos.rename('{victim}', '{created}')",
+      f"open('{victim}', 'w').write('overwritten')",
+      f"import pathlib\npathlib.Path('{created}').write_text('new')",
+      f"import os\nos.close(os.open('{created}', os.O_CREAT | os.O_WRONLY))",
+      f"import subprocess\nsubprocess.run(['rm', '-f', '{victim}'])",
+  ]
+  for source in attacks:
+    victim.write_text("original")
+    res = humaneval.run_program(source)
+    assert res.status == "failed", (source, res)
+    assert victim.read_text() == "original", source
+    assert (victim_dir / "keep.txt").read_text() == "keep", source
+    assert not created.exists(), source
+
+
+def _processes_with(tag: str) -> list[int]:
+  found = []
+  for name in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{name}/cmdline", "rb") as f:
+        if tag.encode() in f.read():
+          found.append(int(name))
+    except (OSError, ValueError):
+      continue
+  return found
+
+
+def _sleep_tag() -> str:
+  """A unique ``sleep`` argument (seconds) to find a program's processes by."""
+  return f"86{random.randrange(10**6):06d}.5"
+
+
+def _kill(pids: list[int]) -> None:
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+def test_process_count_is_limited_and_no_process_outlives_the_program():
+  tag = _sleep_tag()
+  bomb = (
+      "import posix, time\n"
+      "for _ in range(60):\n"
+      "    if posix.fork() == 0:\n"
+      f"        posix.execv('/bin/sleep', ['sleep', '{tag}'])\n"
+      "time.sleep(5)\n"
+  )
+  res = humaneval.run_program(bomb, timeout_s=10.0)  # at most 16 processes by default
+  survivors = _processes_with(tag)
+  _kill(survivors)
+  assert res.status == "failed", res
+  # Root is exempt from RLIMIT_NPROC: the supervisor's count stops the program instead.
+  assert "more than 16 processes" in res.detail or "BlockingIOError" in res.detail, res
+  assert survivors == []
+
+
+def test_a_double_forked_setsid_child_does_not_outlive_the_program():
+  tag = _sleep_tag()
+  escape = (
+      "import posix, time\n"
+      "child = posix.fork()\n"
+      "if child == 0:\n"
+      "    posix.setsid()\n"
+      "    if posix.fork() == 0:\n"
+      f"        posix.execv('/bin/sleep', ['sleep', '{tag}'])\n"
+      "    posix._exit(0)\n"
+      "posix.waitpid(child, 0)\n"
+      "time.sleep(0.5)\n"
+  )
+  res = humaneval.run_program(escape, timeout_s=5.0)
+  survivors = _processes_with(tag)
+  _kill(survivors)
+  assert res.passed, res  # the program itself completed; what it left behind was killed
+  assert survivors == []

@@ -1,7 +1,13 @@
 """--mode=eval / sample / export on a freshly trained smoke student."""
 
+import contextlib
 import json
 import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +16,8 @@ import torch
 import transformers
 
 from configs import smoke
-from tests.test_train_e2e import run_main
+from tests.hf_fixtures import tiny_qwen
+from tests.test_train_e2e import REPO, run_main
 from tide_jax.diffusion.masks import causal_attention_mask
 from tide_jax import modes
 from tide_jax.train import loop
@@ -69,3 +76,130 @@ def test_eval_mode_without_checkpoint_fails_cleanly(tmp_path):
   res = run_main(f"--workdir={tmp_path / 'empty'}", "--mode=eval")
   assert res.returncode == 2
   assert "holds no checkpoint and model.init_from is empty" in res.stderr
+
+
+def test_export_into_the_workdir_is_refused_and_deletes_nothing(trained):
+  config, workdir = trained
+  before = sorted(os.path.join(r, f) for r, _, files in os.walk(workdir) for f in files)
+  for overwrite in (False, True):
+    with pytest.raises(ValueError, match="export directory .* (is not empty|holds files the)"):
+      modes.run_export(config, workdir, workdir, overwrite=overwrite)
+  after = sorted(os.path.join(r, f) for r, _, files in os.walk(workdir) for f in files)
+  assert before == after and any("checkpoints" in f for f in after)
+
+
+def test_modes_use_model_init_from_before_any_checkpoint(tmp_path, capsys):
+  hf_dir = str(tmp_path / "hf")
+  hf_model = tiny_qwen("qwen3", hf_dir, tied=True, vocab=151936, head_dim=16, num_layers=1)
+  c = smoke.get_config("bd3lm")
+  c.model.init_from = hf_dir
+  c.data.max_len = 64
+  c.sampler.max_new_tokens = 8
+  c.sampler.steps_per_block = 8
+  c.eval.bpb_files = ["pystdlib://this.py"]
+  c.eval.bpb_max_texts = 1
+  workdir = str(tmp_path / "fresh")
+  result = modes.run_eval(c, workdir)
+  assert result["step"] is None and 0.5 < result["bits_per_byte"] < 40
+  assert "initial weights (model.init_from)" in capsys.readouterr().out
+  generations, _ = modes.run_sample(c, workdir, ["def f():"], chat=False)
+  assert len(generations) == 1
+  out = modes.run_export(c, workdir, str(tmp_path / "export"))
+  exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = torch.arange(1, 13)[None] * 1000
+  with torch.no_grad():
+    np.testing.assert_allclose(
+        exported(input_ids=ids).logits.numpy(), hf_model(input_ids=ids).logits.numpy(), atol=1e-5
+    )
+
+
+@contextlib.contextmanager
+def read_only(path: str):
+  """Makes ``path`` and everything under it unwritable, also for root (which ignores mode
+  bits: the immutable attribute binds it), and restores it afterwards."""
+  if os.geteuid() == 0:
+    subprocess.run(["chattr", "-R", "+i", path], check=True)
+    try:
+      yield
+    finally:
+      subprocess.run(["chattr", "-R", "-i", path], check=True)
+    return
+  entries = [path] + [os.path.join(r, n) for r, dirs, files in os.walk(path) for n in dirs + files]
+  modes_before = {p: os.stat(p).st_mode for p in entries}
+  for p in reversed(entries):
+    os.chmod(p, modes_before[p] & ~0o222)
+  try:
+    yield
+  finally:
+    for p in entries:
+      os.chmod(p, modes_before[p])
+
+
+def cli_args(config, workdir):
+  return [
+      f"--workdir={workdir}",
+      "--config.data.max_len=64",
+      f"--config.data.cache_dir={config.data.cache_dir}",
+      "--config.train.batch_size=2",
+      "--config.train.eval_every=2",
+      "--config.train.eval_batches=1",
+      "--config.eval.bpb_files=pystdlib://this.py",
+      "--config.eval.bpb_max_texts=1",
+  ]
+
+
+def test_eval_on_a_read_only_workdir_prints_its_result_then_one_sentence(trained, tmp_path):
+  config, source = trained
+  workdir = str(tmp_path / "ro")
+  shutil.copytree(source, workdir)
+  with read_only(workdir):
+    res = run_main(*cli_args(config, workdir), "--mode=eval")
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert re.search(r"^step 2: [0-9.]+ bits/byte", res.stdout, re.MULTILINE), res.stdout
+  lines = res.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: Cannot write or read {workdir}/eval.json: "
+  )
+
+
+def test_training_on_a_read_only_workdir_is_one_sentence(trained, tmp_path):
+  config, _ = trained
+  workdir = tmp_path / "ro_train"
+  workdir.mkdir()
+  with read_only(str(workdir)):
+    res = run_main(*cli_args(config, workdir), "--config.train.num_steps=2")
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  assert lines[0].startswith(f"error: Cannot write or read {workdir}/run.lock: ")
+
+
+def test_a_full_workdir_during_training_is_one_sentence(trained, tmp_path):
+  config, _ = trained
+  workdir = tmp_path / "full"
+
+  def small_files():  # every file above 8 MB (checkpoint data) fails to write, as on a full disk
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 << 20, 8 << 20))
+
+  res = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "tide_jax.main",
+          "--config=configs/smoke.py:bd3lm",
+          *cli_args(config, workdir),
+          "--config.train.num_steps=2",
+      ],
+      cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+      timeout=600,
+      preexec_fn=small_files,
+  )
+  # stderr also carries the data preparation's progress bars; the failure is one line.
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+  assert [line for line in lines if line.startswith("error:")] == lines[-1:]
+  assert lines[-1].startswith(
+      f"error: Could not write the checkpoint of step 2 to {workdir}/checkpoints (File too large)"
+  )

@@ -10,6 +10,7 @@ Training runs are ``python -m tide_jax.main`` processes on 8 fake CPU devices.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -220,3 +221,73 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(gcs, args_file):
   assert fs.exists(f"{BUCKET}/preempted/checkpoints/{step}/commit_success.txt")
   rows = metrics(gcs, "preempted")
   assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, step + 1))
+
+
+LOCK_SCENARIOS = """
+import json, os, socket, subprocess, sys, time
+from etils import epath
+from tide_jax.train import workdir_lock
+
+root = sys.argv[1]
+notices, results = [], {}
+say = notices.append
+
+def attempt(workdir, stale_after_s=300.0):
+  try:
+    return workdir_lock.acquire(workdir, stale_after_s=stale_after_s, say=say, settle_s=0.5)
+  except workdir_lock.WorkdirInUse as err:
+    return str(err)
+
+def foreign(workdir, age_s):
+  owner = {"token": "foreign", "host": "another-host", "pid": 4242, "started": time.time() - 5000,
+           "heartbeat": time.time() - age_s}
+  (epath.Path(workdir) / "run.lock").write_text(json.dumps(owner))
+
+foreign(f"{root}/fresh", age_s=10)
+results["fresh_foreign"] = attempt(f"{root}/fresh")
+foreign(f"{root}/stale", age_s=1000)
+lock = attempt(f"{root}/stale")
+results["stale_foreign_taken"] = not isinstance(lock, str)
+results["notice"] = notices[-1] if notices else ""
+lock.release()
+results["released"] = not (epath.Path(f"{root}/stale") / "run.lock").exists()
+
+holder = subprocess.Popen([sys.executable, "-c", sys.argv[2], f"{root}/held", "300"],
+                          stdout=subprocess.PIPE, text=True)
+assert holder.stdout.readline().strip() == "held"
+results["holder_pid"] = holder.pid
+results["while_held"] = attempt(f"{root}/held")
+time.sleep(1.0)
+results["heartbeat_age"] = time.time() - json.loads(
+    (epath.Path(f"{root}/held") / "run.lock").read_text())["heartbeat"]
+holder.kill()
+holder.wait()
+lock = attempt(f"{root}/held")  # same host, dead pid: stale at once
+results["after_kill_taken"] = not isinstance(lock, str)
+lock.release()
+print(json.dumps(results))
+"""
+
+
+def test_gcs_workdir_lock_refuses_live_owners_and_takes_over_stale_ones(gcs):
+  from tests.test_resume_safety import HOLD_LOCK
+
+  done = subprocess.run(
+      [sys.executable, "-c", LOCK_SCENARIOS, f"gs://{BUCKET}/locks", HOLD_LOCK],
+      cwd=REPO,
+      env=gcs["env"],
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads(done.stdout.strip().splitlines()[-1])
+  assert results["fresh_foreign"].startswith(
+      f"Workdir gs://{BUCKET}/locks/fresh is in use by another run (host another-host, pid 4242"
+  )
+  assert re.search(r"last seen 1\d s ago", results["fresh_foreign"]), results["fresh_foreign"]
+  assert results["stale_foreign_taken"] and "host another-host" in results["notice"]
+  assert results["released"]
+  assert f"pid {results['holder_pid']}" in results["while_held"]
+  assert results["heartbeat_age"] < 5.0
+  assert results["after_kill_taken"]

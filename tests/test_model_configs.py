@@ -85,3 +85,22 @@ def test_config_errors_are_one_sentence():
     mcfg.decoder_config_from_hf(dict(QWEN3_0_6B, use_sliding_window=True))
   with pytest.raises(ValueError, match="RoPE type 'yarn' is not supported"):
     mcfg.decoder_config_from_hf(dict(QWEN3_0_6B, rope_scaling={"rope_type": "yarn", "factor": 4}))
+
+
+def test_partial_rotary_factor_follows_transformers_for_qwen_families():
+  # transformers' Qwen2/Qwen3 rotate the whole head whatever partial_rotary_factor says.
+  for layout in (
+      dict(QWEN3_0_6B, partial_rotary_factor=0.5),
+      dict(QWEN3_0_6B, rope_parameters={"rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+  ):
+    cfg = mcfg.decoder_config_from_hf(layout)
+    assert cfg.rotary_dim == cfg.head_dim == 128
+  # A model that rotates part of each head has no transformers Qwen equivalent to export to.
+  partial = mcfg.decoder_config_from_hf(QWEN3_0_6B).replace(partial_rotary_factor=0.5)
+  with pytest.raises(ValueError, match="rotates only part of each head.*cannot be exported"):
+    partial.to_hf_dict()
+  no_bias_qwen2 = mcfg.decoder_config_from_hf(dict(QWEN3_0_6B, model_type="qwen2")).replace(
+      qkv_bias=False
+  )
+  with pytest.raises(ValueError, match="qkv_bias=False and o_bias=False has no Qwen2ForCausalLM"):
+    no_bias_qwen2.to_hf_dict()

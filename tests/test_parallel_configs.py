@@ -54,13 +54,17 @@ def test_every_config_loads_and_validates():
 
 
 @pytest.mark.parametrize(
-    "name,teacher,student_len,teacher_len,default",
+    "name,teacher,student_len,teacher_len,default,timestep_weight",
     [
-        ("pipeline_a", "llada2", 512, 1024, "tide_cross"),
-        ("pipeline_b", "wedlm", 512, 768, "tide_shared"),
+        # The official scripts: pipeline A leaves TIDAL's timestep weight at its default
+        # (uniform), pipeline B passes midrange.
+        ("pipeline_a", "llada2", 512, 1024, "tide_cross", "uniform"),
+        ("pipeline_b", "wedlm", 512, 768, "tide_shared", "midrange"),
     ],
 )
-def test_pipelines_carry_the_paper_settings(name, teacher, student_len, teacher_len, default):
+def test_pipelines_carry_the_paper_settings(
+    name, teacher, student_len, teacher_len, default, timestep_weight
+):
   c = importlib.import_module(f"configs.{name}").get_config(None)
   assert c.optim.learning_rate == 5e-5 and c.train.epochs == 10 and c.block_size == 32
   assert (c.data.max_len, c.data.teacher_max_len) == (student_len, teacher_len)
@@ -72,7 +76,9 @@ def test_pipelines_carry_the_paper_settings(name, teacher, student_len, teacher_
       c.distill.tidal.l1,
       c.distill.tidal.growth,
       c.distill.tidal.timestep_weight,
-  ) == (0.1, 0.9, "cosine", "midrange")
+  ) == (0.1, 0.9, "cosine", timestep_weight)
+  shared = importlib.import_module(f"configs.{name}").get_config("tide_shared")
+  assert shared.distill.tidal.timestep_weight == timestep_weight
   assert c.distill.compdemo.ratio == 0.5 and c.distill.temperature == 2.0
   assert c.models.student_hf_id == "Qwen/Qwen3-0.6B"
   assert (

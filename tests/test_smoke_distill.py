@@ -52,3 +52,31 @@ def test_smoke_distillation_variants(tmp_path, variant, term, capsys):
   # The baseline logs no distillation term and saw the same batches.
   base = [json.loads(line) for line in (root / "student_bd3lm" / "metrics.jsonl").open()]
   assert not any("train/distill/loss" in r for r in base)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("recipe", "tide_crss", "distill.recipe='tide_crss' is not a known value"),
+        ("recipe", "calm", "Recipe 'calm' needs distill.alignment='chunks'"),
+    ],
+)
+def test_a_bad_recipe_fails_before_the_teacher_trains(tmp_path, field, value, message):
+  c = tiny("shared", tmp_path)
+  c.distill[field] = value
+  with pytest.raises(ValueError, match=message):
+    smoke_distill.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "teacher").exists()
+  assert not (tmp_path / "cache_shared").exists()  # no data prepared either
+
+
+def test_an_unknown_recipe_without_a_teacher_is_named(tmp_path):
+  from tide_jax.distill import recipes
+  from tide_jax.train import loop
+
+  c = smoke.get_config("bd3lm")
+  c.distill = recipes.default_config()
+  c.distill.recipe = "klx"
+  with pytest.raises(ValueError, match="distill.recipe='klx' is not a known value; use one of"):
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -6,9 +6,18 @@ with one sentence naming the field and the fix.
 
 from __future__ import annotations
 
-from tide_jax.diffusion import masks, schedules
+import math
+from typing import Any, Callable
+
+from tide_jax import teachers
+from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
+from tide_jax.diffusion import forward, masks, sampler, schedules
+from tide_jax.distill import recipes, terms
 from tide_jax.models import config as mcfg
-from tide_jax.diffusion import forward
+
+# Learning-rate decays of train/optimizer.py (named here, below the train package, so the
+# checks need nothing from it).
+LR_DECAYS = ("cosine", "linear", "constant")
 
 # Fields that changed names, with their new names (refused with one sentence).
 RENAMED = {
@@ -17,8 +26,126 @@ RENAMED = {
 }
 
 
+def _enumerations(config) -> list[tuple[str, tuple[Any, ...]]]:
+  """(field, allowed values) of every enumerated field the config has."""
+  fields = [
+      ("model.param_dtype", tuple(mcfg.DTYPES)),
+      ("model.dtype", tuple(mcfg.DTYPES)),
+      ("objective.kind", forward.OBJECTIVES),
+      ("objective.schedule", schedules.SCHEDULES),
+      ("optim.decay", LR_DECAYS),
+      ("data.format", ("chat", "text")),
+      ("sampler.order", sampler.ORDERS),
+  ]
+  if not config.model.init_from:  # otherwise config.json decides the architecture
+    fields.append(("model.model_type", mcfg.DENSE_MODEL_TYPES))
+  if config.data.get("teacher_tokenizer"):
+    fields.append(("data.alignment", recipes.ALIGNMENTS))
+  if "distill" in config:
+    fields += [
+        ("distill.recipe", (*recipes.PRESETS, "custom")),
+        ("distill.alignment", recipes.ALIGNMENTS),
+        ("distill.tidal.growth", terms.GROWTHS),
+        ("distill.tidal.axis", terms.AXES),
+        ("distill.tidal.timestep_weight", terms.TIMESTEP_WEIGHTS),
+        ("distill.compdemo.granularity", ("auto", "token", "chunk")),
+        ("distill.custom.objective", (*recipes.TOKEN_OBJECTIVES, *recipes.CHUNK_OBJECTIVES)),
+    ]
+  if "teacher" in config:
+    fields.append(("teacher.name", tuple(teachers.TEACHERS)))
+  return fields
+
+
+def _lookup(config, field: str) -> Any:
+  for key in field.split("."):
+    config = config[key]
+  return config
+
+
+def _number(config, field: str) -> float:
+  value = _lookup(config, field)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{field}={value!r} is not a number; set it to a number.")
+  return value
+
+
+def _positive(x) -> bool:
+  return x > 0
+
+
+def _non_negative(x) -> bool:
+  return x >= 0
+
+
+def _fraction(x) -> bool:
+  return 0 <= x <= 1
+
+
+def _below_one(x) -> bool:
+  return 0 <= x < 1
+
+
+# field -> (condition, what it must be)
+_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "block_size": (_positive, "a positive integer (32 in the paper)"),
+    "data.max_len": (_positive, "a positive multiple of block_size"),
+    "objective.t_eps": (_below_one, "in [0, 1)"),
+    "objective.mask_token_id": (_non_negative, "a token id (>= 0)"),
+    "objective.row_block": (_positive, "a positive number of rows (256 is a good default)"),
+    "objective.vocab_tile": (_positive, "a positive number of vocabulary columns"),
+    "optim.learning_rate": (_positive, "positive (the paper uses 5e-5)"),
+    "optim.warmup_steps": (_non_negative, "zero or more steps"),
+    "optim.lr_end_fraction": (_fraction, "in [0, 1]"),
+    "optim.b1": (_below_one, "in [0, 1)"),
+    "optim.b2": (_below_one, "in [0, 1)"),
+    "optim.eps": (_positive, "positive"),
+    "optim.weight_decay": (_non_negative, "zero or positive"),
+    "optim.grad_clip": (_positive, "a positive global-norm bound"),
+    "train.num_steps": (_positive, "positive"),
+    "train.batch_size": (_positive, "positive"),
+    "train.microbatches": (_positive, "at least 1"),
+    "train.log_every": (_positive, "positive"),
+    "train.checkpoint_every": (_positive, "positive"),
+    "train.keep_checkpoints": (_positive, "at least 1"),
+    "train.eval_every": (_non_negative, "zero (no periodic eval) or positive"),
+    "train.eval_batches": (_non_negative, "zero or positive"),
+    "train.epochs": (_non_negative, "zero (use train.num_steps) or positive"),
+    "train.stop_at_step": (_non_negative, "zero (no early stop) or a step"),
+    "train.preemption_check_every": (_positive, "positive"),
+    "train.rng_offset": (_non_negative, "zero or a positive integer"),
+    "train.workdir_lock_stale_s": (_positive, "a positive number of seconds"),
+    "sampler.max_new_tokens": (_positive, "positive"),
+    "sampler.temperature": (_non_negative, "zero (greedy) or positive"),
+    "sampler.context_len": (_positive, "positive"),
+    "eval.bpb_max_texts": (_positive, "positive"),
+    "eval.bpb_grid": (_positive, "positive"),
+    "eval.humaneval_samples": (_positive, "positive"),
+}
+
+
 def validate(config) -> None:
-  """Raises ValueError for inconsistent settings (see the individual messages)."""
+  """Raises ValueError for inconsistent settings (see the individual messages).
+
+  Runs before anything is prepared or written: every enumerated field must hold one of its
+  values and every numeric field lie in its range, each error one sentence naming the field.
+  """
+  for old, new in RENAMED.items():
+    section, name = old.split(".")
+    if section in config and name in config[section]:
+      raise ValueError(f"{old} was renamed {new}; set {new} instead.")
+  for field, allowed in _enumerations(config):
+    value = _lookup(config, field)
+    if value not in allowed:
+      raise ValueError(
+          f"{field}={value!r} is not a known value; use one of {', '.join(map(str, allowed))}."
+      )
+  for field, (ok, what) in _RANGES.items():
+    section, _, name = field.rpartition(".")
+    if section and (section not in config or name not in config[section]):
+      continue  # an optional field this config does not have
+    value = _number(config, field)
+    if not (math.isfinite(value) and ok(value)):
+      raise ValueError(f"{field}={value} is out of range; it must be {what}.")
   block = int(config.block_size)
   max_len = int(config.data.max_len)
   if max_len % block:
@@ -27,38 +154,31 @@ def validate(config) -> None:
         f"to a multiple of {block} (for example {-(-max_len // block) * block})."
     )
   masks.check_block_multiple(max_len, block)
-  for old, new in RENAMED.items():
-    section, field = old.split(".")
-    if section in config and field in config[section]:
-      raise ValueError(f"{old} was renamed {new}; set {new} instead.")
-  forward.check_objective(config.objective.kind)
-  if int(config.objective.row_block) <= 0:
+  steps = int(config.sampler.steps_per_block)
+  if not 1 <= steps <= block:
     raise ValueError(
-        f"objective.row_block={config.objective.row_block} must be positive (rows per "
-        "block of the vocabulary statistics; 256 is a good default)."
+        f"sampler.steps_per_block={steps} must lie in [1, block_size={block}] (one token per "
+        f"step is {block})."
     )
   micro = int(config.train.microbatches)
-  if micro < 1 or int(config.train.batch_size) % micro:
+  if int(config.train.batch_size) % micro:
     raise ValueError(
-        f"train.microbatches={micro} must be at least 1 and divide "
-        f"train.batch_size={config.train.batch_size}."
+        f"train.microbatches={micro} does not divide train.batch_size="
+        f"{config.train.batch_size}; use a divisor of the batch size."
     )
-  schedules.check_schedule(config.objective.schedule)
-  if not 0.0 <= float(config.objective.t_eps) < 1.0:
-    raise ValueError(f"objective.t_eps={config.objective.t_eps} must lie in [0, 1).")
-  for field in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
-    if int(config.train[field]) <= 0:
-      raise ValueError(f"train.{field} must be positive, got {config.train[field]}.")
-  mcfg.resolve_dtype(config.model.param_dtype)
-  mcfg.resolve_dtype(config.model.dtype)
+  if not 0 <= float(config.data.eval_fraction) < 1:
+    raise ValueError(f"data.eval_fraction={config.data.eval_fraction} must lie in [0, 1).")
 
 
 def student_model_config(config) -> mcfg.DecoderConfig:
   """The student's DecoderConfig: from ``model.init_from``'s config.json, else the fields."""
   m = config.model
-  if m.get("init_from", ""):
+  if m.init_from:
     hf = mcfg.read_hf_config(m.init_from)
     cfg = mcfg.decoder_config_from_hf(hf, param_dtype=m.param_dtype, dtype=m.dtype)
+    # The weights' headers too (no tensor data): a truncated or corrupt file is reported
+    # now, before the data is prepared, not when the weights are loaded.
+    SafetensorsCheckpoint(m.init_from)
   else:
     cfg = mcfg.decoder_config_from_hf(
         {

@@ -9,10 +9,44 @@ call the same code.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import errno
+import importlib.util
+import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
+
+
+class _ListParser(flags.ArgumentParser):
+  """List fields on the command line: a Python literal or comma-separated strings.
+
+  ``--config.data.train_files=a.jsonl,b.jsonl`` and
+  ``--config.eval.humaneval_tasks="['HumanEval/0', 'HumanEval/1']"`` both give lists;
+  an empty value gives an empty list.
+  """
+
+  def parse(self, argument):
+    if isinstance(argument, list):
+      return argument
+    text = str(argument).strip()
+    if text.startswith("["):
+      try:
+        value = ast.literal_eval(text)
+      except (SyntaxError, ValueError):
+        raise ValueError(f"{text!r} is not a Python list literal") from None
+      if not isinstance(value, list):
+        raise ValueError(f"{text!r} is not a list")
+      return value
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+  def flag_type(self):
+    return "list"
+
+
+config_flags.register_flag_parser_for_type(list, _ListParser())
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -36,6 +70,12 @@ _PROMPTS = flags.DEFINE_multi_string("prompt", [], "Prompt for --mode=sample (re
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive chat in --mode=sample.")
 _EXPORT_DIR = flags.DEFINE_string(
     "export_dir", None, "Output of --mode=export (default <workdir>/hf_export)."
+)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "--mode=export: replace a previous export in --export_dir (a directory holding anything "
+    "else is always refused).",
 )
 
 
@@ -62,14 +102,106 @@ def run(config, workdir: str, mode: str):
   if mode == "sample":
     return modes.run_sample(config, workdir, _PROMPTS.value, _CHAT.value)
   if mode == "export":
-    return modes.run_export(config, workdir, _EXPORT_DIR.value)
+    return modes.run_export(config, workdir, _EXPORT_DIR.value, _OVERWRITE.value)
   raise UserError(f"Unknown mode {mode!r}.")
 
 
+def _field_paths(config, prefix: str = "") -> list[str]:
+  """Dotted paths of every field and section of a ConfigDict."""
+  paths = []
+  for key, value in config.items():
+    paths.append(prefix + key)
+    if isinstance(value, config_dict.ConfigDict):
+      paths += _field_paths(value, f"{prefix}{key}.")
+  return paths
+
+
+def _has_field(config, path: str) -> bool:
+  for key in path.split("."):
+    if not isinstance(config, config_dict.ConfigDict) or key not in config:
+      return False
+    config = config[key]
+  return True
+
+
+def _load_config_file(spec: str):
+  """The ConfigDict of ``--config=FILE[:ARG]`` (loaded again, only to name fields)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("tide_jax_cli_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_field_message(argv: list[str]) -> str | None:
+  """One line for the first ``--config.<field>`` of ``argv`` the config does not have."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([^=]+)", a))]
+  if spec is None or not overrides:
+    return None
+  try:
+    config = _load_config_file(spec)
+  except Exception:  # the config file itself is broken: absl reports that
+    return None
+  for field in overrides:
+    if not _has_field(config, field):
+      close = difflib.get_close_matches(field, _field_paths(config), n=3, cutoff=0.6)
+      hint = (
+          f"did you mean {' or '.join(close)}?" if close else "see the config file for the fields."
+      )
+      return f"--config.{field} is not a field of {spec}; {hint}"
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error for a misspelled ``--config.<field>``."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as err:  # raised by config_flags for an unknown field
+    message = unknown_field_message(argv) or f"bad --config override ({err})"
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# Why an operating-system error happened, in words a user acts on.
+_OS_REASONS = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "the operation is not permitted (a read-only or immutable location)",
+    errno.ENOSPC: "no space is left on the device",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file would exceed the allowed file size (a file-size limit)",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+}
+
+
+def os_error_sentence(err: OSError) -> str:
+  """One sentence for a failed file-system operation, naming the file."""
+  if err.errno is None or not err.filename:
+    return str(err)  # already a sentence (e.g. a checkpoint that could not be written)
+  reason = _OS_REASONS.get(err.errno, err.strerror or "it failed")
+  return (
+      f"Cannot write or read {err.filename}: {reason}; use a writable --workdir on a file "
+      "system with free space, or fix its permissions."
+  )
+
+
+def _drop_closed_loop_callbacks(unraisable) -> None:
+  """After a failed checkpoint write, tensorstore completes its other pending writes on the
+  event loop orbax has already closed; each would print a traceback ("Event loop is
+  closed") around the one-sentence error. Every other unraisable exception is reported."""
+  value = unraisable.exc_value
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
+
+
 def main(argv):
-  # Library INFO/WARNING logs (orbax, tfds) drown the progress lines; --verbosity=0 shows them.
+  sys.unraisablehook = _drop_closed_loop_callbacks
+  # Library logs (orbax, tfds) drown the progress lines, and failures end in one sentence
+  # below rather than in a library's logged traceback; --verbosity=0 shows them all.
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)
+    logging.set_verbosity(logging.FATAL)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
@@ -85,8 +217,11 @@ def main(argv):
   except (ValueError, FileNotFoundError, FloatingPointError, UserError) as err:
     print(f"error: {err}", file=sys.stderr, flush=True)
     sys.exit(2)
+  except OSError as err:  # a read-only or full workdir, missing permissions
+    print(f"error: {os_error_sentence(err)}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -16,6 +16,7 @@ from etils import epath
 from flax import nnx
 
 from tide_jax import configs_lib
+from tide_jax.convert import hf_checkpoint
 from tide_jax.diffusion import sampler
 from tide_jax.eval import bpb, export, harness, humaneval, sample_cli
 from tide_jax.models import dense
@@ -31,28 +32,37 @@ def load_trained_student(config, workdir: str):
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   latest = checkpoint.find_latest_step(workdir)
-  if latest is None:
-    if not config.model.get("init_from", ""):
-      raise FileNotFoundError(
-          f"{workdir} holds no checkpoint and model.init_from is empty; "
-          "train first (--mode=train) or set model.init_from."
+  restored = None
+  if latest is not None:
+    abstract = dense.abstract_decoder(model_cfg)
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
+    abstract_state = jax.eval_shape(
+        lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params
+    )
+    ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+    try:  # a damaged newest step is reported and passed over, and left where it is
+      restored = ckpt.restore_newest_intact(
+          abstract_state,
+          checkpoint.model_meta(model_cfg),
+          lambda line: print(line, flush=True),
+          set_aside=False,
       )
-    return loop.build_model(config, model_cfg), None
-  saved = checkpoint.read_model_meta(workdir, latest)
-  if saved is not None:
-    checkpoint.check_same_model(workdir, saved, checkpoint.model_meta(model_cfg))
-  abstract = dense.abstract_decoder(model_cfg)
-  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-  tx, _ = optimizer.make_optimizer(config.optim, int(config.train.num_steps))
-  abstract_state = jax.eval_shape(
-      lambda p: step_lib.create_train_state(p, tx, int(config.seed)), abstract_params
+    finally:
+      ckpt.close()
+  if restored is not None:
+    step, state, _ = restored
+    return nnx.merge(graphdef, state.params), step
+  if not config.model.init_from:
+    raise FileNotFoundError(
+        f"{workdir} holds no {'intact ' if latest is not None else ''}checkpoint and "
+        "model.init_from is empty; train first (--mode=train) or set model.init_from."
+    )
+  # The initial student, before any training (the paper's baseline row).
+  model = hf_checkpoint.load_dense_from_hf(
+      config.model.init_from, param_dtype=model_cfg.param_dtype, dtype=model_cfg.dtype
   )
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
-  try:
-    state, _ = ckpt.restore(latest, abstract_state)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, state.params), latest
+  return model, None
 
 
 def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
@@ -94,8 +104,9 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       "num_bytes": result.num_bytes,
       "num_tokens": result.num_tokens,
   }
+  at = "initial weights (model.init_from)" if step is None else f"step {step}"
   print(
-      f"step {step}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
+      f"{at}: {result.bits_per_byte:.4f} bits/byte, {result.bits_per_token:.4f} "
       f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)",
       flush=True,
   )
@@ -110,10 +121,11 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
         task_ids=list(ev.get("humaneval_tasks", [])) or None,
     )
     out["humaneval"] = he["summary"]
-    print(f"HumanEval: {he['summary']} (per problem: {report})", flush=True)
+    print(f"HumanEval per-problem report: {report}", flush=True)
   if config.eval.tasks:
     cfg = sampler_config(config, tokenizer)
     out["lm_eval"] = harness.run_config_tasks(config, workdir, model, tokenizer, cfg, step)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   epath.Path(workdir, "eval.json").write_text(json.dumps(out, indent=2))
   return out
 
@@ -129,7 +141,8 @@ def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
   return sample_cli.run_sample(model, tokenizer, list(prompts), cfg)
 
 
-def run_export(config, workdir: str, out_dir: str | None) -> str:
+def run_export(config, workdir: str, out_dir: str | None, overwrite: bool = False) -> str:
+  """Exports the student as an HF directory; a non-empty ``out_dir`` needs ``overwrite``."""
   model, step = load_trained_student(config, workdir)
   tokenizer = bpb.student_tokenizer(config)
   out_dir = out_dir or os.path.join(workdir, "hf_export")
@@ -140,6 +153,8 @@ def run_export(config, workdir: str, out_dir: str | None) -> str:
       block_size=int(config.block_size),
       mask_token_id=int(config.objective.mask_token_id),
       schedule=config.objective.schedule,
+      overwrite=overwrite,
   )
-  print(f"exported the student (step {step}) to {path}", flush=True)
+  at = "initial weights" if step is None else f"step {step}"
+  print(f"exported the student ({at}) to {path}", flush=True)
   return path

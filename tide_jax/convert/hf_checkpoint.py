@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -18,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from tide_jax.convert import name_map as nm
+from tide_jax.convert import output_dir
 from tide_jax.convert import qwen
 from tide_jax.convert.safetensors_io import SafetensorsCheckpoint, write_sharded
 from tide_jax.models import config as mcfg
@@ -79,8 +79,12 @@ def fill_state_from_checkpoint(
     for hf_name, tensor in ckpt.iter_file(path_file, wanted=set(expected)):
       path, rule = expected[hf_name]
       target = flat[path]
-      arr = rule.to_flax(tensor)
       want = target.get_value()
+      try:
+        arr = rule.to_flax(tensor)
+      except ValueError as err:  # a transform's own shape check, made before it reshapes
+        shape_errors.append(f"{hf_name} {err} ({nm.format_path(path)} expects {want.shape})")
+        continue
       if tuple(arr.shape) != tuple(want.shape):
         shape_errors.append(
             f"{hf_name} {tuple(tensor.shape)} -> {nm.format_path(path)} "
@@ -90,7 +94,9 @@ def fill_state_from_checkpoint(
       values[path] = place(path, arr.astype(want.dtype))
   if shape_errors:
     raise ValueError(
-        "Checkpoint tensor shapes do not match config.json: " + "; ".join(shape_errors[:10]) + "."
+        f"Checkpoint tensor shapes in {ckpt.model_dir} do not match its config.json ("
+        + "; ".join(shape_errors[:10])
+        + "); check head_dim and the head counts in config.json."
     )
   new_flat = [(p, v.replace(value=values[p])) for p, v in flat.items()]
   return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
@@ -129,29 +135,28 @@ def save_dense_as_hf(
     *,
     extra_files: Mapping[str, str] | None = None,
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
 ) -> None:
   """Writes ``config.json`` + safetensors that ``transformers`` loads as ``*ForCausalLM``.
 
-  The directory is written under a temporary name and renamed at the end, so a failure
-  never leaves a partial checkpoint behind. ``extra_files`` maps file names to text
-  contents (for example tokenizer files or a generation config).
+  The directory is written under a temporary sibling name and renamed at the end, so a
+  failure never leaves a partial checkpoint behind. A non-empty ``out_dir`` is refused
+  unless ``overwrite``, and even then only when it holds nothing but HF model files (see
+  :mod:`tide_jax.convert.output_dir`). ``extra_files`` maps file names to text contents
+  (for example a generation config).
   """
+  output_dir.check_target(out_dir, overwrite=overwrite, what="HF model", flag="overwrite=True")
   cfg = model.cfg
+  hf_config = cfg.to_hf_dict()
   tensors = model_tensors_for_hf(model, qwen.qwen_rules(cfg), qwen.qwen_ranges(cfg))
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+  staging = output_dir.make_staging(out_dir)
   try:
-    write_sharded(tensors, tmp, max_shard_bytes)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(cfg.to_hf_dict(), f, indent=2)
+    write_sharded(tensors, staging, max_shard_bytes)
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
     for name, text in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), "w") as f:
+      with open(os.path.join(staging, name), "w") as f:
         f.write(text)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    output_dir.publish(staging, out_dir)
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    shutil.rmtree(staging, ignore_errors=True)

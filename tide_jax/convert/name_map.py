@@ -28,9 +28,23 @@ def transpose(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.T)
 
 
+def _check_rows(x: np.ndarray, axis: int, num_heads: int, head_dim: int, what: str) -> None:
+  """Checks, before any reshape, that ``x`` has ``num_heads * head_dim`` entries on ``axis``."""
+  if x.shape[axis] != num_heads * head_dim:
+    raise ValueError(
+        f"shape {tuple(x.shape)} has {x.shape[axis]} {what}, expected {num_heads * head_dim} "
+        f"= {num_heads} heads x head_dim {head_dim}"
+    )
+
+
 def linear_to_heads(num_heads: int, head_dim: int) -> Transform:
   """HF ``[heads*D, E]`` -> Flax ``[E, heads, D]``."""
-  return lambda x: np.ascontiguousarray(x.T.reshape(x.shape[1], num_heads, head_dim))
+
+  def convert(x: np.ndarray) -> np.ndarray:
+    _check_rows(x, 0, num_heads, head_dim, "rows")
+    return np.ascontiguousarray(x.T.reshape(x.shape[1], num_heads, head_dim))
+
+  return convert
 
 
 def heads_to_linear(x: np.ndarray) -> np.ndarray:
@@ -40,7 +54,12 @@ def heads_to_linear(x: np.ndarray) -> np.ndarray:
 
 def out_linear_to_heads(num_heads: int, head_dim: int) -> Transform:
   """HF output projection ``[E, heads*D]`` -> Flax ``[heads, D, E]``."""
-  return lambda x: np.ascontiguousarray(x.T.reshape(num_heads, head_dim, x.shape[0]))
+
+  def convert(x: np.ndarray) -> np.ndarray:
+    _check_rows(x, 1, num_heads, head_dim, "columns")
+    return np.ascontiguousarray(x.T.reshape(num_heads, head_dim, x.shape[0]))
+
+  return convert
 
 
 def heads_to_out_linear(x: np.ndarray) -> np.ndarray:
@@ -50,7 +69,12 @@ def heads_to_out_linear(x: np.ndarray) -> np.ndarray:
 
 def bias_to_heads(num_heads: int, head_dim: int) -> Transform:
   """HF bias ``[heads*D]`` -> Flax ``[heads, D]``."""
-  return lambda x: x.reshape(num_heads, head_dim)
+
+  def convert(x: np.ndarray) -> np.ndarray:
+    _check_rows(x, 0, num_heads, head_dim, "entries")
+    return x.reshape(num_heads, head_dim)
+
+  return convert
 
 
 def heads_to_bias(x: np.ndarray) -> np.ndarray:
@@ -249,9 +273,16 @@ def split_fused_bias(
 ) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
   """Fused HF bias ``[(n1 + n2 + ...) * D]`` -> Flax biases ``[n_j, D]``."""
   bounds = np.cumsum([0, *sizes]) * head_dim
-  return lambda x: tuple(
-      x[a:b].reshape(n, head_dim) for a, b, n in zip(bounds[:-1], bounds[1:], sizes)
-  )
+
+  def split(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    if x.shape[0] != bounds[-1]:
+      raise ValueError(
+          f"fused bias has {x.shape[0]} entries, expected {bounds[-1]} "
+          f"= {'+'.join(map(str, sizes))} heads x {head_dim}."
+      )
+    return tuple(x[a:b].reshape(n, head_dim) for a, b, n in zip(bounds[:-1], bounds[1:], sizes))
+
+  return split
 
 
 def fuse_bias(*parts: np.ndarray) -> np.ndarray:

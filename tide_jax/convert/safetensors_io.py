@@ -11,11 +11,27 @@ import os
 from typing import Iterator, Mapping
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def unreadable(path: str, reason: str) -> ValueError:
+  """The one-sentence error for a damaged checkpoint file."""
+  return ValueError(
+      f"{path} is not a readable safetensors file ({reason}); it is truncated or corrupt, "
+      "so download or export it again."
+  )
+
+
+def _open(path: str):
+  """``safe_open`` with its errors (bad header, truncated data) turned into one sentence."""
+  try:
+    return safe_open(path, "np")
+  except SafetensorError as err:
+    raise unreadable(path, str(err)) from None
 
 
 class SafetensorsCheckpoint:
@@ -26,11 +42,19 @@ class SafetensorsCheckpoint:
     index_path = os.path.join(model_dir, INDEX_FILE)
     single_path = os.path.join(model_dir, SINGLE_FILE)
     if os.path.exists(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index_path) as f:
+          weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+          raise TypeError("weight_map is not an object")
+      except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{index_path} is not a valid safetensors index ({type(err).__name__}: {err}); "
+            "download or export the model again."
+        ) from None
       self.tensor_to_file = {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
     elif os.path.exists(single_path):
-      with safe_open(single_path, "np") as f:
+      with _open(single_path) as f:
         self.tensor_to_file = {k: single_path for k in f.keys()}
     else:
       raise FileNotFoundError(
@@ -56,14 +80,22 @@ class SafetensorsCheckpoint:
       self, path: str, wanted: set[str] | None = None
   ) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, array)`` for the tensors of one shard, one at a time."""
-    with safe_open(path, "np") as f:
+    with _open(path) as f:
       for name in f.keys():
         if wanted is None or name in wanted:
-          yield name, f.get_tensor(name)
+          try:
+            tensor = f.get_tensor(name)
+          except SafetensorError as err:
+            raise unreadable(path, f"tensor {name}: {err}") from None
+          yield name, tensor
 
   def read(self, name: str) -> np.ndarray:
-    with safe_open(self.tensor_to_file[name], "np") as f:
-      return f.get_tensor(name)
+    path = self.tensor_to_file[name]
+    with _open(path) as f:
+      try:
+        return f.get_tensor(name)
+      except SafetensorError as err:
+        raise unreadable(path, f"tensor {name}: {err}") from None
 
 
 def write_sharded(

