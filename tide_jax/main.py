@@ -19,6 +19,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from tide_jax import modes
+from tide_jax.parallel import distributed, preemption
+from tide_jax.train import loop, smoke_distill
+
 
 class _ListParser(flags.ArgumentParser):
   """List fields on the command line: a Python literal or comma-separated strings.
@@ -84,19 +88,13 @@ class UserError(Exception):
 
 
 def run(config, workdir: str, mode: str):
-  from tide_jax.train import loop
-
   if mode == "train":
     runner = config.get("runner", "")
     if runner == "smoke_distill":
-      from tide_jax.train import smoke_distill
-
       return smoke_distill.run(config, workdir)
     if runner:
       raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
     return loop.train_and_evaluate(config, workdir)
-  from tide_jax import modes
-
   if mode == "eval":
     return modes.run_eval(config, workdir)
   if mode == "sample":
@@ -206,8 +204,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required (a local directory or a gs:// URL).")
-  from tide_jax.parallel import distributed, preemption
-
   try:
     distributed.maybe_initialize()  # several hosts: before anything touches a device
     run(_CONFIG.value, _WORKDIR.value, _MODE.value)

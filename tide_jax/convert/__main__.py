@@ -27,6 +27,11 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from tide_jax import teachers
+from tide_jax.convert import streaming
+from tide_jax.parallel import sharding
+from tide_jax.teachers import prepare as prepare_teacher
+
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config whose teacher section names what to convert."
@@ -68,11 +73,6 @@ def _peak_rss_gb() -> float:
 
 def main(argv):
   del argv
-  from tide_jax.convert import streaming  # after flag parsing: imports jax
-  from tide_jax.teachers import prepare as prepare_teacher
-  from tide_jax import teachers
-  from tide_jax.parallel import sharding
-
   streaming.release_freed_memory_eagerly()
 
   if _CONFIG.value is None and (not FLAGS.hf_dir or not FLAGS.out):

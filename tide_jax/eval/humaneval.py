@@ -28,8 +28,10 @@ import sys
 import tempfile
 from typing import Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from tide_jax.diffusion import sampler
 from tide_jax.eval import program_runner
 
 DEFAULT_STOPS = ("\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\nassert ")
@@ -321,9 +323,6 @@ def evaluate_humaneval(
   Returns:
     The scores dict (``summary`` holds the mean pass@k).
   """
-  import jax
-  from tide_jax.diffusion import sampler
-
   if any(k > num_samples for k in ks):
     raise ValueError(
         f"pass@k with k={max(ks)} needs at least that many samples per problem; "

@@ -14,7 +14,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from tide_jax.convert import hf_checkpoint
+from tide_jax.data import tokenizers
 from tide_jax.diffusion import sampler
+from tide_jax.eval import export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +166,9 @@ def load_student(model_dir: str, **overrides) -> tuple[object, object, sampler.S
 
   ``overrides`` replace :class:`SamplerConfig` fields (e.g. ``max_new_tokens=64``).
   """
-  from tide_jax.convert.hf_checkpoint import load_dense_from_hf
-  from tide_jax.data.tokenizers import get_tokenizer
-  from tide_jax.eval.export import read_sampler_settings
-
-  settings = read_sampler_settings(model_dir)
-  model = load_dense_from_hf(model_dir)
-  tokenizer = get_tokenizer(model_dir)
+  settings = export.read_sampler_settings(model_dir)
+  model = hf_checkpoint.load_dense_from_hf(model_dir)
+  tokenizer = tokenizers.get_tokenizer(model_dir)
   fields = {
       "block_size": settings["block_size"],
       "steps_per_block": settings["block_size"],
