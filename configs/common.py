@@ -46,8 +46,20 @@ def base_config() -> config_dict.ConfigDict:
   d.eval_fraction = 0.02
   d.max_len = 512
   d.block_size = c.get_ref("block_size")
+  d.chat_template = ""  # a Jinja template overriding the student tokenizer's ("" = its own)
+  # The teacher side ("" = no teacher data): tokenizer spec, row length (0 = max_len), block
+  # multiple (0 = block_size), template, and the alignment ("positions" or "chunks").
+  d.teacher_tokenizer = ""
+  d.teacher_max_len = 0
+  d.teacher_block_size = 0
+  d.teacher_chat_template = ""
+  d.alignment = "chunks"
+  d.max_pairs = 0  # position pairs kept per example (0 = max_len)
   d.cache_dir = ""
   d.strict = False
+  d.num_workers = 0  # preprocessing processes (0 = automatic)
+  d.max_records = 0  # read at most this many records per source and split (0 = all)
+  d.prepare_on = "first_host"  # or "every_host" (each host into a host-local cache_dir)
   # Which answers are trained: "last" (the official release's choice) or "all".
   d.train_turns = "last"
   # Chat template variables. Thinking disabled, as the release renders the Qwen3 format: an

@@ -39,7 +39,7 @@ def _enumerations(config) -> list[tuple[str, tuple[Any, ...]]]:
   ]
   if not config.model.init_from:  # otherwise config.json decides the architecture
     fields.append(("model.model_type", mcfg.DENSE_MODEL_TYPES))
-  if config.data.get("teacher_tokenizer"):
+  if config.data.teacher_tokenizer:
     fields.append(("data.alignment", recipes.ALIGNMENTS))
   if "distill" in config:
     fields += [
@@ -193,7 +193,7 @@ def student_model_config(config) -> mcfg.DecoderConfig:
             "rope_theta": m.rope_theta,
             "rms_norm_eps": m.rms_norm_eps,
             "tie_word_embeddings": m.tie_word_embeddings,
-            "max_position_embeddings": m.get("max_position_embeddings", 32768),
+            "max_position_embeddings": m.max_position_embeddings,
         },
         param_dtype=m.param_dtype,
         dtype=m.dtype,

@@ -66,17 +66,17 @@ def load_trained_student(config, workdir: str):
 
 
 def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
-  s = config.get("sampler", {})
+  s = config.sampler
   return sampler.SamplerConfig(
       block_size=int(config.block_size),
-      steps_per_block=int(s.get("steps_per_block", config.block_size)),
-      max_new_tokens=int(s.get("max_new_tokens", 256)),
+      steps_per_block=int(s.steps_per_block),
+      max_new_tokens=int(s.max_new_tokens),
       mask_token_id=int(config.objective.mask_token_id),
       eos_token_id=int(tokenizer.eos_token_id),
-      temperature=float(s.get("temperature", 0.0)),
-      order=s.get("order", "low_confidence"),
+      temperature=float(s.temperature),
+      order=s.order,
       schedule=config.objective.schedule,
-      context_len=int(s.get("context_len", 4096)),
+      context_len=int(s.context_len),
   )
 
 
@@ -84,8 +84,8 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
   """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
   model, step = load_trained_student(config, workdir)
   tokenizer = bpb.student_tokenizer(config)
-  ev = config.get("eval", {})
-  texts = bpb.held_out_texts(config, int(ev.get("bpb_max_texts", 16)))
+  ev = config.eval
+  texts = bpb.held_out_texts(config, int(ev.bpb_max_texts))
   result = bpb.bits_per_byte(
       model,
       tokenizer,
@@ -93,7 +93,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       block_size=int(config.block_size),
       max_len=int(config.data.max_len),
       mask_token_id=int(config.objective.mask_token_id),
-      grid=int(ev.get("bpb_grid", 8)),
+      grid=int(ev.bpb_grid),
       schedule=config.objective.schedule,
   )
   out = {
@@ -110,15 +110,15 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       f"bits/token over {len(texts)} texts ({result.num_bytes:,} bytes)",
       flush=True,
   )
-  if ev.get("humaneval", False):
+  if ev.humaneval:
     report = os.path.join(workdir, "humaneval.json")
     he = humaneval.evaluate_humaneval(
         model,
         tokenizer,
         sampler_config(config, tokenizer),
         out_json=report,
-        num_samples=int(ev.get("humaneval_samples", 1)),
-        task_ids=list(ev.get("humaneval_tasks", [])) or None,
+        num_samples=int(ev.humaneval_samples),
+        task_ids=list(ev.humaneval_tasks or []) or None,
     )
     out["humaneval"] = he["summary"]
     print(f"HumanEval per-problem report: {report}", flush=True)

@@ -333,7 +333,7 @@ def bits_per_byte(
 
 def student_tokenizer(config):
   """The student's tokenizer (``data.tokenizer`` with ``data.chat_template``)."""
-  return tokenizers.get_tokenizer(config.data.tokenizer, config.data.get("chat_template") or None)
+  return tokenizers.get_tokenizer(config.data.tokenizer, config.data.chat_template or None)
 
 
 def held_out_texts(config, limit: int) -> list[str]:

@@ -58,13 +58,13 @@ class CompiledStep:
 def abstract_batch(config, mesh, rows: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch a run of ``config`` feeds the step, as sharded ``ShapeDtypeStruct``."""
   d = config.data
-  teacher_len = int(d.get("teacher_max_len", 0) or 0) if d.get("teacher_tokenizer") else 0
+  teacher_len = int(d.teacher_max_len or d.max_len) if d.teacher_tokenizer else 0
   shapes = features.Shapes(
       int(d.max_len),
       int(config.block_size),
       teacher_len,
       int(config.block_size),
-      d.get("alignment", "") or "",
+      d.alignment if d.teacher_tokenizer else "",
       int(d.max_len),
   )
   rows = int(config.train.batch_size) if rows is None else rows

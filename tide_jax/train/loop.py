@@ -73,7 +73,7 @@ def student_state_plan(config, model_cfg: DecoderConfig, tx, mesh):
 def init_student_state(config, model_cfg: DecoderConfig, tx, shardings) -> step_lib.TrainState:
   """A fresh train state, every leaf created on its shards (random init or ``init_from``)."""
   seed = int(config.seed)
-  if config.model.get("init_from", ""):
+  if config.model.init_from:
     params = placement.put_sharded(load_hf_params(config, model_cfg), shardings.params)
     return jax.jit(lambda p: step_lib.create_train_state(p, tx, seed), out_shardings=shardings)(
         params
@@ -193,7 +193,7 @@ def resolve_num_steps(config, epoch_rows: int) -> int:
   """``train.num_steps``, or ``ceil(train.epochs * epoch rows / batch_size)`` when epochs > 0
   (an epoch's rows are the records plus the fill rows that make it a whole number of
   global batches)."""
-  epochs = float(config.train.get("epochs", 0) or 0)
+  epochs = float(config.train.epochs)
   if epochs <= 0:
     return int(config.train.num_steps)
   return max(1, math.ceil(epochs * epoch_rows / int(config.train.batch_size)))
@@ -237,7 +237,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   recipe = validate_recipe(config, model_cfg)
   num_steps = int(config.train.num_steps)
   batch_size = int(config.train.batch_size)
-  mesh, mesh_notice = sharding.mesh_from_config(config.get("mesh"), batch_size)
+  mesh, mesh_notice = sharding.mesh_from_config(config.mesh, batch_size)
   process_index, process_count = jax.process_index(), jax.process_count()
   host_rows, batch_notice = sharding.check_batch_size(
       batch_size, mesh, sharding.STUDENT_RULES, process_count
@@ -276,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint.Checkpointer(
       workdir,
       keep=int(config.train.keep_checkpoints),
-      async_save=bool(config.train.get("async_checkpoint", False)),
+      async_save=bool(config.train.async_checkpoint),
   )
   start_step = 0
   restored = None
@@ -358,8 +358,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     guard.saved()  # the wall-clock cadence counts from here
 
   last_metrics: dict[str, float] = {}
-  stop_at = int(config.train.get("stop_at_step", 0)) or num_steps
-  check_every = int(config.train.get("preemption_check_every", 1))
+  stop_at = int(config.train.stop_at_step) or num_steps
+  check_every = int(config.train.preemption_check_every)
   save_every_s = 60.0 * float(config.train.checkpoint_every_minutes)
   with preemption.PreemptionGuard(check_every, save_every_s) as guard:
     for step in range(start_step + 1, min(stop_at, num_steps) + 1):
