@@ -30,7 +30,7 @@ from tide_jax.models import config as mcfg  # noqa: E402
 from tide_jax.models import dense, llada2  # noqa: E402
 from tide_jax.parallel import sharding  # noqa: E402
 
-# LLaDA2.0-mini's config.json values as listed in SPEC section 6.
+# LLaDA2.0-mini's config.json values as listed in docs/method.md §6.
 LLADA2_MINI = tiny_llada2_config(
     vocab_size=157184,
     hidden_size=2048,

@@ -1,4 +1,4 @@
-"""Pipeline A of the paper (SPEC section 4): LLaDA2.0-mini (16B MoE, own ~157k tokenizer)
+"""Pipeline A of the paper (docs/method.md §4): LLaDA2.0-mini (16B MoE, own ~157k tokenizer)
 distilled into a Qwen3-0.6B BD3LM student across tokenizers (chunk alignment).
 
   configs/pipeline_a.py              TIDE-Cross (Reverse CALM), the paper's best recipe
@@ -33,7 +33,7 @@ DATA_SOURCES = (
 
 
 def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: int) -> None:
-  """Settings both pipelines share (SPEC section 4)."""
+  """Settings both pipelines share (docs/method.md §4)."""
   config.seed = 0
   config.block_size = 32
   m = config.model
@@ -41,7 +41,7 @@ def paper_common(config: config_dict.ConfigDict, student_len: int, teacher_len: 
   m.param_dtype = "float32"  # master weights
   m.dtype = "bfloat16"  # bf16 compute
   m.remat = True  # recompute each layer in the backward pass
-  config.objective.mask_token_id = 151669  # first free Qwen3 slot (SPEC)
+  config.objective.mask_token_id = 151669  # first free Qwen3 slot
   config.objective.row_block = 256
   d = config.data
   d.format = "chat"

@@ -1,4 +1,4 @@
-"""Pipeline B of the paper (SPEC section 4): WeDLM-8B-Instruct (Qwen3-8B architecture, the
+"""Pipeline B of the paper (docs/method.md §4): WeDLM-8B-Instruct (Qwen3-8B architecture, the
 Qwen3 tokenizer) distilled into a Qwen3-0.6B BD3LM student with a shared vocabulary.
 
   configs/pipeline_b.py              TIDE-Shared (TIDAL + CompDemo on forward KL), native to B
@@ -16,7 +16,7 @@ from tide_jax import teachers
 
 RECIPES = ("tide_shared", "tide_cross", "kl", "bd3lm")
 TEACHER_HF_ID = "tencent/WeDLM-8B-Instruct"
-SHARED_VOCAB = 151646  # SPEC 3.4: both logits cut to the shared vocabulary
+SHARED_VOCAB = 151646  # docs/method.md §3.4: both logits cut to the shared vocabulary
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:

@@ -1,5 +1,5 @@
 """Synthetic LLaDA2 checkpoints (random weights, the real tensor names and config keys) and a
-float64 NumPy forward of the same weights, written from SPEC section 6 independently of the
+float64 NumPy forward of the same weights, written from docs/method.md §6 independently of the
 Flax module."""
 
 from __future__ import annotations

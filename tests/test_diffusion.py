@@ -10,7 +10,7 @@ from tide_jax.diffusion import masks, noising, schedules
 
 
 def brute_force_bd3lm(length: int, block: int, x0_first: bool) -> np.ndarray:
-  """Element-by-element construction from the SPEC's three rules."""
+  """Element-by-element construction from the three rules of docs/method.md §2."""
   out = np.zeros((2 * length, 2 * length), bool)
   for q in range(2 * length):
     for k in range(2 * length):

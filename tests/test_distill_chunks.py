@@ -1,4 +1,4 @@
-"""Chunk-level objectives and chunk-consistent masking vs float64 NumPy (SPEC 3.1, 3.3)."""
+"""Chunk-level objectives and chunk-consistent masking vs float64 NumPy (docs/method.md §3.1, §3.3)."""
 
 import hypothesis
 import hypothesis.strategies as st

@@ -1,4 +1,4 @@
-"""CompDemo (method 3.2) and the teacher input builders (method 3.4)."""
+"""CompDemo (docs/method.md §3.2) and the teacher input builders (docs/method.md §3.4)."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -196,7 +196,7 @@ def test_x0_xt_inputs_use_the_swapped_bd3lm_mask():
   np.testing.assert_array_equal(got.input_ids[:, :length], clean)
   np.testing.assert_array_equal(got.input_ids[:, length:], np.where(masked, MASK_ID, clean))
   np.testing.assert_array_equal(got.position_ids[0], np.tile(np.arange(length), 2))
-  # The BD3LM rules (method 2) written out, with the clean half first.
+  # The BD3LM rules (docs/method.md §2) written out, with the clean half first.
   expected = np.zeros((2 * length, 2 * length), bool)
   for q in range(2 * length):
     for k in range(2 * length):

@@ -25,7 +25,7 @@ from tide_jax.distill import compdemo, terms
 
 
 def reference_loss(plan, model, tparams, batch, noise, progress):
-  """The loss from materialised float32 logits of both models (the formulas of method 3)."""
+  """The loss from materialised float32 logits of both models (the formulas of docs/method.md §3)."""
   recipe = plan.recipe
   ids = batch["input_ids"]
   hidden = forward.denoiser_hidden(model, ids, noise.x_t, kind="bd3lm", block_size=BLOCK)

@@ -1,4 +1,4 @@
-"""Recipes: presets and configuration validation (method 3.4)."""
+"""Recipes: presets and configuration validation (docs/method.md §3.4)."""
 
 import pytest
 

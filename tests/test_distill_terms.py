@@ -1,4 +1,4 @@
-"""Token-level terms from hidden states and kernels vs float64 NumPy (method 3.1, 3.4).
+"""Token-level terms from hidden states and kernels vs float64 NumPy (docs/method.md §3.1, §3.4).
 
 The oracle multiplies hidden states by the kernel in float64 and evaluates each formula on
 the full logits; the terms under test never materialise them (``distill/fused.py``).

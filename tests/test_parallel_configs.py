@@ -1,5 +1,5 @@
 """Every config file in configs/ loads for every variant and validates; the pipeline
-configs carry the paper's settings (SPEC section 4) and the real model identifiers."""
+configs carry the paper's settings (docs/method.md §4) and the real model identifiers."""
 
 import glob
 import importlib
@@ -17,7 +17,7 @@ CONFIG_MODULES = sorted(
     for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
     if not os.path.basename(p).startswith(("_", "common"))
 )
-# Teacher vocabularies from the checkpoints' config.json (SPEC section 6).
+# Teacher vocabularies from the checkpoints' config.json (docs/method.md §6).
 TEACHER_VOCAB = {"llada2": 157184, "wedlm": 151936}
 
 

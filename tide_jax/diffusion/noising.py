@@ -49,7 +49,7 @@ def pad_to_block_multiple(ids: np.ndarray | list[int], block_size: int, eos_id: 
   """Right-pads a 1-D token sequence with EOS to the next multiple of ``block_size``.
 
   A sequence already on a block boundary gets no padding. The EOS padding is trained like
-  content (SPEC section 2).
+  content (docs/method.md §2).
   """
   ids = np.asarray(ids, dtype=np.int32)
   n_pad = (-len(ids)) % block_size

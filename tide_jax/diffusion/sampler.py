@@ -1,6 +1,6 @@
 """Block-diffusion (BD3LM) sampler with a key/value cache, jitted with static shapes.
 
-Protocol (SPEC section 2): every prompt is left-padded to a common length P that is a
+Protocol (docs/method.md §2): every prompt is left-padded to a common length P that is a
 multiple of the block size B, so generation starts on a block boundary. Padding gets no
 attention (its key columns are masked out) and RoPE positions are *logical*: a prompt of
 length n has positions 0..n-1 whatever its padding, and its first new token position n.

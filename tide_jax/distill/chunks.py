@@ -1,4 +1,4 @@
-"""Chunk-level objectives for the cross-tokenizer pipeline (SPEC 3.1 end, 3.3).
+"""Chunk-level objectives for the cross-tokenizer pipeline (docs/method.md §3.1 end, §3.3).
 
 Alignment format: per-token chunk ids, ``int32 [b, L]`` on each side, ``-1`` for a token
 in no chunk and ``0 .. max_chunks - 1`` for the chunks of each example (the same id names

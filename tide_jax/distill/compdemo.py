@@ -1,4 +1,4 @@
-"""CompDemo (method 3.2): complementary demonstrations, both teacher passes in one call.
+"""CompDemo (docs/method.md §3.2): complementary demonstrations, both teacher passes in one call.
 
 The masked set ``M`` of each teacher sequence is split at random into ``M_A`` (each token,
 or each chunk, with probability ``rho``) and ``M_B = M \\ M_A``. Pass 1 reveals ``M_A`` and

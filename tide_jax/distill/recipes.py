@@ -1,6 +1,6 @@
 """Recipes: which distillation term the one train step adds, chosen by configuration.
 
-A recipe is an objective plus two options (method 3.4):
+A recipe is an objective plus two options (docs/method.md §3.4):
 
 | preset        | alignment ``positions`` (pipeline B) | alignment ``chunks`` (pipeline A)  |
 |---------------|--------------------------------------|------------------------------------|
@@ -49,7 +49,7 @@ METRIC_NAMES = (*terms_lib.TOKEN_TERMS, *chunks_lib.CHUNK_OBJECTIVES)
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The ``config.distill`` section with its defaults (method 3-4)."""
+  """The ``config.distill`` section with its defaults (docs/method.md §3-4)."""
   c = ml_collections.ConfigDict()
   c.recipe = "bd3lm"  # a preset name, or "custom"
   c.alignment = "positions"  # "positions" (shared tokenizer) or "chunks" (cross tokenizer)

@@ -1,4 +1,4 @@
-"""Token-level terms: the student's cross-entropy and the distillation terms (method 3.1, 3.4).
+"""Token-level terms: the student's cross-entropy and the distillation terms (docs/method.md §3.1, §3.4).
 
 A *token term* compares the student's and the teacher's distributions at one position,
 on logits already cut to the shared vocabulary: ``value(zs, zt, lam) -> [c]`` and its
@@ -44,7 +44,7 @@ MIDRANGE_WIDTH = 0.15
 
 @dataclasses.dataclass(frozen=True)
 class TidalOptions:
-  """TIDAL's schedule (SPEC 3.1): lambda grows from ``l0`` to ``l1`` over training."""
+  """TIDAL's schedule (docs/method.md §3.1): lambda grows from ``l0`` to ``l1`` over training."""
 
   l0: float = 0.1
   l1: float = 0.9
@@ -457,7 +457,7 @@ def tidal(
     options: TidalOptions = TidalOptions(),
     **kwargs,
 ) -> tuple[Array, Array]:
-  """TIDAL (method 3.1): ``T^2 w(t) KL(r || softmax(zs/T))`` with the constant target
+  """TIDAL (docs/method.md §3.1): ``T^2 w(t) KL(r || softmax(zs/T))`` with the constant target
   ``r = softmax(((1 - lambda) zs + lambda zt) / T)``.
 
   Args:

@@ -1,6 +1,6 @@
 """LLaDA2 mixture-of-experts dLLM (``model_type`` llada2_moe) in Flax NNX.
 
-Architecture (SPEC section 6): word embeddings -> layers of
+Architecture (docs/method.md §6): word embeddings -> layers of
 ``RMSNorm -> attention -> residual -> RMSNorm -> (dense SwiGLU | MoE) -> residual`` ->
 RMSNorm -> untied (or tied) output projection. Attention has a fused QKV projection in the
 checkpoint (split into q, k, v by the converter), per-head q/k RMSNorm, partial rotary

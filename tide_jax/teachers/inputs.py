@@ -1,4 +1,4 @@
-"""How a teacher is fed (method 3.4): the two input builders.
+"""How a teacher is fed (docs/method.md §3.4): the two input builders.
 
 * ``bidirectional`` (pipeline A, LLaDA2): the noised teacher sequence alone, bidirectional
   attention over valid keys (padding masked out), position ids ``0..Lt-1``;
