@@ -227,7 +227,7 @@ def main():
     del info  # built once here so that no timing below includes tokenizer construction
 
   lines = [
-      f"# Data pipeline benchmark\n",
+      "# Data pipeline benchmark\n",
       f"Command: `python benchmarks/bench_data.py --records {args.records} --max_len {args.max_len}`  ",
       f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}.  ",
       f"Corpus: {len(records)} chat records (164 HumanEval problems + standard-library functions/docstrings), "

@@ -26,7 +26,8 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tide_jax.models import config as mcfg, dense  # noqa: E402
-from tide_jax.train import objective, step as step_lib  # noqa: E402
+from tide_jax.distill import plan as plan_lib  # noqa: E402
+from tide_jax.train import step as step_lib  # noqa: E402
 
 QWEN3_0_6B = dict(
     model_type="qwen3",
@@ -42,12 +43,6 @@ QWEN3_0_6B = dict(
     tie_word_embeddings=True,
 )
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
-
-
-class Cfg(dict):
-  """Attribute access over a dict: the fields the objective and step read."""
-
-  __getattr__ = dict.__getitem__
 
 
 def step_flops(cfg, batch: int, length: int) -> float:
@@ -83,6 +78,7 @@ def main():
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--length", type=int, default=512)
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--row_block", type=int, default=1024, help="objective.row_block")
   p.add_argument("--tiny", action="store_true", help="a small config (CPU check of the script)")
   p.add_argument("--out", default="")
   args = p.parse_args()
@@ -93,17 +89,10 @@ def main():
   model = dense.build_decoder(cfg)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
-  config = Cfg(
-      objective=Cfg(
-          kind="bd3lm",
-          schedule="linear",
-          t_eps=1e-3,
-          mask_token_id=151669,
-          block_size=32,
-          loss_chunk=1024,
-      )
+  objective = plan_lib.Objective(
+      "bd3lm", "linear", 1e-3, 151669, block_size=32, row_block=args.row_block
   )
-  fn = step_lib.make_train_step(graphdef, tx, lambda s: 5e-5, config, 1000)
+  fn = step_lib.make_train_step(graphdef, tx, lambda s: 5e-5, plan_lib.Plan(objective), 1000)
   state = step_lib.create_train_state(params, tx, 0)
   rng = np.random.default_rng(0)
   batch = {

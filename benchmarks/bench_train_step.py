@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from configs import smoke  # noqa: E402
@@ -32,7 +31,9 @@ from tide_jax import configs_lib  # noqa: E402
 from tide_jax.data import pipeline  # noqa: E402
 from tide_jax.models import dense  # noqa: E402
 from tide_jax.models.config import decoder_config_from_hf  # noqa: E402
-from tide_jax.train import distillation, optimizer, step as step_lib  # noqa: E402
+from tide_jax.distill import plan as plan_lib, recipes  # noqa: E402
+from tide_jax.teachers import Teacher  # noqa: E402
+from tide_jax.train import optimizer, step as step_lib  # noqa: E402
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -80,15 +81,19 @@ def build(config, teacher_cfg, teacher_state, data_cfg_variant_batches):
   model = dense.build_decoder(student_cfg, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   tx, sched = optimizer.make_optimizer(config.optim, 1000)
-  plan = distillation.make_distillation(
-      config,
-      student_cfg,
-      teacher_graphdef=teacher_state[0],
-      teacher_vocab=teacher_cfg.vocab_size,
-      teacher_mask_token_id=int(config.teacher.mask_token_id),
-      teacher_input_builder="bidirectional",
+  recipe = recipes.validate_distill_config(
+      config.distill, student_vocab=student_cfg.vocab_size, teacher_vocab=teacher_cfg.vocab_size
   )
-  fn = step_lib.make_train_step(graphdef, tx, sched, config, 1000, plan.extra_loss, plan.mask_fn)
+  teacher = Teacher(
+      "smoke",
+      teacher_cfg,
+      teacher_state[0],
+      int(config.teacher.mask_token_id),
+      "bidirectional",
+      int(config.block_size),
+  )
+  plan = plan_lib.Plan(plan_lib.Objective.from_config(config), recipe, teacher)
+  fn = step_lib.make_train_step(graphdef, tx, sched, plan, 1000)
   state = step_lib.create_train_state(params, tx, 0)
   return jax.jit(fn, donate_argnums=(0,)), state, student_cfg
 

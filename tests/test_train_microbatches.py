@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from tests.plan_fixtures import decoder, make_batch, make_plan, VS
 from tide_jax.train import step as step_lib

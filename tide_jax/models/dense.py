@@ -14,7 +14,7 @@ Parameter layout (what ``tide_jax.convert`` maps HF tensors onto):
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -12,3 +12,16 @@ from tide_jax.teachers.registry import (
     teacher_config,
 )
 from tide_jax.teachers.teacher import Teacher
+
+__all__ = [
+    "ARCHITECTURES",
+    "TEACHERS",
+    "Architecture",
+    "Teacher",
+    "TeacherFamily",
+    "abstract_teacher",
+    "architecture_for",
+    "convert_teacher",
+    "load_teacher",
+    "teacher_config",
+]

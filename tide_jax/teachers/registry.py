@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from etils import epath
 from flax import nnx

@@ -149,9 +149,6 @@ class Checkpointer:
         )
     return None
 
-  def saved_model_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
-
   def wait(self) -> None:
     try:
       self.manager.wait_until_finished()
@@ -232,6 +229,3 @@ def read_model_meta(workdir: str, step: int) -> dict[str, Any] | None:
     return None
   return meta if isinstance(meta, dict) else None
 
-
-def abstract_like(tree: Any) -> Any:
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
