@@ -10,7 +10,6 @@ inside functions are not allowed anywhere: they hide cycles and broken calls.
 import ast
 import os
 
-
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tide_jax")
 
 

@@ -228,4 +228,3 @@ def read_model_meta(workdir: str, step: int) -> dict[str, Any] | None:
   except (OSError, ValueError):
     return None
   return meta if isinstance(meta, dict) else None
-
