@@ -96,6 +96,9 @@ def base_config() -> config_dict.ConfigDict:
   c.sampler.temperature = 0.0
   c.sampler.order = "low_confidence"
   c.sampler.context_len = 4096
+  # > 0: each step also commits every masked position whose confidence exceeds this
+  # (parallel decoding; a block can finish in fewer steps). 0 = the schedule alone.
+  c.sampler.threshold = 0.0
 
   c.eval = config_dict.ConfigDict()  # --mode=eval and the periodic eval
   c.eval.bpb_files = config_dict.placeholder(list)  # default: data.eval_files

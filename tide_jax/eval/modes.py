@@ -76,6 +76,7 @@ def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
       order=s.get("order", "low_confidence"),
       schedule=config.objective.schedule,
       context_len=int(s.get("context_len", 4096)),
+      threshold=float(s.get("threshold", sampler.SamplerConfig.threshold)),
   )
 
 
