@@ -198,13 +198,14 @@ def project_choices(
   Args:
     model: has ``logits(hidden [..., E]) -> [..., V]``.
     hidden: ``[b, B, E]`` hidden states of the block.
-    still_masked: bool ``[b, B]``; rows with none may be finished sequences.
+    still_masked: bool ``[b, B]``, the positions to predict (none in the rows of finished
+      sequences).
     key: PRNG key of this step's token choice.
     cfg: sampler settings.
 
   Returns:
-    ``tokens int32 [b, B]`` and ``probability float32 [b, B]``; -inf where no prediction
-    was made (committed positions, and masked ones past the width in rows that are done).
+    ``tokens int32 [b, B]`` and ``probability float32 [b, B]``; where
+    ``still_masked`` is False the probability is -inf and the token means nothing.
   """
   b, bsz = still_masked.shape
   widths = cfg.projection_widths
