@@ -69,3 +69,14 @@ def test_eval_mode_without_checkpoint_fails_cleanly(tmp_path):
   res = run_main(f"--workdir={tmp_path / 'empty'}", "--mode=eval")
   assert res.returncode == 2
   assert "holds no checkpoint and model.init_from is empty" in res.stderr
+
+
+def test_sampler_threshold_is_read_from_the_config():
+  class Tokenizer:
+    eos_token_id = 151645
+
+  config = smoke.get_config("bd3lm")
+  assert modes.sampler_config(config, Tokenizer()).threshold == 0.0
+  config.sampler.threshold = 0.9
+  cfg = modes.sampler_config(config, Tokenizer())
+  assert cfg.threshold == 0.9 and cfg.project_masked_only
