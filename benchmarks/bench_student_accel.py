@@ -8,6 +8,7 @@ card's nominal dense bf16 peak and against what a matmul reaches here.
 
 Usage:
   python benchmarks/bench_student_accel.py [--batch 8] [--steps 10] [--tiny] [--out FILE]
+      [--attention-impl xla|blocked|cudnn|splash] [--remat none|full|...]
 """
 
 from __future__ import annotations
@@ -81,11 +82,14 @@ def main():
   p.add_argument("--row_block", type=int, default=1024, help="objective.row_block")
   p.add_argument("--tiny", action="store_true", help="a small config (CPU check of the script)")
   p.add_argument("--out", default="")
+  p.add_argument("--attention-impl", default="xla", choices=mcfg.ATTENTION_IMPLS)
+  p.add_argument("--remat", default="none", choices=mcfg.REMAT_POLICIES)
   args = p.parse_args()
   hf = dict(QWEN3_0_6B)
   if args.tiny:
     hf.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128, head_dim=16)
   cfg = mcfg.decoder_config_from_hf(hf, param_dtype="float32", dtype="bfloat16")
+  cfg = cfg.replace(attention_impl=args.attention_impl, remat=args.remat)
   model = dense.build_decoder(cfg)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
@@ -122,12 +126,13 @@ def main():
       f"# BD3LM student step on {kind}",
       "",
       f"Command: `python benchmarks/bench_student_accel.py --batch {args.batch} "
-      f"--length {args.length} --steps {args.steps}{' --tiny' if args.tiny else ''}`",
+      f"--length {args.length} --steps {args.steps}{' --tiny' if args.tiny else ''} "
+      f"--attention-impl {args.attention_impl} --remat {args.remat}`",
       "",
       f"Model: Qwen3-0.6B architecture ({params_n / 1e6:.0f}M parameters), float32 parameters, "
       f"bfloat16 compute, batch {args.batch} x {args.length} (`[x_t ; x_0]` = "
-      f"{2 * args.length} tokens per sequence), chunked CE (1024 rows), AdamW; JAX "
-      f"{jax.__version__}.",
+      f"{2 * args.length} tokens per sequence), chunked CE (1024 rows), AdamW, attention "
+      f"`{args.attention_impl}`, remat `{args.remat}`; JAX {jax.__version__}.",
       "",
       "| quantity | value |",
       "|---|---|",

@@ -25,7 +25,13 @@ def base_config() -> config_dict.ConfigDict:
   m.max_position_embeddings = 40960
   m.param_dtype = "float32"
   m.dtype = "float32"
-  m.remat = False
+  # Per-layer activation recomputation: none, full, dots_saveable,
+  # dots_with_no_batch_dims_saveable or save_attention. Typed `object` so that configs and
+  # overrides that still give the old booleans load; True / False are read as full / none.
+  m.remat = config_dict.FieldReference("none", field_type=object)
+  # xla (dense reference), blocked (skips fully masked BD3LM tiles, any backend),
+  # cudnn (NVIDIA GPUs, bf16) or splash (TPUs).
+  m.attention_impl = "xla"
 
   c.objective = config_dict.ConfigDict()
   ob = c.objective
@@ -121,6 +127,9 @@ def base_config() -> config_dict.ConfigDict:
   c.sampler.temperature = 0.0
   c.sampler.order = "low_confidence"
   c.sampler.context_len = 4096
+  # > 0: each step also commits every masked position whose confidence exceeds this
+  # (parallel decoding; a block can finish in fewer steps). 0 = the schedule alone.
+  c.sampler.threshold = 0.0
 
   c.eval = config_dict.ConfigDict()  # --mode=eval and the periodic eval
   c.eval.bpb_files = config_dict.placeholder(list)  # default: data.eval_files

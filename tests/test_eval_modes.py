@@ -203,3 +203,14 @@ def test_a_full_workdir_during_training_is_one_sentence(trained, tmp_path):
   assert lines[-1].startswith(
       f"error: Could not write the checkpoint of step 2 to {workdir}/checkpoints (File too large)"
   )
+
+
+def test_sampler_threshold_is_read_from_the_config():
+  class Tokenizer:
+    eos_token_id = 151645
+
+  config = smoke.get_config("bd3lm")
+  assert modes.sampler_config(config, Tokenizer()).threshold == 0.0
+  config.sampler.threshold = 0.9
+  cfg = modes.sampler_config(config, Tokenizer())
+  assert cfg.threshold == 0.9 and cfg.project_masked_only

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -163,3 +164,61 @@ def test_temperature_sampling_is_reproducible_and_tends_to_greedy():
       model, prompts, sampler.SamplerConfig(temperature=1e-6, **base), jax.random.PRNGKey(7)
   )
   np.testing.assert_array_equal(cold, greedy)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(block_size=4, steps_per_block=4),
+        dict(block_size=8, steps_per_block=3, temperature=0.7),
+        dict(block_size=8, steps_per_block=8, order="random"),
+        dict(block_size=8, steps_per_block=8, threshold=0.2),
+    ],
+)
+def test_masked_only_projection_gives_the_whole_block_tokens(settings):
+  """Projecting only the still-masked positions changes no token, with sampling too (each
+  position's Gumbel noise is keyed by its place in the block, not by the projection)."""
+  model = tiny_decoder(seed=11)
+  prompts = [[1, 2, 3], list(range(5, 17))]
+  cfg = sampler.SamplerConfig(
+      max_new_tokens=16, mask_token_id=MASK_ID, eos_token_id=EOS_ID, context_len=128, **settings
+  )
+  key = jax.random.PRNGKey(4)
+  masked_only, _ = sampler.generate(model, prompts, cfg, key)
+  whole_block, _ = sampler.generate(
+      model, prompts, dataclasses.replace(cfg, project_masked_only=False), key
+  )
+  np.testing.assert_array_equal(masked_only, whole_block)
+  assert not np.any(masked_only == MASK_ID)
+
+
+def test_threshold_mode_is_deterministic_and_never_slower_than_one_token_per_step():
+  model = tiny_decoder(seed=2)
+  base = sampler.SamplerConfig(
+      block_size=8,
+      steps_per_block=8,
+      max_new_tokens=24,
+      mask_token_id=MASK_ID,
+      eos_token_id=MASK_ID,  # never chosen: every block is decoded
+      context_len=128,
+  )
+  prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+  ids, valid, lengths = sampler.pad_prompts(prompts, base)
+  runs = {}
+  for seed, threshold in enumerate((0.0, 0.055, 0.055, 0.9)):
+    cfg = dataclasses.replace(base, threshold=threshold)
+    key = jax.random.PRNGKey(seed)  # greedy: the key must not matter
+    tokens, blocks, steps = sampler.generate_padded(model, ids, valid, lengths, key, cfg)
+    runs.setdefault(threshold, []).append((np.asarray(tokens), int(blocks), int(steps)))
+  first, second = runs[0.055]
+  np.testing.assert_array_equal(first[0], second[0])
+  assert first[1:] == second[1:]
+  one_per_step = runs[0.0][0]
+  assert one_per_step[2] == 3 * 8
+  for threshold in (0.055, 0.9):
+    tokens, blocks, steps = runs[threshold][0]
+    assert blocks == 3 and blocks <= steps <= 3 * 8
+    assert not np.any(tokens == MASK_ID)
+  # The tiny model's chosen-token probabilities are about 0.05 to 0.06 (64 tokens), so a
+  # threshold of 0.055 commits several positions in some steps.
+  assert runs[0.055][0][2] < one_per_step[2]

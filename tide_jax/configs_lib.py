@@ -168,6 +168,21 @@ def validate(config) -> None:
     )
   if not 0 <= float(config.data.eval_fraction) < 1:
     raise ValueError(f"data.eval_fraction={config.data.eval_fraction} must lie in [0, 1).")
+  _check_model_field("model.remat", config.model.remat, mcfg.remat_policy_name)
+  _check_model_field("model.attention_impl", config.model.attention_impl, mcfg.check_attention_impl)
+  if "teacher" in config:
+    _check_model_field("teacher.remat", config.teacher.remat, mcfg.remat_policy_name)
+    _check_model_field(
+        "teacher.attention_impl", config.teacher.attention_impl, mcfg.check_attention_impl
+    )
+
+
+def _check_model_field(field: str, value, check) -> None:
+  """Runs ``check(value)`` and names the config field in its error."""
+  try:
+    check(value)
+  except ValueError as err:
+    raise ValueError(f"{field}: {err}") from None
 
 
 def student_model_config(config) -> mcfg.DecoderConfig:
@@ -198,7 +213,8 @@ def student_model_config(config) -> mcfg.DecoderConfig:
         param_dtype=m.param_dtype,
         dtype=m.dtype,
     )
-  cfg = cfg.replace(remat=bool(m.get("remat", False)))
+  # remat: a policy name; the booleans of older configs are read as "full" / "none".
+  cfg = cfg.replace(remat=m.remat, attention_impl=m.attention_impl)
   mask_id = int(config.objective.mask_token_id)
   if not 0 <= mask_id < cfg.vocab_size:
     raise ValueError(

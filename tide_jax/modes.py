@@ -77,6 +77,7 @@ def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
       order=s.order,
       schedule=config.objective.schedule,
       context_len=int(s.context_len),
+      threshold=float(s.threshold),
   )
 
 

@@ -33,6 +33,7 @@ class SampleStats:
   generate_s: float
   new_tokens: int
   blocks_run: int
+  steps_run: int  # denoising steps (model calls on a block) over all blocks
 
   @property
   def tokens_per_s(self) -> float:
@@ -71,7 +72,7 @@ def timed_generate(
   start = time.perf_counter()
   run = sampler.compile_generate(model, ids, valid, lengths, key, cfg)
   compiled = time.perf_counter()
-  tokens, blocks = run(ids, valid, lengths, key)
+  tokens, blocks, steps = run(ids, valid, lengths, key)
   tokens = np.asarray(jax.block_until_ready(tokens))
   done = time.perf_counter()
   new = sampler.truncate_at_eos(tokens, cfg.eos_token_id)
@@ -80,6 +81,7 @@ def timed_generate(
       generate_s=done - compiled,
       new_tokens=sum(map(len, new)),
       blocks_run=int(blocks),
+      steps_run=int(steps),
   )
   return new, stats
 
@@ -108,8 +110,8 @@ def run_sample(
     print_fn(f"=== prompt {i}: {g.prompt}\n{g.text}\n--- {g.new_tokens} new tokens")
   print_fn(
       f"batch of {len(texts)}: {stats.new_tokens} new tokens in {stats.generate_s:.2f} s "
-      f"= {stats.tokens_per_s:.1f} tokens/s ({stats.blocks_run} blocks; compile "
-      f"{stats.compile_s:.1f} s)"
+      f"= {stats.tokens_per_s:.1f} tokens/s ({stats.blocks_run} blocks in "
+      f"{stats.steps_run} denoising steps; compile {stats.compile_s:.1f} s)"
   )
   return generations, stats
 

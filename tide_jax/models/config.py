@@ -19,6 +19,41 @@ DENSE_MODEL_TYPES = ("qwen3", "qwen2")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
+# How attention is computed (tide_jax.models.attention): "xla" is the dense reference,
+# "blocked" skips fully masked tiles of a static mask on any backend, "cudnn" is the fused
+# cuDNN kernel (NVIDIA GPUs), "splash" the Pallas block-sparse kernel (TPUs).
+ATTENTION_IMPLS = ("xla", "blocked", "cudnn", "splash")
+# What each layer keeps for the backward pass (tide_jax.models.layers.remat_policy): "none"
+# keeps everything, "full" recomputes the whole layer, the others save some results.
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "save_attention",
+)
+
+
+def remat_policy_name(value: bool | str) -> str:
+  """The remat policy name for a config value; the old booleans map to "full" / "none"."""
+  if isinstance(value, bool):
+    return "full" if value else "none"
+  if value not in REMAT_POLICIES:
+    raise ValueError(
+        f"Unknown remat policy {value!r}; use one of {', '.join(REMAT_POLICIES)} "
+        "(True and False still mean full and none)."
+    )
+  return value
+
+
+def check_attention_impl(name: str) -> str:
+  """Returns ``name`` if it is a known attention implementation, else raises ValueError."""
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(
+        f"Unknown attention implementation {name!r}; use one of {', '.join(ATTENTION_IMPLS)}."
+    )
+  return name
+
 
 def resolve_dtype(name: str | Any) -> Any:
   """Maps a dtype name ("float32", "bfloat16") to a jnp dtype; passes dtypes through."""
@@ -57,7 +92,12 @@ class DecoderConfig:
   eos_token_id: int | None = None
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"  # a REMAT_POLICIES name; True / False are read as "full" / "none"
+  attention_impl: str = "xla"  # an ATTENTION_IMPLS name
+
+  def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
+    check_attention_impl(self.attention_impl)
 
   @property
   def rotary_dim(self) -> int:

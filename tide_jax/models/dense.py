@@ -19,8 +19,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from tide_jax.models import layers
+from tide_jax.models import attention, layers
 from tide_jax.parallel import sharding
 from tide_jax.models.config import DecoderConfig, resolve_dtype
 
@@ -68,7 +69,10 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dtype)
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    return layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin), v
+    q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    # Named for the "save_attention" remat policy (no effect without remat).
+    names = layers.ATTENTION_SAVE_NAMES
+    return checkpoint_name(q, names[0]), checkpoint_name(k, names[1]), checkpoint_name(v, names[2])
 
   def __call__(
       self,
@@ -88,7 +92,8 @@ class Attention(nnx.Module):
     if prefix_kv is not None:
       k = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    attn = layers.masked_gqa_attention(q, k, v, mask, self.cfg.head_dim**-0.5)
+    attn = attention.attend(q, k, v, mask, self.cfg.head_dim**-0.5, self.cfg.attention_impl)
+    attn = checkpoint_name(attn, layers.ATTENTION_SAVE_NAMES[3])
     out = jnp.einsum("blhd,hde->ble", attn, self.o[...].astype(x.dtype))
     if self.cfg.o_bias:
       out = out + self.o_bias[...].astype(x.dtype)
@@ -154,14 +159,14 @@ class DenseDecoder(layers.LanguageModelHead, nnx.Module):
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
     x = sharding.constrain(x, ACTIVATION_AXES)
     cos, sin = layers.rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+    # A NumPy mask stays NumPy (static), so "blocked" and "splash" can skip masked tiles;
+    # it is closed over rather than passed to remat, which would turn it into a tracer.
     mask = layers.as_4d_mask(attention_mask)
+    run_layer = layers.maybe_remat(lambda lyr, h, c, s, p: lyr(h, c, s, mask, p), self.cfg.remat)
     new_kvs = []
     for i, layer in enumerate(self.layers):
       prefix = None if prefix_kv is None else prefix_kv[i]
-      if self.cfg.remat:
-        x, kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask, prefix)
-      else:
-        x, kv = layer(x, cos, sin, mask, prefix)
+      x, kv = run_layer(layer, x, cos, sin, prefix)
       x = sharding.constrain(x, ACTIVATION_AXES)
       new_kvs.append(kv)
     x = self.final_norm(x)

@@ -7,7 +7,7 @@ Shapes: b batch, L query length, S key length, H query heads, K kv heads, D head
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,33 @@ from flax import nnx
 from tide_jax.parallel import sharding
 
 NEG_INF = -1e30
+
+# Names of the attention results the "save_attention" remat policy keeps (checkpoint_name).
+ATTENTION_SAVE_NAMES = ("query", "key", "value", "attention_context")
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names(*ATTENTION_SAVE_NAMES),
+}
+
+
+def maybe_remat(fn: Callable, policy_name: str) -> Callable:
+  """``fn`` wrapped in ``nnx.remat`` with the named policy ("none" returns ``fn`` as is).
+
+  Policies (names of ``tide_jax.models.config.REMAT_POLICIES``): "full" recomputes the
+  whole call in the backward pass; "dots_saveable" keeps every matmul result;
+  "dots_with_no_batch_dims_saveable" keeps the matmuls without batch dimensions (the
+  projections, not the attention scores); "save_attention" keeps the q/k/v projections
+  and the attention context and recomputes the rest (norms, output projection, MLP).
+  """
+  if policy_name == "none":
+    return fn
+  if policy_name not in _REMAT_POLICIES:
+    raise ValueError(
+        f"Unknown remat policy {policy_name!r}; use none or one of {', '.join(_REMAT_POLICIES)}."
+    )
+  return nnx.remat(fn, policy=_REMAT_POLICIES[policy_name])
 
 
 def make_param(

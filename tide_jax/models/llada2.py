@@ -24,7 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tide_jax.models import dense, layers, moe
-from tide_jax.models.config import _rope_settings, resolve_dtype
+from tide_jax.models.config import (
+    _rope_settings,
+    check_attention_impl,
+    remat_policy_name,
+    resolve_dtype,
+)
 from tide_jax.parallel import sharding
 
 MODEL_TYPE = "llada2_moe"
@@ -87,7 +92,12 @@ class LLaDA2Config:
   moe_dispatch: str = "auto"
   # A mesh with an expert axis > 1 makes the MoE layers expert-parallel (tokens move).
   expert_mesh: Any = None
-  remat: bool = False
+  remat: str = "none"  # a config.REMAT_POLICIES name; True / False read as "full" / "none"
+  attention_impl: str = "xla"  # a config.ATTENTION_IMPLS name
+
+  def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policy_name(self.remat))
+    check_attention_impl(self.attention_impl)
 
   @property
   def rotary_dim(self) -> int:
@@ -269,12 +279,11 @@ class LLaDA2Model(layers.LanguageModelHead, nnx.Module):
         jnp.take(self.embed[...], input_ids, axis=0).astype(dtype), dense.ACTIVATION_AXES
     )
     cos, sin = layers.rope_tables(positions, self.cfg.rotary_dim, self.cfg.rope_theta)
+    # Closed over, not passed to remat: a static (NumPy) mask must stay static.
     mask = layers.as_4d_mask(attention_mask)
+    run_layer = layers.maybe_remat(lambda lyr, h, c, s: lyr(h, c, s, mask), self.cfg.remat)
     for layer in self.layers:
-      if self.cfg.remat:
-        x = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, cos, sin, mask)
-      else:
-        x = layer(x, cos, sin, mask)
+      x = run_layer(layer, x, cos, sin)
       x = sharding.constrain(x, dense.ACTIVATION_AXES)
     return self.final_norm(x)
 

@@ -117,7 +117,9 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
   once, see launch/prepare.sh), ``tokenizer`` /
   ``chat_template`` / ``mask_token_id`` (overrides; empty or -1 = the family's),
   ``param_dtype`` (storage dtype when converting), ``dtype`` (compute dtype),
-  ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only) and ``remat``.
+  ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only), ``remat``
+  (a remat policy name as for ``model.remat``) and ``attention_impl`` (as for
+  ``model.attention_impl``).
   """
   section = ml_collections.ConfigDict(
       {
@@ -131,7 +133,9 @@ def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
           "param_dtype": "bfloat16",
           "dtype": "bfloat16",
           "moe_dispatch": "auto",
-          "remat": False,
+          # Typed `object`: the old booleans (True / False = "full" / "none") still load.
+          "remat": ml_collections.FieldReference("none", field_type=object),
+          "attention_impl": "xla",
       }
   )
   section.update(overrides)
@@ -258,7 +262,7 @@ def _describe(section, family, hf_config, param_dtype, mesh, block_size):
   """The :class:`Teacher` of a section and its abstract module (nothing allocated)."""
   arch = architecture_for(hf_config)
   cfg = arch.config_from_hf(hf_config, param_dtype=param_dtype, dtype=section.dtype)
-  cfg = cfg.replace(remat=bool(section.remat))
+  cfg = cfg.replace(remat=section.remat, attention_impl=section.attention_impl)
   if hasattr(cfg, "moe_dispatch"):
     cfg = cfg.replace(moe_dispatch=section.moe_dispatch, expert_mesh=mesh)
   abstract = arch.abstract_model(cfg)
