@@ -85,6 +85,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       mask_token_id=int(config.objective.mask_token_id),
       grid=int(ev.get("bpb_grid", 8)),
       schedule=config.objective.schedule,
+      kind=config.objective.kind,
   )
   out = {
       "step": step,
