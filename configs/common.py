@@ -46,6 +46,10 @@ def base_config() -> config_dict.ConfigDict:
   d.max_len = 512
   d.block_size = c.get_ref("block_size")
   d.cache_dir = ""
+  # Train on the token ids the corpus uses (tide_jax/data/vocab.py): the vocabulary is cut
+  # to them, renumbered, for every model of the run. vocab_files: more texts it must cover.
+  d.restrict_vocab = False
+  d.vocab_files = []
   d.strict = False
   # Which answers are trained: "last" (the official release's choice) or "all".
   d.train_turns = "last"
