@@ -62,6 +62,10 @@ def base_config() -> config_dict.ConfigDict:
   d.alignment = "chunks"
   d.max_pairs = 0  # position pairs kept per example (0 = max_len)
   d.cache_dir = ""
+  # Train on the token ids the corpus uses (tide_jax/data/vocab.py): the vocabulary is cut
+  # to them, renumbered, for every model of the run. vocab_files: more texts it must cover.
+  d.restrict_vocab = False
+  d.vocab_files = []
   d.strict = False
   d.num_workers = 0  # preprocessing processes (0 = automatic)
   d.max_records = 0  # read at most this many records per source and split (0 = all)

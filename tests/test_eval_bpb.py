@@ -34,8 +34,9 @@ def model():
   return tiny_decoder(seed=1, scale=3.0, vocab=QWEN_VOCAB)
 
 
-def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniforms):
-  """The bound re-derived with NumPy float64 from the model's plain forward pass."""
+def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniforms, kind="bd3lm"):
+  """The bound re-derived with NumPy float64 from the model's plain forward pass: BD3LM
+  (``[x_t ; x_0]`` with the block mask) or MDLM (``x_t`` alone, bidirectional)."""
   ids = tokenizer.encode(text, add_special_tokens=False)
   total_nats = 0.0
   for w, start in enumerate(range(0, len(ids), max_len)):
@@ -51,10 +52,11 @@ def reference_bits(model, tokenizer, text, *, max_len, block, grid, seed_uniform
       t = (i + 0.5) / grid
       masked = (u < t) & valid  # linear schedule: 1 - alpha(t) = t
       x_t = np.where(masked, MASK_ID, x0)
-      logits = np.asarray(
-          model(jnp.asarray(np.concatenate([x_t, x0])[None]), jnp.asarray(pos), jnp.asarray(attn)),
-          np.float64,
-      )[0, :max_len]
+      if kind == "mdlm":
+        inputs = x_t[None], np.arange(max_len)[None], np.broadcast_to(valid, (max_len, max_len))
+      else:
+        inputs = np.concatenate([x_t, x0])[None], pos, attn
+      logits = np.asarray(model(*(jnp.asarray(a) for a in inputs)), np.float64)[0, :max_len]
       logp = logits - logits.max(-1, keepdims=True)
       logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
       nll = -logp[np.arange(max_len), x0]
@@ -84,6 +86,23 @@ def test_bound_matches_a_float64_re_derivation(model, tokenizer):
   assert got.num_bytes == len(text.encode("utf-8"))
   assert got.bits_per_byte == pytest.approx(want / len(text.encode("utf-8")), rel=1e-5)
   assert got.num_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def test_bidirectional_bound_matches_a_float64_re_derivation(model, tokenizer):
+  # A bidirectional (MDLM) model, e.g. a teacher trained here: x_t alone, every valid
+  # token attends to every other; the same weights give a different bound than BD3LM's.
+  text = TEXTS[2]
+  data = bpb.prepare_texts(tokenizer, [text], max_len=16, block_size=4, seed=5)
+  kwargs = dict(block_size=4, max_len=16, mask_token_id=MASK_ID, grid=3, seed=5, batch_size=2)
+  got = bpb.bits_per_byte(model, tokenizer, [text], kind="mdlm", **kwargs)
+  want = reference_bits(
+      model, tokenizer, text, max_len=16, block=4, grid=3, seed_uniforms=data.uniforms, kind="mdlm"
+  )
+  assert got.total_bits == pytest.approx(want, rel=1e-5)
+  block_bound = bpb.bits_per_byte(model, tokenizer, [text], **kwargs).total_bits
+  assert abs(block_bound - want) / want > 1e-3
+  with pytest.raises(ValueError, match="objective.kind='ar' is unknown"):
+    bpb.bits_per_byte(model, tokenizer, [text], kind="ar", **kwargs)
 
 
 def test_identical_when_computed_twice_and_independent_of_batching(model, tokenizer):

@@ -7,6 +7,7 @@ import pytest
 
 from tests.sampler_fixtures import tiny_decoder
 from tide_jax.data.tokenizers import get_tokenizer
+from tide_jax.diffusion.masks import bd3lm_attention_mask
 from tide_jax import plot
 from tide_jax.eval import reliability
 
@@ -29,8 +30,9 @@ def model():
   return tiny_decoder(seed=2, scale=3.0, vocab=QWEN_VOCAB)
 
 
-def reference(model, tokenizer, ratio, max_len, seed=0):
-  """Accuracy, NLL and count from the model's plain bidirectional forward, in float64."""
+def reference(model, tokenizer, ratio, max_len, seed=0, block=None):
+  """Accuracy, NLL and count from the model's plain bidirectional forward, in float64; with
+  ``block``, from the BD3LM forward ``[x_t ; x_0]`` under the block mask instead."""
   ids = [tokenizer.encode(t, add_special_tokens=False) for t in TEXTS]
   windows = [w[i : i + max_len] for w in ids for i in range(0, len(w), max_len)]
   uniforms = np.random.default_rng(seed).random((len(windows), max_len)).astype(np.float32)
@@ -39,8 +41,18 @@ def reference(model, tokenizer, ratio, max_len, seed=0):
     n = len(window)
     masked = uniforms[row, :n] < np.float32(ratio)
     x_t = np.where(masked, MASK_ID, window)[None]
-    attend = np.ones((1, 1, n, n), bool)
-    hidden = model.hidden_states(x_t, np.arange(n)[None], attend)
+    if block is None:
+      attend = np.ones((1, 1, n, n), bool)
+      hidden = model.hidden_states(x_t, np.arange(n)[None], attend)
+    else:  # the window padded to max_len, as the student sees it; padding not attended to
+      pad = lambda a: np.concatenate([a, np.zeros((1, max_len - n), a.dtype)], axis=1)
+      valid = pad(np.ones((1, n), bool))
+      both = np.concatenate([pad(x_t), pad(np.asarray(window)[None])], axis=1)
+      attend = (
+          bd3lm_attention_mask(max_len, block)[None] & np.concatenate([valid, valid], 1)[:, None]
+      )
+      hidden = model.hidden_states(both, np.tile(np.arange(max_len), 2)[None], attend[:, None])
+      hidden = hidden[:, :n]
     logits = np.asarray(model.logits(hidden), np.float64)[0]
     top = logits.max(-1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
@@ -64,6 +76,23 @@ def test_curve_matches_a_float64_rederivation(model, tokenizer):
     np.testing.assert_allclose(curve.nll[i], nll, rtol=2e-5)
   # The masked sets are nested: every token masked at t stays masked at larger t.
   assert np.all(np.diff(curve.num_masked) > 0)
+
+
+def test_student_curve_uses_its_block_diffusion_forward(model, tokenizer):
+  ratios = (0.3, 0.8)
+  kwargs = dict(mask_token_id=MASK_ID, max_len=64, ratios=ratios, batch_size=2)
+  student = reliability.teacher_reliability(
+      model, tokenizer, TEXTS, kind="bd3lm", block_size=16, **kwargs
+  )
+  bidirectional = reliability.teacher_reliability(model, tokenizer, TEXTS, **kwargs)
+  for i, ratio in enumerate(ratios):
+    accuracy, nll, count = reference(model, tokenizer, ratio, max_len=64, block=16)
+    assert student.num_masked[i] == count == bidirectional.num_masked[i]
+    np.testing.assert_allclose(student.accuracy[i], accuracy, atol=1e-9)
+    np.testing.assert_allclose(student.nll[i], nll, rtol=2e-5)
+  assert np.all(np.abs(student.nll - bidirectional.nll) > 1e-3)
+  with pytest.raises(ValueError, match="multiple of block_size"):
+    reliability.teacher_reliability(model, tokenizer, TEXTS, kind="bd3lm", block_size=48, **kwargs)
 
 
 def test_batching_does_not_change_the_curve(model, tokenizer):

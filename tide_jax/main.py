@@ -20,8 +20,9 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from tide_jax import modes
+from tide_jax.data import vocab
 from tide_jax.parallel import distributed, preemption
-from tide_jax.train import loop, smoke_distill
+from tide_jax.train import loop, replicate, smoke_distill
 
 
 class _ListParser(flags.ArgumentParser):
@@ -87,14 +88,22 @@ class UserError(Exception):
   """An error caused by the command line or config, reported as one sentence."""
 
 
+# config.runner -> the function that runs a multi-stage experiment (default: one training run).
+RUNNERS = {"smoke_distill": smoke_distill.run, "replicate": replicate.run}
+
+
 def run(config, workdir: str, mode: str):
   if mode == "train":
     runner = config.get("runner", "")
-    if runner == "smoke_distill":
-      return smoke_distill.run(config, workdir)
+    if runner in RUNNERS:
+      return RUNNERS[runner](config, workdir)
     if runner:
-      raise UserError(f"Unknown config.runner {runner!r}; use 'smoke_distill' or leave it unset.")
+      raise UserError(
+          f"Unknown config.runner {runner!r}; use one of {', '.join(RUNNERS)} or leave it unset."
+      )
     return loop.train_and_evaluate(config, workdir)
+  config = vocab.restricted_config(config, loop.absolute_workdir(workdir))
+
   if mode == "eval":
     return modes.run_eval(config, workdir)
   if mode == "sample":

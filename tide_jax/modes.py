@@ -96,6 +96,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
       mask_token_id=int(config.objective.mask_token_id),
       grid=int(ev.bpb_grid),
       schedule=config.objective.schedule,
+      kind=config.objective.kind,
   )
   out = {
       "step": step,

@@ -30,7 +30,7 @@ import unicodedata
 import numpy as np
 
 from tide_jax.data.templates import TemplateError, render
-from tide_jax.data.tokenizers import get_tokenizer, token_bytes
+from tide_jax.data.tokenizers import added_token_ids, get_tokenizer, token_bytes
 
 TRAIN_TURNS = ("last", "all")
 # Plain-text documents are tokenized in windows of about this many characters (at most
@@ -72,7 +72,7 @@ def tokenizer_info(spec: str, chat_template: str | None = None) -> TokenizerInfo
   tok = get_tokenizer(spec, chat_template)
   table = tuple(token_bytes(tok))
   special = np.zeros(len(table), bool)
-  special[list(tok.backend_tokenizer.get_added_tokens_decoder())] = True
+  special[added_token_ids(tok)] = True
   return TokenizerInfo(
       tok,
       np.array([len(b) for b in table], np.int64),

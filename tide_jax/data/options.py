@@ -11,6 +11,8 @@ every field from configs/common.py, the defaults below serve bare data configs):
 | eval_files            | []             | globs; when empty, `eval_fraction` of records is held out       |
 | eval_fraction         | 0.0            | share of records (by content hash) held out for "eval"         |
 | tokenizer             | "qwen3"        | student tokenizer spec (see tokenizers.get_tokenizer)          |
+| restrict_vocab        | False          | train on the ids the corpus uses: resolved by `vocab.restricted_config` into restricted tokenizer folders (see vocab.py) |
+| vocab_files           | []             | more globs whose tokens the restricted vocabulary keeps (e.g. a test split read only by bits per byte) |
 | chat_template         | None           | Jinja template overriding the student tokenizer's              |
 | template_args         | {}             | extra student chat template variables, e.g. {"enable_thinking": False} |
 | train_turns           | "last"         | "last": train the last assistant answer; "all": every answer    |
@@ -43,6 +45,7 @@ import json
 import math
 import os
 
+from tide_jax.data import restricted
 from tide_jax.data.encode import TRAIN_TURNS
 from tide_jax.data.features import Shapes
 from tide_jax.data.records import expand_files
@@ -204,6 +207,14 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
   """Reads and checks `data_config`; every problem is one ValueError naming the field and fix."""
   max_len = int(_get(config, "max_len", 1024))
   block = int(_get(config, "block_size", 32))
+  if _get(config, "restrict_vocab", False) and not restricted.is_restricted_folder(
+      str(_get(config, "tokenizer", "qwen3"))
+  ):
+    raise ValueError(
+        "data_config.restrict_vocab is set but data_config.tokenizer is not a restricted "
+        "tokenizer yet; resolve the run config first with "
+        "tide_jax.data.vocab.restricted_config(config, workdir) (tide_jax.main does)"
+    )
   teacher = _get(config, "teacher_tokenizer", None) or None
   fmt = str(_get(config, "format", "chat"))
   train_files = _files(_get(config, "train_files", ()))

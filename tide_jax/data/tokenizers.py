@@ -11,6 +11,8 @@ backend) with a chat template, `eos_token_id` and `pad_token_id` set:
 | a folder   | tokenizer.json + tokenizer_config.json (HF layout)      | as configured there            | the folder's |
 
 (templates: `templates.py`). A variant with another `chat_template` shares the vocabulary.
+A folder that also holds `restricted.TABLE_FILE` is a restricted tokenizer (the ids a corpus
+uses, renumbered; see `restricted.py` and `vocab.py`), returned as a `RestrictedTokenizer`.
 
 `token_bytes(tokenizer)` gives the raw bytes of every token id (byte-level BPE, SentencePiece
 '▁' and <0xNN> byte fallback), which the cross-tokenizer chunk alignment works on.
@@ -29,6 +31,7 @@ import tokenizers as hf_tokenizers
 import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
+from tide_jax.data import restricted
 from tide_jax.data.templates import CHATML_TEMPLATE, LLAMA3_TEMPLATE, QWEN3_TEMPLATE
 
 # Pre-tokenizer regexes (facts of each tokenizer). Qwen splits digits one by one,
@@ -322,6 +325,12 @@ def _vocabulary(spec: str):
   """The tokenizer of `spec` with its own template, built or loaded once per process."""
   if spec in _BUILDERS:
     return _BUILDERS[spec]()
+  if restricted.is_restricted_folder(spec):
+    base = _load_dir(spec)
+    kept, info = restricted.read_table(spec)
+    return restricted.RestrictedTokenizer(
+        base, kept, _backend_token_bytes(base.backend_tokenizer), info
+    )
   if os.path.isdir(spec):
     return _load_dir(spec)
   raise ValueError(
@@ -356,8 +365,18 @@ def token_bytes(tokenizer) -> list[bytes]:
 
   Byte-level BPE strings are mapped back through the byte alphabet; SentencePiece-style
   pieces turn '▁' into a space and <0xNN> into that byte; added tokens are their UTF-8 text.
+  A restricted tokenizer gives its kept tokens' bytes.
   """
+  if isinstance(tokenizer, restricted.RestrictedTokenizer):
+    return tokenizer.token_bytes()
   return list(_token_bytes_cached(tokenizer))
+
+
+def added_token_ids(tokenizer) -> list[int]:
+  """Ids of the added (special and control) tokens: never part of a byte-aligned chunk."""
+  if isinstance(tokenizer, restricted.RestrictedTokenizer):
+    return tokenizer.added_token_ids()
+  return list(tokenizer.backend_tokenizer.get_added_tokens_decoder())
 
 
 def _token_bytes_cached(tokenizer) -> tuple[bytes, ...]:

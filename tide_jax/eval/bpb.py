@@ -1,13 +1,16 @@
-"""Bits per UTF-8 byte of held-out text under the block-diffusion (BD3LM) likelihood bound.
+"""Bits per UTF-8 byte of held-out text under a masked-diffusion likelihood bound.
 
-The student's negative log-likelihood of a token sequence x is bounded by the
-masked-diffusion ELBO
+A model's negative log-likelihood of a token sequence x is bounded by the masked-diffusion
+ELBO of its objective (``objective.kind``):
 
-    -log p(x) <= int_0^1 w(t) E_{x_t ~ q(.|x, t)} [ sum_{i masked} -log p(x_i | x_t, x_<blk) ] dt
+    bd3lm:  -log p(x) <= int_0^1 w(t) E_{x_t ~ q(.|x, t)} [ sum_{i masked} -log p(x_i | x_t, x_<blk) ] dt
+    mdlm:   -log p(x) <= int_0^1 w(t) E_{x_t ~ q(.|x, t)} [ sum_{i masked} -log p(x_i | x_t) ] dt
 
-with ``w(t) = -alpha'(t) / (1 - alpha(t))``, evaluated exactly as in training: the input
-is ``[x_t ; x_0]`` with the BD3LM mask, so each block is predicted from its noised self
-and the clean earlier blocks. For a low-variance, reproducible number the integral is
+with ``w(t) = -alpha'(t) / (1 - alpha(t))``, evaluated exactly as in training through the
+one denoiser forward (``diffusion.forward.denoiser_hidden``): for the BD3LM student the
+input is ``[x_t ; x_0]`` with the BD3LM mask, so each block is predicted from its noised
+self and the clean earlier blocks; for a bidirectional (MDLM) model, such as a teacher
+trained here, ``x_t`` alone with attention over the whole window. For a low-variance, reproducible number the integral is
 the midpoint rule on a fixed grid of n times, and the masks are fixed too: every token
 gets one uniform number ``u`` (from a seeded generator) and is masked at time t when
 ``u < 1 - alpha(t)``, which has the right marginal for every t. Dividing the bound (in
@@ -150,6 +153,7 @@ def elbo_nats(
     mask_token_id: int,
     schedule: str = "linear",
     block_rows: int = fused.DEFAULT_BLOCK_ROWS,
+    kind: str = "bd3lm",
 ) -> jax.Array:
   """The diffusion bound on ``-log p`` of each row, in nats: float32 ``[b]`` (jittable).
 
@@ -160,9 +164,10 @@ def elbo_nats(
     ids, valid, uniforms: ``[b, L]`` tokens, text flags and fixed mask thresholds.
     grid_t: float32 ``[n]`` times; the bound is the mean over them (midpoint rule).
     block_size: B (L must be a multiple).
-    mask_token_id: the student's mask token.
-    schedule: the alpha(t) schedule the student was trained with.
+    mask_token_id: the model's mask token.
+    schedule: the alpha(t) schedule the model was trained with.
     block_rows: rows per block of the fused vocabulary statistics.
+    kind: the model's objective, ``bd3lm`` (block diffusion) or ``mdlm`` (bidirectional).
   """
   kernel = model.output_kernel()
   targets = ids.astype(jnp.int32)
@@ -170,9 +175,7 @@ def elbo_nats(
   def at_time(total, t):
     masked = (uniforms < 1.0 - schedules.alpha(t, schedule)) & valid
     x_t = noising.apply_mask(ids, masked, mask_token_id)
-    hidden = forward.denoiser_hidden(
-        model, ids, x_t, kind="bd3lm", block_size=block_size, valid=valid
-    )
+    hidden = forward.denoiser_hidden(model, ids, x_t, kind=kind, block_size=block_size, valid=valid)
     nll = batch_map.batch_outputs(
         functools.partial(_masked_nll_per_row, block_rows=block_rows),
         {"hidden": hidden, "targets": targets, "masked": masked},
@@ -185,7 +188,9 @@ def elbo_nats(
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str, block_rows: int):
+def _compiled_elbo(
+    graphdef, block_size: int, mask_token_id: int, schedule: str, block_rows: int, kind: str
+):
   def run(state, ids, valid, uniforms, grid_t):
     return elbo_nats(
         nnx.merge(graphdef, state),
@@ -197,6 +202,7 @@ def _compiled_elbo(graphdef, block_size: int, mask_token_id: int, schedule: str,
         mask_token_id=mask_token_id,
         schedule=schedule,
         block_rows=block_rows,
+        kind=kind,
     )
 
   return jax.jit(run)
@@ -213,18 +219,21 @@ def window_nats(
     batch_size: int = 8,
     block_rows: int = fused.DEFAULT_BLOCK_ROWS,
     mesh: Mesh | None = None,
+    kind: str = "bd3lm",
 ) -> np.ndarray:
   """The bound for every window, float64 ``[n_windows]`` nats, in fixed-size batches.
 
   With ``mesh``, every batch is split over the mesh's batch axes and each device scores
   its own windows (``batch_size`` is rounded up to a multiple of the batch shards).
+  ``kind`` is the model's objective (``bd3lm`` or ``mdlm``).
   """
   schedules.check_schedule(schedule)
+  forward.check_objective(kind)
   grid_t = midpoint_grid(grid) if isinstance(grid, int) else np.asarray(grid, np.float32)
   if grid_t.size == 0 or np.any((grid_t <= 0) | (grid_t > 1)):
     raise ValueError("Grid times must lie in (0, 1]; pass an int for the midpoint grid.")
   graphdef, state = nnx.split(model)
-  fn = _compiled_elbo(graphdef, block_size, mask_token_id, schedule, int(block_rows))
+  fn = _compiled_elbo(graphdef, block_size, mask_token_id, schedule, int(block_rows), kind)
   place = lambda x: x
   if mesh is not None:
     shards = sharding.batch_shard_count(mesh, sharding.STUDENT_RULES)
@@ -264,6 +273,7 @@ def bits_per_byte_from_data(
     batch_size: int = 8,
     block_rows: int = fused.DEFAULT_BLOCK_ROWS,
     mesh: Mesh | None = None,
+    kind: str = "bd3lm",
 ) -> BpbResult:
   """Bits per byte of pre-tokenized text (use in a training loop: tokenize once)."""
   nats = window_nats(
@@ -276,6 +286,7 @@ def bits_per_byte_from_data(
       batch_size=batch_size,
       block_rows=block_rows,
       mesh=mesh,
+      kind=kind,
   )
   bits = float(nats.sum() / math.log(2.0))
   return BpbResult(
@@ -302,11 +313,12 @@ def bits_per_byte(
     batch_size: int = 8,
     seed: int = 0,
     pad_id: int | None = None,
+    kind: str = "bd3lm",
 ) -> BpbResult:
-  """Bits per UTF-8 byte of ``texts`` under the student's diffusion bound.
+  """Bits per UTF-8 byte of ``texts`` under a model's diffusion bound.
 
   Args:
-    model: the student decoder.
+    model: the decoder (the BD3LM student, or a bidirectional model with ``kind="mdlm"``).
     tokenizer: its tokenizer.
     texts: held-out texts.
     block_size: the student's block size B.
@@ -316,6 +328,7 @@ def bits_per_byte(
     schedule: the student's alpha(t) schedule.
     batch_size: windows per forward pass.
     seed: seed of the fixed mask thresholds.
+    kind: the model's objective, ``bd3lm`` or ``mdlm``.
   """
   data = prepare_texts(
       tokenizer, texts, max_len=max_len, block_size=block_size, pad_id=pad_id, seed=seed
@@ -328,6 +341,7 @@ def bits_per_byte(
       grid=grid,
       schedule=schedule,
       batch_size=batch_size,
+      kind=kind,
   )
 
 
@@ -355,7 +369,8 @@ def make_periodic_bpb(config, mesh: Mesh | None = None):
   """A ``model -> bits per byte`` callable for the periodic eval, or None when disabled.
 
   The held-out texts are tokenized once; each call evaluates the fixed t grid and the
-  fixed masks, so successive values are comparable (``eval.bpb_during_training``).
+  fixed masks, so successive values are comparable (``eval.bpb_during_training``). The
+  bound is the one of the model's ``objective.kind``.
   """
   ev = config.eval
   if not ev.bpb_during_training:
@@ -378,6 +393,7 @@ def make_periodic_bpb(config, mesh: Mesh | None = None):
         schedule=config.objective.schedule,
         block_rows=int(config.objective.row_block),
         mesh=mesh,
+        kind=config.objective.kind,
     ).bits_per_byte
 
   return evaluate

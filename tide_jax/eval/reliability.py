@@ -6,7 +6,10 @@ held-out text: for each masking ratio t of a grid, a fixed subset of the tokens 
 is masked when its seeded uniform ``u_i < t``, so the masked sets are nested as t grows)
 is replaced by the mask token, the teacher predicts them with bidirectional attention
 over the whole window, and the top-1 accuracy and mean negative log-likelihood of the
-masked tokens are reported.
+masked tokens are reported. The same measurement of a BD3LM student (``kind="bd3lm"``:
+its own ``[x_t ; x_0]`` forward, where each block also sees the clean earlier blocks) is
+the contrast: where the student's own predictions beat the teacher's, distilling toward
+the teacher cannot help.
 
 Windows come from :func:`tide_jax.eval.bpb.prepare_texts` (no special tokens, padding
 neither scored nor attended to). Logits are computed a slice of positions at a time, so
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tide_jax.diffusion import masks
+from tide_jax.diffusion import forward
 from tide_jax.eval import bpb
 
 
@@ -46,7 +49,14 @@ class ReliabilityCurve:
 
 
 def masked_token_stats(
-    model, ids: jax.Array, valid: jax.Array, masked: jax.Array, mask_token_id: int, chunk: int
+    model,
+    ids: jax.Array,
+    valid: jax.Array,
+    masked: jax.Array,
+    mask_token_id: int,
+    chunk: int,
+    kind: str = "mdlm",
+    block_size: int = 32,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Correct predictions, summed NLL and count over the masked tokens (jittable).
 
@@ -55,14 +65,15 @@ def masked_token_stats(
     ids, valid, masked: ``[b, L]`` clean tokens, text flags, positions to mask.
     mask_token_id: the model's mask token.
     chunk: positions per logits slice (divides L).
+    kind: the model's forward, ``mdlm`` (bidirectional) or ``bd3lm`` (a student).
+    block_size: B for ``bd3lm`` (divides L).
 
   Returns:
     float32 scalars ``(correct, nll_sum, count)``.
   """
   b, length = ids.shape
   x_t = jnp.where(masked, jnp.asarray(mask_token_id, ids.dtype), ids)
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-  hidden = model.hidden_states(x_t, positions, masks.padding_attention_mask(valid))
+  hidden = forward.denoiser_hidden(model, ids, x_t, kind=kind, block_size=block_size, valid=valid)
   n = length // chunk
   h = hidden.reshape(b, n, chunk, -1).swapaxes(0, 1)
   y = ids.reshape(b, n, chunk).swapaxes(0, 1)
@@ -85,10 +96,12 @@ def masked_token_stats(
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_stats(graphdef, mask_token_id: int, chunk: int):
+def _compiled_stats(graphdef, mask_token_id: int, chunk: int, kind: str, block_size: int):
   def run(state, ids, valid, uniforms, t):
     masked = (uniforms < t) & valid
-    return masked_token_stats(nnx.merge(graphdef, state), ids, valid, masked, mask_token_id, chunk)
+    return masked_token_stats(
+        nnx.merge(graphdef, state), ids, valid, masked, mask_token_id, chunk, kind, block_size
+    )
 
   return jax.jit(run)
 
@@ -104,11 +117,14 @@ def teacher_reliability(
     batch_size: int = 4,
     chunk: int = 32,
     seed: int = 0,
+    kind: str = "mdlm",
+    block_size: int = 32,
 ) -> ReliabilityCurve:
   """Accuracy and NLL of a bidirectional teacher on masked held-out tokens for each ratio.
 
   Args:
-    model: the teacher decoder (bidirectional attention: every valid token sees all others).
+    model: the teacher decoder (bidirectional attention: every valid token sees all
+      others), or a BD3LM student with ``kind="bd3lm"``.
     tokenizer: its tokenizer.
     texts: held-out texts, cut into windows of ``max_len`` tokens.
     mask_token_id: the teacher's mask token.
@@ -117,15 +133,20 @@ def teacher_reliability(
     batch_size: windows per forward pass.
     chunk: positions per logits slice.
     seed: seed of the fixed per-token thresholds.
+    kind: ``mdlm`` (bidirectional, the default) or ``bd3lm`` (a student's own forward).
+    block_size: the student's block size B (``bd3lm``; divides ``max_len``).
   """
+  forward.check_objective(kind)
   t = np.asarray(ratios, np.float32)
   if t.size == 0 or np.any((t <= 0) | (t > 1)):
     raise ValueError("Masking ratios must lie in (0, 1]; for example (0.1, 0.5, 0.9).")
   if max_len % chunk:
     raise ValueError(f"max_len={max_len} must be a multiple of chunk={chunk}.")
+  if kind == "bd3lm" and max_len % block_size:
+    raise ValueError(f"max_len={max_len} must be a multiple of block_size={block_size}.")
   data = bpb.prepare_texts(tokenizer, texts, max_len=max_len, block_size=chunk, seed=seed)
   graphdef, state = nnx.split(model)
-  fn = _compiled_stats(graphdef, int(mask_token_id), int(chunk))
+  fn = _compiled_stats(graphdef, int(mask_token_id), int(chunk), kind, int(block_size))
   n = data.ids.shape[0]
   totals = np.zeros((t.size, 3), np.float64)
   for start in range(0, n, batch_size):

@@ -14,13 +14,14 @@ Workdirs and the output directory may be local paths or ``gs://`` URLs (etils.ep
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from etils import epath
 from matplotlib.figure import Figure
 
 from tide_jax.plot.figures import FIGURES, FigureSpec, metric_figure, save_png
 from tide_jax.plot.runs import Run, default_names, load_run
+from tide_jax.plot.study import heatmap_figure, seed_band_figure, seed_statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,35 +81,39 @@ def plot_runs(
 
 
 def reliability_figure(curve, tidal_lambda=None) -> Figure:
-  """The teacher's accuracy and NLL on masked tokens against the masking ratio t.
+  """Accuracy and NLL on masked tokens against the masking ratio t: one teacher, or several
+  models side by side (teachers and a student for contrast).
 
   Args:
     curve: a :class:`tide_jax.eval.reliability.ReliabilityCurve` (``t``, ``accuracy``,
-      ``nll`` arrays of the same length).
+      ``nll`` arrays of the same length), or a mapping of legend labels to curves.
     tidal_lambda: optional ``[len(t)]`` weights TIDAL gives the teacher at these t (at the
       end of training), drawn on a second y axis of the accuracy panel for comparison.
   """
+  curves = dict(curve) if isinstance(curve, Mapping) else {"teacher": curve}
   fig = Figure(figsize=(9.0, 3.8), dpi=120, layout="constrained")
   acc_ax, nll_ax = fig.subplots(1, 2)
-  lines = acc_ax.plot(
-      curve.t, curve.accuracy, marker="o", color="C0", label="teacher top-1 accuracy"
-  )
+  lines = []
+  for i, (name, c) in enumerate(curves.items()):
+    color = f"C{i}"
+    lines += acc_ax.plot(c.t, c.accuracy, marker="o", color=color, label=f"{name} top-1 accuracy")
+    nll_ax.plot(c.t, c.nll, marker="o", color=color, label=f"{name} NLL")
   acc_ax.set_ylabel("fraction of masked tokens")
   if tidal_lambda is not None:
     # Its own axis: a briefly trained teacher's accuracy is far below TIDAL's 0..1 weights.
     weight_ax = acc_ax.twinx()
+    t = next(iter(curves.values())).t
     lines += weight_ax.plot(
-        curve.t, tidal_lambda, linestyle="--", color="C3", label="TIDAL teacher weight"
+        t, tidal_lambda, linestyle="--", color="0.3", label="TIDAL teacher weight"
     )
     weight_ax.set_ylabel("TIDAL teacher weight")
     weight_ax.set_ylim(0.0, 1.0)
   acc_ax.set_xlabel("masking ratio t")
-  acc_ax.set_title("How often the teacher is right")
-  acc_ax.legend(lines, [line.get_label() for line in lines])
-  nll_ax.plot(curve.t, curve.nll, marker="o", color="C1", label="teacher NLL")
+  acc_ax.set_title("How often the teacher is right" if len(curves) == 1 else "Top-1 accuracy")
+  acc_ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
   nll_ax.set_xlabel("masking ratio t")
   nll_ax.set_ylabel("nats per masked token")
-  nll_ax.set_title("Teacher NLL on masked tokens")
+  nll_ax.set_title("Teacher NLL on masked tokens" if len(curves) == 1 else "NLL on masked tokens")
   nll_ax.legend()
   for ax in (acc_ax, nll_ax):
     ax.grid(True, alpha=0.3)
@@ -118,6 +123,7 @@ def reliability_figure(curve, tidal_lambda=None) -> Figure:
 __all__ = [
     "FIGURES",
     "FigureSpec",
+    "heatmap_figure",
     "PlotResult",
     "Run",
     "load_run",
@@ -126,4 +132,6 @@ __all__ = [
     "plot_runs",
     "reliability_figure",
     "save_png",
+    "seed_band_figure",
+    "seed_statistics",
 ]

@@ -24,7 +24,7 @@ from flax import nnx
 
 from tide_jax import configs_lib, teachers
 from tide_jax.convert import hf_checkpoint, streaming
-from tide_jax.data import pipeline
+from tide_jax.data import pipeline, vocab
 from tide_jax.distill import plan as plan_lib
 from tide_jax.distill import recipes
 from tide_jax.eval import bpb
@@ -231,6 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     Preempted: after SIGTERM, once the checkpoint of the current step is written.
   """
   workdir = absolute_workdir(workdir)
+  config = vocab.restricted_config(config, workdir)  # data.restrict_vocab, once per corpus
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   recipe = validate_recipe(config, model_cfg)
