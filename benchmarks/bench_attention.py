@@ -34,7 +34,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tide_jax.diffusion import masks  # noqa: E402
-from tide_jax.models import attention, dense, layers  # noqa: E402
+from tide_jax.models import attention, dense  # noqa: E402
 from tide_jax.models import config as mcfg  # noqa: E402
 from tide_jax.train import step as step_lib  # noqa: E402
 

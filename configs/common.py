@@ -152,3 +152,57 @@ def base_config() -> config_dict.ConfigDict:
   c.eval.chat_template = False  # render the harness's prompts with the chat template
   c.eval.batch_size = 8  # prompts per sampler call and rows per likelihood evaluation
   return c
+
+
+def distill_config() -> config_dict.ConfigDict:
+  """The ``config.distill`` section with its defaults (docs/method.md §3-4)."""
+  c = config_dict.ConfigDict()
+  c.recipe = "bd3lm"  # a preset name, or "custom"
+  c.alignment = "positions"  # "positions" (shared tokenizer) or "chunks" (cross tokenizer)
+  c.weight = 1.0  # multiplies the distillation term
+  c.temperature = 2.0  # token-level T (with the T^2 factor)
+  c.chunk_temperature = 5.0  # chunk-level T: s = exp(log P / T)
+  c.shared_vocab = config_dict.placeholder(int)  # e.g. 151646
+  c.max_chunks = 512  # static chunk slots per example
+  c.tidal = config_dict.ConfigDict(
+      dict(l0=0.1, l1=0.9, growth="cosine", axis="both", timestep_weight="midrange")
+  )
+  c.compdemo = config_dict.ConfigDict(dict(ratio=0.5, granularity="auto"))
+  c.custom = config_dict.ConfigDict(dict(objective="forward_kl", tidal=False, compdemo=False))
+  return c
+
+
+def teacher_config(name: str, **overrides) -> config_dict.ConfigDict:
+  """A teacher configuration section with every field present.
+
+  Fields: ``name`` (a key of TEACHERS), ``checkpoint`` (converted orbax directory, local
+  or gs://), ``hf_dir`` (the HF directory ``python -m tide_jax.convert --config=...``
+  converts into ``checkpoint``; also the tokenizer source of "hf_dir" families),
+  ``convert_if_missing`` (a single-process run may convert ``hf_dir`` itself when
+  ``checkpoint`` holds no manifest; off by default: conversion is an explicit step run
+  once, see launch/prepare.sh), ``tokenizer`` /
+  ``chat_template`` / ``mask_token_id`` (overrides; empty or -1 = the family's),
+  ``param_dtype`` (storage dtype when converting), ``dtype`` (compute dtype),
+  ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only), ``remat``
+  (a remat policy name as for ``model.remat``) and ``attention_impl`` (as for
+  ``model.attention_impl``).
+  """
+  section = config_dict.ConfigDict(
+      {
+          "name": name,
+          "checkpoint": "",
+          "hf_dir": "",
+          "convert_if_missing": False,
+          "tokenizer": "",
+          "chat_template": "",
+          "mask_token_id": -1,
+          "param_dtype": "bfloat16",
+          "dtype": "bfloat16",
+          "moe_dispatch": "auto",
+          # Typed `object`: the old booleans (True / False = "full" / "none") still load.
+          "remat": config_dict.FieldReference("none", field_type=object),
+          "attention_impl": "xla",
+      }
+  )
+  section.update(overrides)
+  return section

@@ -15,8 +15,6 @@ Paths default to gs://YOUR_BUCKET/tide/...; override them on the command line
 from ml_collections import config_dict
 
 from configs import common
-from tide_jax.distill import recipes
-from tide_jax import teachers
 
 RECIPES = ("tide_cross", "tide_shared", "calm", "bd3lm")
 ROOT = "gs://YOUR_BUCKET/tide"
@@ -87,7 +85,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   d = config.data
   d.teacher_tokenizer = f"{ROOT}/models/llada2.0-mini"  # tokenizer files of the HF directory
   d.alignment = "chunks"
-  config.distill = recipes.default_config()
+  config.distill = common.distill_config()
   config.distill.recipe = recipe
   config.distill.alignment = "chunks"
   config.distill.max_chunks = 512
@@ -99,7 +97,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # (pipeline B's passes midrange, which averages 0.38 over t); only tide_shared uses TIDAL.
   config.distill.tidal.timestep_weight = "uniform"
   config.distill.compdemo.ratio = 0.5
-  config.teacher = teachers.teacher_config(
+  config.teacher = common.teacher_config(
       "llada2",
       checkpoint=f"{ROOT}/teachers/llada2.0-mini-orbax",
       hf_dir=f"{ROOT}/models/llada2.0-mini",

@@ -11,8 +11,6 @@ from ml_collections import config_dict
 
 from configs import common
 from configs.pipeline_a import ROOT, paper_common
-from tide_jax.distill import recipes
-from tide_jax import teachers
 
 RECIPES = ("tide_shared", "tide_cross", "kl", "bd3lm")
 TEACHER_HF_ID = "tencent/WeDLM-8B-Instruct"
@@ -29,7 +27,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   d = config.data
   d.teacher_tokenizer = "qwen3"
   d.alignment = "positions"
-  config.distill = recipes.default_config()
+  config.distill = common.distill_config()
   config.distill.recipe = recipe
   config.distill.alignment = "positions"
   config.distill.temperature = 2.0
@@ -38,7 +36,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.distill.tidal.growth = "cosine"
   config.distill.tidal.timestep_weight = "midrange"  # what the official pipeline-B script passes
   config.distill.compdemo.ratio = 0.5
-  config.teacher = teachers.teacher_config(
+  config.teacher = common.teacher_config(
       "wedlm",
       checkpoint=f"{ROOT}/teachers/wedlm-8b-instruct-orbax",
       hf_dir=f"{ROOT}/models/wedlm-8b-instruct",

@@ -16,8 +16,6 @@ teacher, each restricted to the ids the corpus uses (data.restrict_vocab).
 from ml_collections import config_dict
 
 from configs import common
-from tide_jax import teachers
-from tide_jax.distill import recipes
 
 VARIANTS = ("cpu", "gpu")
 TRAIN_PACKAGES = (
@@ -91,11 +89,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   t.keep_checkpoints = 1
 
   # The paper's distillation settings (docs/method.md section 4), for every recipe alike.
-  config.distill = recipes.default_config()
+  config.distill = common.distill_config()
   config.distill.temperature = 2.0
   config.distill.chunk_temperature = 2.0
   config.distill.max_chunks = 128
-  config.teacher = teachers.teacher_config(
+  config.teacher = common.teacher_config(
       "qwen_bidirectional", param_dtype="float32", dtype="float32", convert_if_missing=True
   )
 

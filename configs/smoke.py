@@ -16,8 +16,6 @@ Usage:
 from ml_collections import config_dict
 
 from configs import common
-from tide_jax.distill import recipes
-from tide_jax import teachers
 
 VARIANTS = ("shared", "cross", "bd3lm")
 
@@ -86,14 +84,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   d.teacher_max_len = 128
   d.alignment = "chunks" if cross else "positions"
 
-  config.distill = recipes.default_config()
+  config.distill = common.distill_config()
   config.distill.recipe = "tide_cross" if cross else "tide_shared"
   config.distill.alignment = d.alignment
   config.distill.max_chunks = 128  # at most one chunk per student token
   config.distill.chunk_temperature = 2.0
 
   # The teacher is trained by the smoke run itself (stage 1) and registered like a real one.
-  config.teacher = teachers.teacher_config(
+  config.teacher = common.teacher_config(
       "qwen_bidirectional",
       tokenizer=d.teacher_tokenizer,
       mask_token_id=128002 if cross else 151669,  # Llama-3: <|reserved_special_token_0|>

@@ -18,7 +18,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from configs import common
 from tests import teachers_fixtures
 from tests.hf_fixtures import tiny_qwen
-from tide_jax.distill import recipes
 from tide_jax import teachers
 
 SPECIALS = ["<|endoftext|>", "<|mask|>"]
@@ -153,12 +152,12 @@ def tiny_config(
   d.teacher_tokenizer = teacher_tokenizer
   d.teacher_max_len = 32
   d.alignment = "chunks" if cross else "positions"
-  c.distill = recipes.default_config()
+  c.distill = common.distill_config()
   c.distill.recipe = recipe
   c.distill.alignment = d.alignment
   c.distill.max_chunks = 32
   c.distill.chunk_temperature = 2.0
-  c.teacher = teachers.teacher_config(
+  c.teacher = common.teacher_config(
       teacher_name,
       checkpoint=teacher_checkpoint,
       tokenizer=teacher_tokenizer,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configs import common
 from tide_jax.distill import plan as plan_lib
 from tide_jax.distill import recipes
 from tide_jax.models import dense
@@ -86,7 +87,7 @@ def make_batch(alignment, seed=0):
 
 
 def distill_config(recipe, alignment, **custom):
-  c = recipes.default_config()
+  c = common.distill_config()
   c.recipe = recipe
   c.alignment = alignment
   c.max_chunks = 8

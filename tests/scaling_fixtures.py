@@ -14,8 +14,6 @@ import jax
 
 from configs import common
 from tests import teachers_fixtures
-from tide_jax import teachers
-from tide_jax.distill import recipes
 from tide_jax.parallel import sharding
 from tide_jax.train import abstract_step
 
@@ -87,11 +85,11 @@ def step_config(setup: Setup, *, batch: int, length: int, row_block: int, microb
   c.data.teacher_tokenizer = "qwen3"
   c.data.teacher_max_len = length
   c.data.alignment = setup.alignment
-  c.distill = recipes.default_config()
+  c.distill = common.distill_config()
   c.distill.recipe = setup.recipe
   c.distill.alignment = setup.alignment
   c.distill.max_chunks = length
-  c.teacher = teachers.teacher_config(setup.teacher, mask_token_id=setup.teacher_vocab - 2)
+  c.teacher = common.teacher_config(setup.teacher, mask_token_id=setup.teacher_vocab - 2)
   return c
 
 

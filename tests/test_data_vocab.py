@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from tide_jax.data import encode, features, options, preprocess, records, restricted, vocab
+from tide_jax.data import encode, options, preprocess, records, restricted, vocab
 from tide_jax.data.tokenizers import get_tokenizer, token_bytes
 
 CORPUS = [("text", ["pystdlib://json/*.py", "pystdlib://email/mime/*.py"])]

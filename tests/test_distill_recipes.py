@@ -2,11 +2,12 @@
 
 import pytest
 
+from configs import common
 from tide_jax.distill import recipes
 
 
 def config(**overrides):
-  cfg = recipes.default_config()
+  cfg = common.distill_config()
   for key, value in overrides.items():
     node = cfg
     *path, last = key.split(".")

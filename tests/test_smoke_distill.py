@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from configs import smoke
-from tide_jax.train import smoke_distill
+from configs import common, smoke
+from tide_jax.train import loop, smoke_distill
 
 
 def tiny(variant, tmp_path):
@@ -71,11 +71,8 @@ def test_a_bad_recipe_fails_before_the_teacher_trains(tmp_path, field, value, me
 
 
 def test_an_unknown_recipe_without_a_teacher_is_named(tmp_path):
-  from tide_jax.distill import recipes
-  from tide_jax.train import loop
-
   c = smoke.get_config("bd3lm")
-  c.distill = recipes.default_config()
+  c.distill = common.distill_config()
   c.distill.recipe = "klx"
   with pytest.raises(ValueError, match="distill.recipe='klx' is not a known value; use one of"):
     loop.train_and_evaluate(c, str(tmp_path / "run"))

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 
+from configs import common
 from tests import teachers_fixtures as tf
 from tide_jax.convert import llada2 as llada2_map
 from tide_jax.convert import name_map as nm
@@ -93,7 +94,7 @@ def convert_and_load(tmp_path, hf, tensors, param_dtype="float32", num_shards=3)
   hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "orbax")
   tf.write_checkpoint(hf_dir, hf, tensors, num_shards=num_shards)
   stats = teachers.convert_teacher(hf_dir, out, param_dtype=param_dtype)
-  section = teachers.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=5)
+  section = common.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=5)
   return teachers.load_teacher(section, block_size=4), stats
 
 
@@ -191,11 +192,11 @@ def test_missing_config_keys_are_listed_together():
 
 
 def test_loading_an_unconverted_directory_is_a_clear_error(tmp_path):
-  section = teachers.teacher_config("llada2", checkpoint=str(tmp_path / "nothing"))
+  section = common.teacher_config("llada2", checkpoint=str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="holds no converted teacher"):
     teachers.load_teacher(section)
   with pytest.raises(ValueError, match="Unknown teacher 'gpt'"):
-    teachers.load_teacher(teachers.teacher_config("gpt", checkpoint="x"))
+    teachers.load_teacher(common.teacher_config("gpt", checkpoint="x"))
 
 
 def test_cli_converts_and_reports_bad_mesh(tmp_path):

@@ -20,6 +20,7 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from configs import common
 from tests import teachers_fixtures as tf
 from tests.hf_fixtures import tiny_qwen
 from tide_jax.diffusion.masks import bd3lm_attention_mask
@@ -47,7 +48,7 @@ def test_llada2_sharded_over_experts_matches_unsharded(tmp_path):
   convert_mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
   out = str(tmp_path / "orbax")
   teachers.convert_teacher(str(tmp_path / "hf"), out, mesh=convert_mesh, param_dtype="float32")
-  section = teachers.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=7)
+  section = common.teacher_config("llada2", checkpoint=out, dtype="float32", mask_token_id=7)
   # Load onto a different layout than the one converted with: orbax reshards on restore.
   mesh = sharding.make_mesh({"tensor": 2, "expert": 4})
   sharded = teachers.load_teacher(section, mesh, block_size=4)
@@ -82,7 +83,7 @@ def converted_llada2(tmp_path_factory):
   tensors = tf.random_llada2_tensors(hf, seed=6)
   tf.write_checkpoint(str(root / "hf"), hf, tensors)
   teachers.convert_teacher(str(root / "hf"), str(root / "orbax"), param_dtype="float32")
-  section = teachers.teacher_config(
+  section = common.teacher_config(
       "llada2", checkpoint=str(root / "orbax"), dtype="float32", mask_token_id=7
   )
   return hf, tensors, section
@@ -189,7 +190,7 @@ def test_wedlm_teacher_x0_first_matches_transformers(tmp_path):
   out = str(tmp_path / "orbax")
   mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
   teachers.convert_teacher(str(tmp_path / "hf"), out, mesh=mesh, param_dtype="float32")
-  section = teachers.teacher_config("wedlm", checkpoint=out, dtype="float32", mask_token_id=96)
+  section = common.teacher_config("wedlm", checkpoint=out, dtype="float32", mask_token_id=96)
   loaded = teachers.load_teacher(section, mesh, block_size=4)
   teacher = loaded[0]
   assert teacher.input_builder == "bd3lm_x0_first" and teacher.mask_token_id == 96

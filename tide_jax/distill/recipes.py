@@ -48,24 +48,6 @@ PRESETS = {
 METRIC_NAMES = (*terms_lib.TOKEN_TERMS, *chunks_lib.CHUNK_OBJECTIVES)
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The ``config.distill`` section with its defaults (docs/method.md §3-4)."""
-  c = ml_collections.ConfigDict()
-  c.recipe = "bd3lm"  # a preset name, or "custom"
-  c.alignment = "positions"  # "positions" (shared tokenizer) or "chunks" (cross tokenizer)
-  c.weight = 1.0  # multiplies the distillation term
-  c.temperature = 2.0  # token-level T (with the T^2 factor)
-  c.chunk_temperature = 5.0  # chunk-level T: s = exp(log P / T)
-  c.shared_vocab = ml_collections.config_dict.placeholder(int)  # e.g. 151646
-  c.max_chunks = 512  # static chunk slots per example
-  c.tidal = ml_collections.ConfigDict(
-      dict(l0=0.1, l1=0.9, growth="cosine", axis="both", timestep_weight="midrange")
-  )
-  c.compdemo = ml_collections.ConfigDict(dict(ratio=0.5, granularity="auto"))
-  c.custom = ml_collections.ConfigDict(dict(objective="forward_kl", tidal=False, compdemo=False))
-  return c
-
-
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """A validated recipe (hashable; every field static for jit)."""

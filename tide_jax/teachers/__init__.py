@@ -9,7 +9,6 @@ from tide_jax.teachers.registry import (
     architecture_for,
     convert_teacher,
     load_teacher,
-    teacher_config,
 )
 from tide_jax.teachers.teacher import Teacher
 
@@ -23,5 +22,4 @@ __all__ = [
     "architecture_for",
     "convert_teacher",
     "load_teacher",
-    "teacher_config",
 ]

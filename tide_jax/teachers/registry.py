@@ -8,7 +8,7 @@ rule table and one entry here (docs/teachers.md walks through it).
 
 Training code::
 
-  section = teacher_config("llada2", checkpoint="gs://bucket/llada2_orbax")
+  section = config.teacher       # configs/common.py: teacher_config("llada2", ...)
   teacher, params = load_teacher(section, mesh, block_size=32)     # sharded, frozen
   hidden = teacher.prediction_hidden(params, clean_ids, masked, valid)   # [b, Lt, E]
   kernel = teacher.output_kernel(params)                                  # [E, V]
@@ -104,42 +104,6 @@ TEACHERS: dict[str, TeacherFamily] = {
     # teacher.tokenizer and teacher.mask_token_id for the vocabulary it was trained with.
     "qwen_bidirectional": TeacherFamily(("qwen3", "qwen2"), "qwen3", 151669, "bidirectional"),
 }
-
-
-def teacher_config(name: str, **overrides) -> ml_collections.ConfigDict:
-  """A teacher configuration section with every field present.
-
-  Fields: ``name`` (a key of TEACHERS), ``checkpoint`` (converted orbax directory, local
-  or gs://), ``hf_dir`` (the HF directory ``python -m tide_jax.convert --config=...``
-  converts into ``checkpoint``; also the tokenizer source of "hf_dir" families),
-  ``convert_if_missing`` (a single-process run may convert ``hf_dir`` itself when
-  ``checkpoint`` holds no manifest; off by default: conversion is an explicit step run
-  once, see launch/prepare.sh), ``tokenizer`` /
-  ``chat_template`` / ``mask_token_id`` (overrides; empty or -1 = the family's),
-  ``param_dtype`` (storage dtype when converting), ``dtype`` (compute dtype),
-  ``moe_dispatch`` ("auto", "ragged", "tiled" or "dense"; MoE teachers only), ``remat``
-  (a remat policy name as for ``model.remat``) and ``attention_impl`` (as for
-  ``model.attention_impl``).
-  """
-  section = ml_collections.ConfigDict(
-      {
-          "name": name,
-          "checkpoint": "",
-          "hf_dir": "",
-          "convert_if_missing": False,
-          "tokenizer": "",
-          "chat_template": "",
-          "mask_token_id": -1,
-          "param_dtype": "bfloat16",
-          "dtype": "bfloat16",
-          "moe_dispatch": "auto",
-          # Typed `object`: the old booleans (True / False = "full" / "none") still load.
-          "remat": ml_collections.FieldReference("none", field_type=object),
-          "attention_impl": "xla",
-      }
-  )
-  section.update(overrides)
-  return section
 
 
 def _family(name: str) -> TeacherFamily:
