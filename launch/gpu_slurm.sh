@@ -84,6 +84,15 @@ JAX_LOCAL_DEVICE_IDS="$(seq -s, 0 $((GPUS - 1)))"
 export JAX_LOCAL_DEVICE_IDS
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 
+# The memory plan's mesh and micro-batches for the paper's pipelines on GPUS-GPU nodes,
+# before the user's overrides (which win): launch/plan_flags.sh.
+source launch/plan_flags.sh
+read -ra PLAN <<<"$(plan_flags "$CONFIG" "gpu$GPUS")"
+if [ ${#PLAN[@]} -gt 0 ]; then
+  echo "[gpu_slurm] memory-plan defaults for $GPUS GPUs per node: ${PLAN[*]}"
+fi
+set -- ${PLAN[@]+"${PLAN[@]}"} "$@"
+
 if [ "${PREPARE:-1}" = "1" ]; then
   bash launch/prepare.sh "$CONFIG" "$WORKDIR" "$@"
 fi

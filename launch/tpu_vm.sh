@@ -68,6 +68,7 @@ case "$ACCELERATOR_TYPE" in
     AUTOCHECKPOINT="${AUTOCHECKPOINT:-1}"
     ;;
 esac
+source launch/plan_flags.sh
 SCOPE=(--zone="$ZONE")
 [ -n "${PROJECT:-}" ] && SCOPE+=(--project="$PROJECT")
 say() { echo "[tpu_vm] $*"; }
@@ -217,7 +218,20 @@ quoted_args() { # the arguments, each quoted once for the remote shell
   echo "$out"
 }
 
+# The memory plan's mesh and micro-batches for the paper's pipelines on this slice, before
+# the user's overrides (which win): launch/plan_flags.sh.
+with_plan() { # CONFIG WORKDIR [overrides] -> the same, with the plan's flags after WORKDIR
+  local defaults
+  read -ra defaults <<<"$(plan_flags "$1" "$ACCELERATOR_TYPE")"
+  if [ ${#defaults[@]} -gt 0 ]; then
+    say "memory-plan defaults for $ACCELERATOR_TYPE: ${defaults[*]}" >&2
+  fi
+  PLANNED=("$1" "$2" ${defaults[@]+"${defaults[@]}"} "${@:3}")
+}
+
 start_run() { # CONFIG WORKDIR [overrides]: the training process on every worker, detached
+  with_plan "$@"
+  set -- "${PLANNED[@]}"
   local config="$1" workdir="$2"
   shift 2
   local dist=""
@@ -259,7 +273,8 @@ case "$VERB" in
     WORKERS="$(worker_count)"
     ship_and_install
     say "preparing on worker 0 only (one process converts the teacher and prepares the data)"
-    on_workers 0 "cd ~/tide_jax && bash launch/prepare.sh$(quoted_args "$@")"
+    with_plan "$@"
+    on_workers 0 "cd ~/tide_jax && bash launch/prepare.sh$(quoted_args "${PLANNED[@]}")"
     ;;
   train)
     need_run_args "$@"

@@ -8,6 +8,7 @@ here touches this checkout's .venv.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,15 @@ from tests import launch_stubs
 from tide_jax.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("setup.sh", "prepare.sh", "tpu_vm.sh", "gpu_slurm.sh", "host_run.sh", "host_stop.sh")
+SCRIPTS = (
+    "setup.sh",
+    "prepare.sh",
+    "tpu_vm.sh",
+    "gpu_slurm.sh",
+    "host_run.sh",
+    "host_stop.sh",
+    "plan_flags.sh",
+)
 # A list override with a space and quotes inside: it must reach tide_jax.main as one argument.
 LIST_OVERRIDE = "--config.data.train_files=['gs://b/a b.parquet','gs://b/c.parquet']"
 
@@ -429,7 +438,7 @@ def test_tpu_watch_recreates_a_preempted_slice_and_resumes_until_finished(tmp_pa
 # ------------------------------------------------------------------------------ gpu_slurm.sh
 
 
-def slurm_job(tmp_path, stubs, *, gpu_venv=True, train_seconds="0"):
+def slurm_job(tmp_path, stubs, *, gpu_venv=True, train_seconds="0", config="b.py"):
   """Runs gpu_slurm.sh the way slurmd does: a copy in a spool directory, submitted from
   another directory; returns (process, repo, workdir)."""
   repo = make_repo(tmp_path)
@@ -445,7 +454,7 @@ def slurm_job(tmp_path, stubs, *, gpu_venv=True, train_seconds="0"):
   shutil.copy(os.path.join(repo, "launch", "gpu_slurm.sh"), spool / "slurm_script")
   submit = tmp_path / "home"
   os.makedirs(submit / "my_configs")
-  (submit / "my_configs" / "b.py").write_text("# the user's own config\n")
+  (submit / "my_configs" / config).write_text("# the user's own config\n")
   workdir = str(tmp_path / "shared" / "run")
   env = dict(
       stubs["env"],
@@ -456,7 +465,7 @@ def slurm_job(tmp_path, stubs, *, gpu_venv=True, train_seconds="0"):
       STUB_TRAIN_SECONDS=train_seconds,
   )
   proc = subprocess.Popen(
-      ["bash", str(spool / "slurm_script"), "my_configs/b.py", workdir, LIST_OVERRIDE],
+      ["bash", str(spool / "slurm_script"), f"my_configs/{config}", workdir, LIST_OVERRIDE],
       cwd=spool,
       env=env,
       stdout=subprocess.PIPE,
@@ -534,3 +543,64 @@ def test_slurm_job_that_ends_is_not_requeued_and_an_unprepared_venv_is_refused(t
       "node), then submit again."
   )
   assert len(stubs["calls"]("srun")) == 1  # only the first job's
+
+
+PLAN = {  # docs/benchmarks/memory_plan.md: (config, target) -> mesh and micro-batches
+    ("configs/pipeline_a.py", "v5litepod-16"): "expert=8 fsdp=-1 microbatches=2",
+    ("configs/pipeline_a.py:calm", "v5p-8"): "expert=4 fsdp=-1 microbatches=1",
+    ("pipeline_a.py", "gpu8"): "expert=8 fsdp=-1 microbatches=1",
+    ("configs/pipeline_b.py", "v5litepod-16"): "fsdp=-1 microbatches=1",
+    ("configs/pipeline_b.py:kl", "v5p-8"): "fsdp=-1 microbatches=1",
+    ("/abs/pipeline_b.py", "gpu8"): "fsdp=-1 microbatches=1",
+    ("configs/smoke.py", "gpu8"): "",
+    ("configs/pipeline_a.py", "v4-32"): "",
+}
+
+
+@pytest.mark.parametrize("config,target", list(PLAN))
+def test_plan_flags_give_the_memory_plans_mesh_and_microbatches(config, target):
+  out = subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "plan_flags.sh"), config, target],
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout.split()
+  short = " ".join(flag.split(".")[-1] for flag in out)
+  assert short == PLAN[(config, target)]
+  assert all(re.fullmatch(r"--config\.(mesh|train)\.\w+=-?\d+", flag) for flag in out)
+
+
+def test_slurm_puts_the_plan_before_the_users_overrides(tmp_path, stubs):
+  proc, _, workdir = slurm_job(tmp_path, stubs, config="pipeline_a.py")
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, out + err
+  assert "memory-plan defaults for 8 GPUs per node" in out
+  (srun,) = stubs["calls"]("srun")
+  assert srun["argv"][-4:] == [
+      "--config.mesh.expert=8",
+      "--config.mesh.fsdp=-1",
+      "--config.train.microbatches=1",
+      LIST_OVERRIDE,
+  ]
+  (data,) = [c for c in stubs["calls"]("python") if c["argv"][1:2] == ["tide_jax.data.prepare"]]
+  assert data["argv"][-4:] == srun["argv"][-4:]
+
+
+def test_tpu_puts_the_plan_before_the_users_overrides(tmp_path, stubs):
+  repo = make_repo(tmp_path)
+  open(os.path.join(repo, "configs", "pipeline_a.py"), "w").write("# the user's copy\n")
+  env = dict(stubs["env"], STUB_WORKERS="1", DETACH="1", ACCELERATOR_TYPE="v5p-8")
+  cmd = ["launch/tpu_vm.sh", "train", "configs/pipeline_a.py", "gs://bkt/runs/a", LIST_OVERRIDE]
+  done = run(cmd, env, repo)
+  assert "memory-plan defaults for v5p-8: --config.mesh.expert=4" in done.stdout + done.stderr
+  wait_for(lambda: worker_file(stubs, 0, "run/state").exists())
+  wait_for(lambda: worker_file(stubs, 0, "run/state").read_text().strip() == "finished")
+  (train,) = [c for c in stubs["calls"]("python") if c["argv"][:2] == ["-m", "tide_jax.main"]]
+  assert train["argv"][2:] == [
+      "--config=configs/pipeline_a.py",
+      "--workdir=gs://bkt/runs/a",
+      "--config.mesh.expert=4",
+      "--config.mesh.fsdp=-1",
+      "--config.train.microbatches=1",
+      LIST_OVERRIDE,
+  ]
