@@ -154,7 +154,7 @@ def exact_parts(name: str, mesh, sizes) -> dict[str, int]:
   }
 
 
-def plan_row(target: str, name: str) -> dict:
+def plan_row(target: str, name: str, microbatches=MICROBATCHES) -> dict:
   devices, hbm, meshes = TARGETS[target]
   sizes = meshes[name]
   mesh = sharding.make_mesh(sizes, jax.devices()[:devices])
@@ -162,7 +162,7 @@ def plan_row(target: str, name: str) -> dict:
   fixed = parts["params"] + parts["optimizer"] + parts["teacher"]
   teacher_layers = teacher_hf(name, None)["num_hidden_layers"]
   row = None
-  for k in MICROBATCHES:
+  for k in microbatches:
     t0 = time.perf_counter()
     low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k)
     high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k)
@@ -206,8 +206,17 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", default="docs/benchmarks/memory_plan.md")
   parser.add_argument("--targets", default=",".join(TARGETS))
+  parser.add_argument("--pipelines", default="A,B")
+  parser.add_argument(
+      "--microbatches",
+      default=",".join(map(str, MICROBATCHES)),
+      help="counts to try in order; the first that leaves the headroom is kept (else the last)",
+  )
   args = parser.parse_args()
-  rows = [plan_row(t, p) for t in args.targets.split(",") for p in ("A", "B")]
+  counts = [int(k) for k in args.microbatches.split(",")]
+  rows = [
+      plan_row(t, p, counts) for t in args.targets.split(",") for p in args.pipelines.split(",")
+  ]
   g = memory.gib
   lines = [
       "| target | pipeline | mesh | micro-batches | student params | optimizer (Adam m, v) "
