@@ -289,8 +289,9 @@ def packing_lines(records_count: int, batch_size: int) -> list[str]:
       "The smoke run's pieces are nearly all full rows already (a file is cut into max_len "
       "pieces, only its last is short), so packing gains nothing there; chat SFT records are "
       "mostly shorter than a row, and packing them cuts the steps of an epoch by the ratio "
-      "above. Packed rows fall short of 100% mostly at the end of the pass, where the "
-      f"packer's last {packing.OPEN_ROWS} open rows are written as they are.\n",
+      "above. Packed rows fall short of 100% where no example in the packer's window of "
+      f"{packing.OPEN_ROWS} open rows fits a row's free blocks, and at the end of the pass, "
+      "where the rows still open are written as they are.\n",
   ]
 
 
