@@ -52,6 +52,9 @@ def base_config() -> config_dict.ConfigDict:
   d.eval_fraction = 0.02
   d.max_len = 512
   d.block_size = c.get_ref("block_size")
+  # Several examples per training row, each from a block boundary, attending only within
+  # itself (per-example positions; see docs/data.md). Student-only: not with a teacher.
+  d.packing = False
   d.chat_template = ""  # a Jinja template overriding the student tokenizer's ("" = its own)
   # The teacher side ("" = no teacher data): tokenizer spec, row length (0 = max_len), block
   # multiple (0 = block_size), template, and the alignment ("positions" or "chunks").

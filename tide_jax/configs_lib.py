@@ -166,6 +166,12 @@ def validate(config) -> None:
         f"train.microbatches={micro} does not divide train.batch_size="
         f"{config.train.batch_size}; use a divisor of the batch size."
     )
+  if config.data.packing and (config.data.teacher_tokenizer or "teacher" in config):
+    raise ValueError(
+        "data.packing=True cannot be used with a teacher (data.teacher_tokenizer or a teacher "
+        "section is set), since packed rows carry no teacher side; set data.packing=False to "
+        "distill."
+    )
   if not 0 <= float(config.data.eval_fraction) < 1:
     raise ValueError(f"data.eval_fraction={config.data.eval_fraction} must lie in [0, 1).")
   _check_model_field("model.remat", config.model.remat, mcfg.remat_policy_name)

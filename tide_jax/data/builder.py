@@ -3,9 +3,10 @@
 One builder config per data fingerprint, so changing the tokenizer, lengths or input files
 prepares a new dataset next to the old one instead of reading stale data. Each training
 source is its own split (`train_0`, `train_1`, ...: the mixture reads them side by side);
-held-out records of all sources form the `eval` split. The summaries (kept, truncated,
-dropped by reason; for "train" in total and per source) are written into the dataset's
-metadata.
+held-out records of all sources form the `eval` split. With `packing` the training splits
+store several examples per row (packing.py); the `eval` split keeps one per row. The
+summaries (kept, truncated, dropped by reason, stored rows and their padding; for "train"
+in total and per source) are written into the dataset's metadata.
 
 TFDS writes the array_record files with local file writes, so a dataset whose `cache_dir` is
 remote (`gs://`) is prepared under a local staging directory and then uploaded, its
@@ -25,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from tide_jax.data import preprocess, records
+from tide_jax.data import packing, preprocess, records
 from tide_jax.data.options import DataOptions
 
 HASH_BUCKETS = 1_000_000
@@ -47,6 +48,8 @@ def _feature_spec(options: DataOptions) -> dict:
       "maskable": bools(),
       "source": tfds.features.Tensor(shape=(), dtype=np.int32),
   }
+  if options.packing:
+    spec["segment_ids"] = ints()
   if options.teacher_tokenizer:
     spec.update(teacher_input_ids=ints(), teacher_maskable=bools())
     if options.alignment == "positions":
@@ -131,7 +134,16 @@ class TideSft(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     options = self.builder_config.options
     tally = preprocess.Tally()
-    yield from preprocess.examples(split_items(options, split), options, tally)
+    stored = preprocess.examples(split_items(options, split), options, tally)
+    if options.packing:  # training rows are packed; held-out rows stay one example each
+      stored = (
+          packing.one_per_row(stored)
+          if split == "eval"
+          else packing.pack_examples(stored, options.max_len, options.block_size)
+      )
+    for key, features in stored:
+      tally.count_row(len(features["input_ids"]), options.max_len)
+      yield key, features
     summary = self.info.metadata.setdefault("summary", {})
     if split == "eval":
       summary["eval"] = tally.as_dict()

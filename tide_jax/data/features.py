@@ -6,11 +6,13 @@ Stored (variable length, what the TFDS dataset holds per example):
   teacher_input_ids [mt], teacher_maskable [mt] (when a teacher is configured)
   pair_student [p], pair_teacher [p] int32      (alignment "positions")
   student_chunk [m], teacher_chunk [mt] int32, num_chunks [] int32   (alignment "chunks")
+  segment_ids [m] int32                         (data.packing: 1, 2, ... per packed example)
 
 Fixed-shape rows (what batches hold), with L = max_len, Lt = teacher_max_len, P = max_pairs:
   input_ids [L] (pad id after m), maskable [L], valid [L] (True on the first m positions),
   source [] (-1 for a fill row),
-  teacher_* [Lt] likewise, pair_* [P] (-1 padding) and pair_count [], chunks [L]/[Lt] (-1 padding).
+  teacher_* [Lt] likewise, pair_* [P] (-1 padding) and pair_count [], chunks [L]/[Lt] (-1 padding),
+  with packing segment_ids [L] (0 = padding) and positions [L] (restarting at 0 per segment).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from tide_jax.data import alignment
+from tide_jax.data import alignment, packing
 from tide_jax.data.encode import Side, TokenizerInfo
 
 
@@ -33,6 +35,7 @@ class Shapes:
   teacher_block_size: int = 0
   alignment: str = ""  # "", "positions" or "chunks"
   max_pairs: int = 0
+  packing: bool = False  # rows carry segment_ids and positions (several examples per row)
 
 
 def _eos_pad(
@@ -131,6 +134,9 @@ def empty_row(shapes: Shapes, s_pad: int, t_pad: int = 0) -> dict:
       "valid": np.zeros(shapes.max_len, bool),
       "source": np.int32(-1),
   }
+  if shapes.packing:
+    row["segment_ids"] = np.zeros(shapes.max_len, np.int32)
+    row["positions"] = np.zeros(shapes.max_len, np.int32)
   if shapes.teacher_max_len:
     lt = shapes.teacher_max_len
     row.update(
@@ -161,6 +167,9 @@ def to_row(stored: dict, shapes: Shapes, s_pad: int, t_pad: int = 0) -> dict:
   row["maskable"][:m] = stored["maskable"]
   row["valid"][:m] = True
   row["source"] = np.int32(stored["source"])
+  if shapes.packing:
+    row["segment_ids"][:m] = stored["segment_ids"]
+    row["positions"] = packing.segment_positions(row["segment_ids"])
   if shapes.teacher_max_len:
     mt = len(stored["teacher_input_ids"])
     row["teacher_input_ids"][:mt] = stored["teacher_input_ids"]

@@ -18,6 +18,7 @@ every field from configs/common.py, the defaults below serve bare data configs):
 | train_turns           | "last"         | "last": train the last assistant answer; "all": every answer    |
 | max_len               | 1024           | L, student row length; a multiple of block_size                |
 | block_size            | 32             | BD3LM block; sequences are EOS-padded to a multiple of it      |
+| packing               | False          | training rows hold several examples, each from a block boundary, with segment ids and positions (see packing.py); not with a teacher |
 | teacher_tokenizer     | None           | set to add the teacher side and an alignment                   |
 | teacher_chat_template | None           | Jinja template overriding the teacher tokenizer's              |
 | teacher_template_args | {}             | extra teacher chat template variables                          |
@@ -94,11 +95,12 @@ class DataOptions:
   # The training inputs: `sources` as configured, or one source of train_files / format.
   sources: tuple[Source, ...] = ()
   mixture: bool = False  # `sources` was configured (batches follow the weighted mixture)
+  packing: bool = False  # training splits store several examples per row (packing.py)
 
   @property
   def shapes(self) -> Shapes:
     if not self.teacher_tokenizer:
-      return Shapes(self.max_len, self.block_size)
+      return Shapes(self.max_len, self.block_size, packing=self.packing)
     return Shapes(
         self.max_len,
         self.block_size,
@@ -118,6 +120,8 @@ class DataOptions:
     content = dataclasses.asdict(self)
     for key in ("cache_dir", "strict", "num_workers", "prepare_on"):
       content.pop(key)
+    if not self.packing:  # unpacked datasets keep the names they had before the field existed
+      content.pop("packing")
     files = {"eval_files": [file_identity(p) for p in expand_files(list(self.eval_files))]}
     for number, source in enumerate(self.sources):
       files[f"source_{number}"] = [file_identity(p) for p in expand_files(list(source.files))]
@@ -249,6 +253,7 @@ def parse_options(config, workdir_cache: str | None = None) -> DataOptions:
       ),
       sources=sources,
       mixture=mixture,
+      packing=bool(_get(config, "packing", False)),
   )
   _check(options)
   return options
@@ -299,6 +304,11 @@ def _check(o: DataOptions) -> None:
         f"data_config.prepare_on='every_host' has every host write its own dataset, but "
         f"cache_dir {o.cache_dir} is shared by the hosts; use a host-local cache_dir, or "
         "prepare_on='first_host' and the prepare step"
+    )
+  if o.packing and o.teacher_tokenizer:
+    raise ValueError(
+        "data_config.packing=True cannot be combined with a teacher (data_config."
+        "teacher_tokenizer is set): packed rows carry no teacher side; turn packing off to distill"
     )
   if o.teacher_tokenizer:
     if o.teacher_max_len % o.teacher_block_size:

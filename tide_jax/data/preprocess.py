@@ -54,6 +54,8 @@ class Tally:
   student_tokens: int = 0
   teacher_tokens: int = 0
   aligned: int = 0  # chunks or pairs over all examples
+  rows: int = 0  # stored rows: the examples, or fewer with data.packing
+  padding_tokens: int = 0  # pad tokens the rows add up to max_len (what packing saves)
   dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   dropped_sources: dict = dataclasses.field(default_factory=dict)
   seconds: float = 0.0
@@ -75,6 +77,8 @@ class Tally:
         "student_tokens": self.student_tokens,
         "teacher_tokens": self.teacher_tokens,
         "aligned_units": self.aligned,
+        "rows": self.rows,
+        "padding_tokens": self.padding_tokens,
         "seconds": round(self.seconds, 2),
     }
 
@@ -88,6 +92,8 @@ class Tally:
         student_tokens=values["student_tokens"],
         teacher_tokens=values["teacher_tokens"],
         aligned=values["aligned_units"],
+        rows=values["rows"],
+        padding_tokens=values["padding_tokens"],
         dropped=collections.Counter(values["dropped"]),
         dropped_sources={k: list(v) for k, v in values["dropped_examples"].items()},
         seconds=values["seconds"],
@@ -103,6 +109,8 @@ class Tally:
         "student_tokens",
         "teacher_tokens",
         "aligned",
+        "rows",
+        "padding_tokens",
         "seconds",
     ):
       setattr(self, field, getattr(self, field) + getattr(other, field))
@@ -111,13 +119,20 @@ class Tally:
       shown = self.dropped_sources.setdefault(kind, [])
       shown.extend(other.dropped_sources.get(kind, [])[: EXAMPLES_SHOWN - len(shown)])
 
+  def count_row(self, row_tokens: int, max_len: int) -> None:
+    """Counts one stored row holding `row_tokens` example tokens."""
+    self.rows += 1
+    self.padding_tokens += max_len - row_tokens
+
   def report(self, split: str) -> str:
+    filled = self.student_tokens / max(self.student_tokens + self.padding_tokens, 1)
     lines = [
         f"[{split}] records read {self.records}, examples kept {self.examples} "
         f"(truncated {self.truncated}, cut to the byte budget {self.byte_truncated}), "
         f"dropped {sum(self.dropped.values())}, "
         f"student tokens {self.student_tokens}, teacher tokens {self.teacher_tokens}, "
-        f"aligned chunks/pairs {self.aligned}, {self.seconds:.1f}s"
+        f"aligned chunks/pairs {self.aligned}, {self.seconds:.1f}s",
+        f"  stored in {self.rows} rows, {filled:.1%} of their tokens non-padding",
     ]
     for kind, count in sorted(self.dropped.items()):
       lines.append(f"  dropped {count} x {kind}, e.g. {', '.join(self.dropped_sources[kind])}")

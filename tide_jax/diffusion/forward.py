@@ -30,6 +30,8 @@ def denoiser_hidden(
     kind: str,
     block_size: int,
     valid: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
   """Final hidden states ``[b, L, E]`` at the x_t positions.
 
@@ -41,18 +43,29 @@ def denoiser_hidden(
     block_size: B (``bd3lm``; L must be a multiple).
     valid: optional ``[b, L]`` bool key validity. ``mdlm`` needs it; ``bd3lm`` attends to
       EOS padding like content unless it is given (held-out windows padded with a pad id).
+    segment_ids: optional ``[b, L]`` int of packed rows (1, 2, ... per example, 0 =
+      padding): attention stays within each example (``masks.packed_bd3lm_attention_mask``).
+    positions: optional ``[b, L]`` int RoPE positions (packed rows: restarting at 0 per
+      example); default ``0..L-1``.
   """
   check_objective(kind)
   b, length = clean_ids.shape
-  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
   if kind == "mdlm":
     if valid is None:
       raise ValueError("The mdlm objective needs the valid-token mask of the batch.")
-    return model.hidden_states(x_t, positions, masks.padding_attention_mask(valid))
-  mask = jnp.asarray(masks.bd3lm_attention_mask(length, block_size))
+    mask = masks.padding_attention_mask(valid)
+    if segment_ids is not None:
+      mask = mask & masks.same_segment_mask(segment_ids)[:, None]
+    return model.hidden_states(x_t, positions, mask)
+  if segment_ids is not None:
+    mask = masks.packed_bd3lm_attention_mask(segment_ids, block_size)
+  else:
+    mask = jnp.asarray(masks.bd3lm_attention_mask(length, block_size))
   if valid is not None:
     keys = jnp.concatenate([valid, valid], axis=1)
-    mask = mask[None] & keys[:, None, :]
+    mask = mask & keys[:, None, :]
   both = jnp.concatenate([x_t, clean_ids], axis=1)
   positions2 = jnp.concatenate([positions, positions], axis=1)
   return model.hidden_states(both, positions2, mask)[:, :length]

@@ -2,11 +2,14 @@
 
 Every mask is a boolean array where ``mask[q, k]`` is True when query position ``q`` may
 attend to key position ``k``. Masks depend only on static shapes, so they are built with
-NumPy once (at trace time) and enter the jitted step as constants.
+NumPy once (at trace time) and enter the jitted step as constants; the masks of packed rows
+(several examples per row, ``data.packing``) depend on the row's segment ids and are traced.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -51,6 +54,33 @@ def bd3lm_attention_mask(seq_len: int, block_size: int, x0_first: bool = False) 
   offset_block_causal = ~q_x0 & k_x0 & (q_blk > k_blk)
   block_causal = q_x0 & k_x0 & (q_blk >= k_blk)
   return block_diagonal | offset_block_causal | block_causal
+
+
+def same_segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """``[b, S] -> [b, S, S]``: query and key in the same segment, the key not padding (0).
+
+  A padding query (segment 0) sees no key at all; attention returns zeros for it.
+  """
+  return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+
+
+def packed_bd3lm_attention_mask(segment_ids: jax.Array, block_size: int) -> jax.Array:
+  """The BD3LM ``[x_t ; x_0]`` mask of packed rows: each segment attends only within itself.
+
+  Segments start on block boundaries, so within a segment the row's block indices order
+  blocks exactly as the segment's own would: the mask is the block-diagonal of the
+  per-segment BD3LM masks (in both halves), and padding attends nowhere.
+
+  Args:
+    segment_ids: ``[b, L]`` int, 1, 2, ... per example, 0 on padding.
+    block_size: B (L a multiple).
+
+  Returns:
+    bool ``[b, 2L, 2L]``.
+  """
+  length = segment_ids.shape[1]
+  both = jnp.concatenate([segment_ids, segment_ids], axis=1)
+  return jnp.asarray(bd3lm_attention_mask(length, block_size))[None] & same_segment_mask(both)
 
 
 def causal_attention_mask(seq_len: int) -> np.ndarray:

@@ -23,14 +23,16 @@ def noise_tokens(
     key: PRNG key.
     input_ids: int ``[b, L]`` clean tokens x_0.
     maskable: bool ``[b, L]``; False for prompt and padding, which are never touched.
-    t: float ``[b]`` diffusion time per sequence.
+    t: float ``[b]`` diffusion time per sequence, or ``[b, L]`` per token (packed rows:
+      each example's own time on its tokens).
     mask_token_id: id written at masked positions.
     schedule: alpha schedule name.
 
   Returns:
     ``(x_t, masked)``: noised ids ``[b, L]`` and the bool mask of replaced positions.
   """
-  keep_prob = schedules.alpha(t, schedule)[:, None]
+  keep_prob = schedules.alpha(t, schedule)
+  keep_prob = keep_prob[:, None] if keep_prob.ndim == 1 else keep_prob
   u = jax.random.uniform(key, input_ids.shape, jnp.float32)
   masked = (u >= keep_prob) & maskable
   return apply_mask(input_ids, masked, mask_token_id), masked

@@ -42,3 +42,14 @@ def loss_weight(t: jax.Array, schedule: str = "linear") -> jax.Array:
 def sample_t(key: jax.Array, batch: int, eps: float = 1e-3) -> jax.Array:
   """One diffusion time per sequence, ``t ~ U[eps, 1)``; float32 ``[batch]``."""
   return jax.random.uniform(key, (batch,), jnp.float32, minval=eps, maxval=1.0)
+
+
+def sample_segment_t(key: jax.Array, segment_ids: jax.Array, eps: float = 1e-3) -> jax.Array:
+  """One diffusion time per segment of packed rows, on each of its tokens: ``[b, L]`` float32.
+
+  Every possible segment id ``0..L`` of a row gets its own ``U[eps, 1)`` draw, so the
+  examples packed into a row are noised independently, as they would be one per row.
+  """
+  b, length = segment_ids.shape
+  per_segment = sample_t(key, b * (length + 1), eps).reshape(b, length + 1)
+  return jnp.take_along_axis(per_segment, segment_ids.astype(jnp.int32), axis=1)

@@ -135,7 +135,8 @@ class Noise:
   Attributes:
     x_t: ``[b, Ls]`` noised student tokens.
     masked: ``[b, Ls]`` bool, the student's masked positions.
-    t: ``[b]`` float32 diffusion times.
+    t: ``[b]`` float32 diffusion times, or ``[b, Ls]`` per token for packed rows (each
+      example's own time on its tokens).
     teacher_masked: ``[b, Lt]`` bool, the teacher's masked set ``M`` (None without teacher).
     in_a: ``[b, Lt]`` bool, CompDemo's ``M_A`` (None without CompDemo).
     alignment: the batch's typed alignment (None without teacher).
@@ -188,7 +189,15 @@ class Plan:
     key_student, key_split = jax.random.split(key)
     key_t, key_mask = jax.random.split(key_student)
     ids, maskable = batch["input_ids"], batch["maskable"]
-    t = schedules.sample_t(key_t, ids.shape[0], obj.t_eps)
+    if "segment_ids" not in batch:
+      t = schedules.sample_t(key_t, ids.shape[0], obj.t_eps)
+    elif self.distills:
+      raise ValueError(
+          "Packed batches (data.packing=True) cannot be distilled: they carry no teacher side; "
+          "set data.packing=False."
+      )
+    else:
+      t = schedules.sample_segment_t(key_t, batch["segment_ids"], obj.t_eps)
     _, masked = noising.noise_tokens(key_mask, ids, maskable, t, obj.mask_token_id, obj.schedule)
     if not self.distills:
       return Noise(noising.apply_mask(ids, masked, obj.mask_token_id), masked, t)
@@ -283,8 +292,11 @@ class Plan:
         kind=obj.kind,
         block_size=obj.block_size,
         valid=batch["valid"] if obj.kind == "mdlm" else None,
+        segment_ids=batch.get("segment_ids"),  # packed rows (data.packing)
+        positions=batch.get("positions"),
     )
-    weight = schedules.loss_weight(noise.t, obj.schedule)[:, None]
+    weight = schedules.loss_weight(noise.t, obj.schedule)
+    weight = weight[:, None] if weight.ndim == 1 else weight
     rows = {
         "hidden": hidden,
         "targets": ids,

@@ -66,6 +66,7 @@ def abstract_batch(config, mesh, rows: int | None = None) -> dict[str, jax.Shape
       int(config.block_size),
       d.alignment if d.teacher_tokenizer else "",
       int(d.max_len),
+      bool(d.packing),
   )
   rows = int(config.train.batch_size) if rows is None else rows
   out = {}
