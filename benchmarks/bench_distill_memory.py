@@ -113,15 +113,16 @@ def run_one(
   rng = np.random.default_rng(0)
   # Logits of about +-20, as in a trained model: hidden states of norm sqrt(E), kernels
   # scaled to match.
-  hs = jnp.asarray(rng.normal(size=(positions, student_width)), jnp.bfloat16)
-  ht = jnp.asarray(rng.normal(size=(positions, teacher_width)), jnp.bfloat16)
+  dt = jnp.dtype(dtype)  # the inputs' dtype: hidden states and kernels of both models
+  hs = jnp.asarray(rng.normal(size=(positions, student_width)), dt)
+  ht = jnp.asarray(rng.normal(size=(positions, teacher_width)), dt)
 
   def kernel(width):
-    out = np.empty((width, vocab), jnp.bfloat16)
-    for start in range(0, width, 128):  # filled in pieces: no float32 [E, V] temporary
+    out = np.empty((width, vocab), dt)
+    for start in range(0, width, 128):  # filled in pieces: no float64 [E, V] temporary
       out[start : start + 128] = (
           rng.normal(size=(min(128, width - start), vocab)) * 7 / np.sqrt(width)
-      ).astype(jnp.bfloat16)
+      ).astype(dt)
     return jax.device_put(out)
 
   ws, wt = kernel(student_width), kernel(teacher_width)

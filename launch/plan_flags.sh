@@ -19,7 +19,7 @@ plan_flags() { # CONFIG TARGET
   case "$name:$2" in
     # LLaDA2.0-mini: experts over 8 devices (4 on a v5p-8); fsdp takes the rest (2 on a
     # v5e-16, where the replicated student and its optimizer state would not fit otherwise).
-    pipeline_a.py:v5litepod-16) echo "--config.mesh.expert=8 --config.mesh.fsdp=-1 --config.train.microbatches=2" ;;
+    pipeline_a.py:v5litepod-16) echo "--config.mesh.expert=8 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;
     pipeline_a.py:v5p-8) echo "--config.mesh.expert=4 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;
     pipeline_a.py:gpu*) echo "--config.mesh.expert=8 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;
     # WeDLM-8B: every device on fsdp.

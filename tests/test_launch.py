@@ -546,7 +546,7 @@ def test_slurm_job_that_ends_is_not_requeued_and_an_unprepared_venv_is_refused(t
 
 
 PLAN = {  # docs/benchmarks/memory_plan.md: (config, target) -> mesh and micro-batches
-    ("configs/pipeline_a.py", "v5litepod-16"): "expert=8 fsdp=-1 microbatches=2",
+    ("configs/pipeline_a.py", "v5litepod-16"): "expert=8 fsdp=-1 microbatches=1",
     ("configs/pipeline_a.py:calm", "v5p-8"): "expert=4 fsdp=-1 microbatches=1",
     ("pipeline_a.py", "gpu8"): "expert=8 fsdp=-1 microbatches=1",
     ("configs/pipeline_b.py", "v5litepod-16"): "fsdp=-1 microbatches=1",

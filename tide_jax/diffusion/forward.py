@@ -62,7 +62,9 @@ def denoiser_hidden(
   if segment_ids is not None:
     mask = masks.packed_bd3lm_attention_mask(segment_ids, block_size)
   else:
-    mask = jnp.asarray(masks.bd3lm_attention_mask(length, block_size))
+    # NumPy, not jnp: a mask known at trace time lets attention_impl='blocked' / 'splash'
+    # skip the fully masked tiles (a jnp op inside jit would make it a tracer).
+    mask = masks.bd3lm_attention_mask(length, block_size)
   if valid is not None:
     keys = jnp.concatenate([valid, valid], axis=1)
     mask = mask & keys[:, None, :]
