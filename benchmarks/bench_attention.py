@@ -8,7 +8,7 @@ variant once, so machine load hits them alike); the best time of the repeats is 
    (tiles without a visible entry skipped), with the smoke student's heads (4 query / 2 kv
    heads of 32) and Qwen3-0.6B's (16 / 8 of 128). Also the floating-point operations of
    the compiled programs (XLA's cost analysis) and the computed tile fraction.
-2. The BD3LM student train step (forward + backward + AdamW, chunked CE over the real
+2. The BD3LM student train step (forward + backward + AdamW, fused CE over the real
    151,936-token vocabulary, random tokens) at L = 512, block 32, float32: the smoke
    student and a wider one, each with ``xla`` and ``blocked``.
 
@@ -36,6 +36,7 @@ from flax import nnx  # noqa: E402
 from tide_jax.diffusion import masks  # noqa: E402
 from tide_jax.models import attention, dense  # noqa: E402
 from tide_jax.models import config as mcfg  # noqa: E402
+from tide_jax.distill import plan as plan_lib  # noqa: E402
 from tide_jax.train import step as step_lib  # noqa: E402
 
 LENGTH, BLOCK = 512, 32
@@ -72,12 +73,6 @@ and its softmax dominate, so the step gains only attention's share. Step times o
 seconds on a shared 2-core machine vary by tens of percent between runs of the same
 command, even interleaved: read the op table for the implementations, the step table for
 the order of magnitude of the gain."""
-
-
-class Cfg(dict):
-  """Attribute access over a dict: the fields the objective and the step read."""
-
-  __getattr__ = dict.__getitem__
 
 
 def interleaved_best(fns: dict, repeats: int) -> dict[str, float]:
@@ -140,17 +135,10 @@ def student_step(shape: dict, impl: str, batch: int):
   cfg = mcfg.decoder_config_from_hf(hf).replace(attention_impl=impl)
   graphdef, params = nnx.split(dense.build_decoder(cfg, seed=0), nnx.Param)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.01))
-  config = Cfg(
-      objective=Cfg(
-          kind="bd3lm",
-          schedule="linear",
-          t_eps=1e-3,
-          mask_token_id=151669,
-          block_size=BLOCK,
-          loss_chunk=256,
-      )
+  objective = plan_lib.Objective("bd3lm", "linear", 1e-3, 151669, block_size=BLOCK, row_block=256)
+  fn = jax.jit(
+      step_lib.make_train_step(graphdef, tx, lambda s: 5e-5, plan_lib.Plan(objective), 1000)
   )
-  fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 5e-5, config, 1000))
   state = step_lib.create_train_state(params, tx, 0)
   rng = np.random.default_rng(0)
   data = {
@@ -215,7 +203,7 @@ def main():
           "",
           f"## BD3LM student train step, L = {LENGTH}, block {BLOCK}, batch {args.batch}",
           "",
-          "Forward + backward + AdamW with the chunked CE (256 rows per block) over the "
+          "Forward + backward + AdamW with the fused CE (256 rows per block) over the "
           "151,936-token vocabulary, random tokens; the loss columns show the two "
           "implementations train the same function.",
           "",
