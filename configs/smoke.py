@@ -6,9 +6,9 @@
   configs/smoke.py:bd3lm    the BD3LM student alone (no teacher)
 
 The student is a tiny Qwen3-shaped BD3LM model; with data.restrict_vocab its embedding holds
-the Qwen3 ids the corpus uses (about 15,000 of 151,936), the teacher's likewise for its own
+the Qwen3 ids the corpus uses (13,282 of 151,936), the teacher's likewise for its own
 tokenizer. Held-out text: http/ for the final table (bits per byte on two of its files),
-urllib/ for choosing the sizes and step counts (docs/distill.md). Usage:
+urllib/ for choosing the sizes and step counts (docs/BENCHMARKS.md). Usage:
 
   python -m tide_jax.main --config=configs/smoke.py --workdir=runs/smoke
   python -m tide_jax.main --config=configs/smoke.py:bd3lm --workdir=runs/bd3lm \\
@@ -23,7 +23,8 @@ VARIANTS = ("shared", "cross", "bd3lm")
 EVAL_FILES = ["pystdlib://http/*.py"]  # held out: masked-token loss
 BPB_FILES = ["pystdlib://http/cookies.py", "pystdlib://http/__init__.py"]  # held out: bits/byte
 # Another held-out package, for choosing sizes and step counts without looking at http/:
-#   --config.data.eval_files=pystdlib://urllib/*.py --config.eval.bpb_files=pystdlib://urllib/parse.py
+#   --config.data.eval_files=pystdlib://urllib/*.py \
+#   --config.eval.bpb_files=pystdlib://urllib/parse.py
 VALIDATION_FILES = ["pystdlib://urllib/*.py"]
 
 
@@ -50,7 +51,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.objective.mask_token_id = 151669  # first free slot after the Qwen3 special tokens
   # Rows per block of the fused vocabulary statistics. A batch (8 x 128 rows) fits in one
   # block, kept for the backward pass instead of being projected again (the fastest setting
-  # when the memory is there: 1024 x ~15,000 restricted ids in float32 = 60 MB).
+  # when the memory is there: 1024 x 13,282 restricted ids in float32 = 54 MB).
   config.objective.row_block = 1024
 
   d = config.data
@@ -115,7 +116,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.smoke = config_dict.ConfigDict()
   config.smoke.variant = variant
-  config.smoke.teacher_steps = 600
+  config.smoke.teacher_steps = 1000
   config.smoke.teacher_learning_rate = 3e-3
   config.smoke.teacher_model = config_dict.ConfigDict(
       dict(
