@@ -111,12 +111,13 @@ def run(config, workdir: str) -> dict[str, Any]:
   # Fail on any bad setting of any stage now, not after the teacher has trained.
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
+  teacher_stage = teacher_training_config(config, root)  # also for an already resolved config
   recipes.validate_distill_config(
       config.distill,
       student_vocab=model_cfg.vocab_size,
-      teacher_vocab=int(config.smoke.teacher_model.vocab_size),
+      teacher_vocab=int(teacher_stage.model.vocab_size),
   )
-  configs_lib.validate(teacher_training_config(config, root))
+  configs_lib.validate(teacher_stage)
   configs_lib.validate(student_config(config, "bd3lm", "", "", root))
   # One restricted vocabulary per tokenizer for all three stages (a no-op when off).
   config = vocab.restricted_config(_unlocked_copy(config, root), root)
