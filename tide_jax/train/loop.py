@@ -231,6 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     Preempted: after SIGTERM, once the checkpoint of the current step is written.
   """
   workdir = absolute_workdir(workdir)
+  configs_lib.validate(config)  # a bad field fails before a restricted vocabulary is built
   config = vocab.restricted_config(config, workdir)  # data.restrict_vocab, once per corpus
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
