@@ -32,6 +32,12 @@ import time
 # Run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tide_jax.distill import fused, terms  # noqa: E402
+
 CONFIGS = [
     # (label, objective, formulation, block rows, dtype)
     ("naive forward KL", "forward_kl", "naive", 0, "float32"),
@@ -53,8 +59,6 @@ TEMPERATURE = 2.0
 
 def _naive(objective):
   """The baseline: full [N, V] float32 logits of both models, plain autodiff."""
-  import jax
-  import jax.numpy as jnp
 
   def loss(hs, ws, ht, wt, w, t, targets):
     zs = jnp.dot(hs, ws, preferred_element_type=jnp.float32)
@@ -78,8 +82,6 @@ def _naive(objective):
 
 
 def _fused(objective, block_rows):
-  from tide_jax.distill import fused, terms
-
   def loss(hs, ws, ht, wt, w, t, targets):
     student, teacher = fused.Projection(hs, ws), fused.Projection(ht, wt)
     kw = dict(temperature=TEMPERATURE, block_rows=block_rows)
@@ -106,10 +108,6 @@ def run_one(
     objective, formulation, block_rows, dtype, positions, vocab, student_width, teacher_width
 ):
   """Runs in the child process; returns a dict of measurements."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
   rng = np.random.default_rng(0)
   # Logits of about +-20, as in a trained model: hidden states of norm sqrt(E), kernels
   # scaled to match.

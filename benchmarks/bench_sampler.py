@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import platform
 import sys
@@ -46,8 +47,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from ml_collections import config_dict  # noqa: E402
 
+from tide_jax import modes  # noqa: E402
 from tide_jax.diffusion import sampler  # noqa: E402
+from tide_jax.eval import humaneval  # noqa: E402
 from tide_jax.models import dense  # noqa: E402
 from tide_jax.models.config import DecoderConfig  # noqa: E402
 
@@ -233,10 +237,9 @@ def trained_student_section(
     workdir: str, num_tasks: int, batch: int, max_new: int, repeats: int
 ) -> str:
   """Threshold mode vs one token per step on the trained smoke student (HumanEval prompts)."""
-  from configs import smoke
-  from tide_jax.eval import humaneval, modes
-
-  config = smoke.get_config("bd3lm")
+  # The run's own resolved config (its tokenizer and shape), as the loop wrote it.
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    config = config_dict.ConfigDict(json.load(f))
   model, step = modes.load_trained_student(config, workdir)
   tokenizer = modes.student_tokenizer(config)
   problems = humaneval.load_problems()

@@ -107,7 +107,7 @@ def parse_config_flags(*overrides):
   from absl import flags
   from ml_collections import config_flags
 
-  from tide_jax import main  # registers the list parser  # noqa: F401
+  from tide_jax import cli_flags  # registers the list parser  # noqa: F401
 
   argv = ["tide_jax.main", "--config=configs/smoke.py:bd3lm", *overrides]
   values = flags.FlagValues()

@@ -35,6 +35,8 @@ def all_configs():
 def teacher_vocab(config):
   if "smoke" in config:
     return int(config.smoke.teacher_model.vocab_size)
+  if "replicate" in config:  # teachers trained in the run, pipeline B's on the same tokenizer
+    return int(config.model.vocab_size)
   return TEACHER_VOCAB[config.teacher.name]
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.test_train_e2e import REPO, read_metrics, run_main, short_config
+from tide_jax import modes
 from tide_jax.train import loop, workdir_lock
 from tide_jax.train import metrics as metrics_lib
 from tide_jax.train import step as step_lib
@@ -89,7 +90,6 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(four_st
   c = fast_config(root, num_steps=4)
   c.train.checkpoint_every = 2
   # Evaluation reports the damage, uses step 2 and moves nothing.
-  from tide_jax.eval import modes
 
   _, step = modes.load_trained_student(c, workdir)
   out = capsys.readouterr().out

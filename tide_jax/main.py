@@ -9,7 +9,6 @@ call the same code.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import errno
 import importlib.util
@@ -19,39 +18,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
+from tide_jax import cli_flags  # noqa: F401  (list fields on the command line)
 from tide_jax import modes
 from tide_jax.data import vocab
 from tide_jax.parallel import distributed, preemption
 from tide_jax.train import loop, replicate, smoke_distill
-
-
-class _ListParser(flags.ArgumentParser):
-  """List fields on the command line: a Python literal or comma-separated strings.
-
-  ``--config.data.train_files=a.jsonl,b.jsonl`` and
-  ``--config.eval.humaneval_tasks="['HumanEval/0', 'HumanEval/1']"`` both give lists;
-  an empty value gives an empty list.
-  """
-
-  def parse(self, argument):
-    if isinstance(argument, list):
-      return argument
-    text = str(argument).strip()
-    if text.startswith("["):
-      try:
-        value = ast.literal_eval(text)
-      except (SyntaxError, ValueError):
-        raise ValueError(f"{text!r} is not a Python list literal") from None
-      if not isinstance(value, list):
-        raise ValueError(f"{text!r} is not a list")
-      return value
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-  def flag_type(self):
-    return "list"
-
-
-config_flags.register_flag_parser_for_type(list, _ListParser())
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",

@@ -27,6 +27,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from tide_jax import cli_flags  # noqa: F401  (list fields on the command line)
 from tide_jax import teachers
 from tide_jax.convert import streaming
 from tide_jax.parallel import sharding

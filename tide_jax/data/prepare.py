@@ -18,6 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from tide_jax import cli_flags  # noqa: F401  (list fields on the command line)
 from tide_jax.data import builder as builder_lib
 from tide_jax.data.options import parse_options
 from tide_jax.data.records import DataError
