@@ -20,7 +20,6 @@ from ml_collections import config_dict, config_flags
 
 from tide_jax import cli_flags  # noqa: F401  (list fields on the command line)
 from tide_jax import modes
-from tide_jax.data import vocab
 from tide_jax.parallel import distributed, preemption
 from tide_jax.train import loop, replicate, smoke_distill
 
@@ -73,8 +72,6 @@ def run(config, workdir: str, mode: str):
           f"Unknown config.runner {runner!r}; use one of {', '.join(RUNNERS)} or leave it unset."
       )
     return loop.train_and_evaluate(config, workdir)
-  config = vocab.restricted_config(config, loop.absolute_workdir(workdir))
-
   if mode == "eval":
     return modes.run_eval(config, workdir)
   if mode == "sample":

@@ -17,10 +17,17 @@ from flax import nnx
 
 from tide_jax import configs_lib
 from tide_jax.convert import hf_checkpoint
+from tide_jax.data import vocab
 from tide_jax.diffusion import sampler
 from tide_jax.eval import bpb, export, harness, humaneval, sample_cli
 from tide_jax.models import dense
 from tide_jax.train import checkpoint, loop, optimizer, step as step_lib
+
+
+def resolved(config, workdir: str):
+  """``config`` as the training run resolved it: with ``data.restrict_vocab``, the restricted
+  tokenizers, vocabulary size and mask ids (``data.vocab``; idempotent)."""
+  return vocab.restricted_config(config, loop.absolute_workdir(workdir))
 
 
 def load_trained_student(config, workdir: str):
@@ -29,6 +36,7 @@ def load_trained_student(config, workdir: str):
   Returns ``(model, step)``; step is None when no checkpoint exists.
   """
   workdir = loop.absolute_workdir(workdir)
+  config = resolved(config, workdir)
   configs_lib.validate(config)
   model_cfg = configs_lib.student_model_config(config)
   latest = checkpoint.find_latest_step(workdir)
@@ -83,6 +91,7 @@ def sampler_config(config, tokenizer) -> sampler.SamplerConfig:
 
 def run_eval(config, workdir: str) -> dict[str, Any]:
   """Bits per byte of held-out text (and HumanEval when ``eval.humaneval``)."""
+  config = resolved(config, workdir)
   model, step = load_trained_student(config, workdir)
   tokenizer = bpb.student_tokenizer(config)
   ev = config.eval
@@ -133,6 +142,7 @@ def run_eval(config, workdir: str) -> dict[str, Any]:
 
 
 def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
+  config = resolved(config, workdir)
   model, _ = load_trained_student(config, workdir)
   tokenizer = bpb.student_tokenizer(config)
   cfg = sampler_config(config, tokenizer)
@@ -145,6 +155,7 @@ def run_sample(config, workdir: str, prompts: Sequence[str], chat: bool) -> Any:
 
 def run_export(config, workdir: str, out_dir: str | None, overwrite: bool = False) -> str:
   """Exports the student as an HF directory; a non-empty ``out_dir`` needs ``overwrite``."""
+  config = resolved(config, workdir)
   model, step = load_trained_student(config, workdir)
   tokenizer = bpb.student_tokenizer(config)
   out_dir = out_dir or os.path.join(workdir, "hf_export")

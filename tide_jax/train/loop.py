@@ -231,24 +231,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     Preempted: after SIGTERM, once the checkpoint of the current step is written.
   """
   workdir = absolute_workdir(workdir)
-  configs_lib.validate(config)  # a bad field fails before a restricted vocabulary is built
-  config = vocab.restricted_config(config, workdir)  # data.restrict_vocab, once per corpus
-  configs_lib.validate(config)
-  model_cfg = configs_lib.student_model_config(config)
-  recipe = validate_recipe(config, model_cfg)
-  num_steps = int(config.train.num_steps)
-  batch_size = int(config.train.batch_size)
-  mesh, mesh_notice = sharding.mesh_from_config(config.mesh, batch_size)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  host_rows, batch_notice = sharding.check_batch_size(
-      batch_size, mesh, sharding.STUDENT_RULES, process_count
-  )
-  latest = _check_resume(workdir, model_cfg)
-  primary = process_index == 0
-  # One run per workdir, refused before the data is prepared or anything else written.
+  configs_lib.validate(config)  # a bad field fails before anything is written
+  # One run per workdir, refused before a vocabulary is built, the data prepared or
+  # anything else written; released again if a check below refuses the run.
   lock = workdir_lock.acquire(
       workdir, stale_after_s=float(config.train.workdir_lock_stale_s), say=_say
   )
+  try:
+    config = vocab.restricted_config(config, workdir)  # data.restrict_vocab, once per corpus
+    configs_lib.validate(config)
+    model_cfg = configs_lib.student_model_config(config)
+    recipe = validate_recipe(config, model_cfg)
+    batch_size = int(config.train.batch_size)
+    mesh, mesh_notice = sharding.mesh_from_config(config.mesh, batch_size)
+    process_index, process_count = jax.process_index(), jax.process_count()
+    host_rows, batch_notice = sharding.check_batch_size(
+        batch_size, mesh, sharding.STUDENT_RULES, process_count
+    )
+    latest = _check_resume(workdir, model_cfg)
+  except BaseException:
+    lock.release()
+    raise
+  primary = process_index == 0
 
   train_iter = pipeline.make_iterator(
       config.data,
