@@ -59,6 +59,7 @@ def test_a_malformed_config_json_is_one_sentence_naming_it(hf_source, tmp_path):
   res = run_main(
       f"--workdir={tmp_path / 'wd'}",
       f"--config.model.init_from={target}",
+      "--config.data.restrict_vocab=False",
       "--config.objective.mask_token_id=96",
   )
   lines = res.stderr.strip().splitlines()
@@ -72,6 +73,7 @@ def test_cli_with_damaged_weights_is_one_line(hf_source, tmp_path):
   res = run_main(
       f"--workdir={tmp_path / 'wd'}",
       f"--config.model.init_from={target}",
+      "--config.data.restrict_vocab=False",
       "--config.objective.mask_token_id=96",
   )
   lines = res.stderr.strip().splitlines()

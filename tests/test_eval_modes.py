@@ -92,6 +92,7 @@ def test_modes_use_model_init_from_before_any_checkpoint(tmp_path, capsys):
   hf_dir = str(tmp_path / "hf")
   hf_model = tiny_qwen("qwen3", hf_dir, tied=True, vocab=151936, head_dim=16, num_layers=1)
   c = smoke.get_config("bd3lm")
+  c.data.restrict_vocab = False  # a full-vocabulary checkpoint
   c.model.init_from = hf_dir
   c.data.max_len = 64
   c.sampler.max_new_tokens = 8

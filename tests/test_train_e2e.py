@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def short_config(tmp_path, num_steps=40, stop_at=0):
   c = smoke.get_config("bd3lm")
+  c.data.restrict_vocab = False  # the real 151,936-row head (the assertions below use it)
   c.data.max_len = 64
   c.data.cache_dir = str(tmp_path / "data_cache")
   c.train.batch_size = 4
@@ -84,13 +85,16 @@ def test_bad_block_multiple_fails_cleanly(tmp_path):
 
 def test_nonexistent_and_unsupported_hf_dirs_fail_cleanly(tmp_path):
   workdir = tmp_path / "wd"
-  res = run_main(f"--workdir={workdir}", f"--config.model.init_from={tmp_path / 'missing'}")
+  full = (
+      "--config.data.restrict_vocab=False"  # the smoke's restricted vocabulary trains from scratch
+  )
+  res = run_main(f"--workdir={workdir}", full, f"--config.model.init_from={tmp_path / 'missing'}")
   assert res.returncode == 2 and "does not exist" in res.stderr
   assert not workdir.exists()
   bad = tmp_path / "gpt2"
   bad.mkdir()
   (bad / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
-  res = run_main(f"--workdir={workdir}", f"--config.model.init_from={bad}")
+  res = run_main(f"--workdir={workdir}", full, f"--config.model.init_from={bad}")
   assert res.returncode == 2
   assert "Unsupported architecture model_type='gpt2'" in res.stderr
   assert not workdir.exists()

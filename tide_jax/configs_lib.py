@@ -172,6 +172,12 @@ def validate(config) -> None:
         "section is set), since packed rows carry no teacher side; set data.packing=False to "
         "distill."
     )
+  if config.data.restrict_vocab and config.model.init_from:
+    raise ValueError(
+        "data.restrict_vocab=True trains on the corpus's token ids from scratch, but "
+        "model.init_from names a full-vocabulary checkpoint; set data.restrict_vocab=False "
+        "to start from it."
+    )
   if not 0 <= float(config.data.eval_fraction) < 1:
     raise ValueError(f"data.eval_fraction={config.data.eval_fraction} must lie in [0, 1).")
   _check_model_field("model.remat", config.model.remat, mcfg.remat_policy_name)

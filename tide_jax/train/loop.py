@@ -213,6 +213,13 @@ def _eval_line(ev: dict[str, float]) -> str:
   return line
 
 
+def _acquire_lock(config, workdir: str):
+  """The workdir's lock (``workdir_lock.acquire``) with the config's staleness rule."""
+  return workdir_lock.acquire(
+      workdir, stale_after_s=float(config.train.workdir_lock_stale_s), say=_say
+  )
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains the student described by ``config``; resumes from the latest checkpoint.
 
@@ -232,11 +239,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """
   workdir = absolute_workdir(workdir)
   configs_lib.validate(config)  # a bad field fails before anything is written
-  # One run per workdir, refused before a vocabulary is built, the data prepared or
-  # anything else written; released again if a check below refuses the run.
-  lock = workdir_lock.acquire(
-      workdir, stale_after_s=float(config.train.workdir_lock_stale_s), say=_say
-  )
+  configs_lib.student_model_config(config)  # so does a bad model.init_from
+  lock = None
+  if config.data.restrict_vocab:
+    # Building the restricted vocabulary writes files: one run per workdir comes first.
+    lock = _acquire_lock(config, workdir)
   try:
     config = vocab.restricted_config(config, workdir)  # data.restrict_vocab, once per corpus
     configs_lib.validate(config)
@@ -250,8 +257,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     )
     latest = _check_resume(workdir, model_cfg)
   except BaseException:
-    lock.release()
+    if lock is not None:
+      lock.release()
     raise
+  # One run per workdir, refused before the data is prepared or anything else written.
+  lock = lock or _acquire_lock(config, workdir)
   primary = process_index == 0
 
   train_iter = pipeline.make_iterator(
