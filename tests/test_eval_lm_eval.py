@@ -36,6 +36,7 @@ STEPS = 8
 
 def tiny_config(root):
   c = smoke.get_config("bd3lm")
+  c.data.restrict_vocab = False  # the prompts below are encoded with the full tokenizer
   c.data.max_len = 64
   c.data.train_files = ["pystdlib://json/*.py"]
   c.data.cache_dir = str(root / "cache")
@@ -245,6 +246,7 @@ def test_mode_eval_writes_the_harness_table_next_to_bits_per_byte(trained):
   res = run_main(
       f"--workdir={workdir}",
       "--mode=eval",
+      "--config.data.restrict_vocab=False",
       "--config.data.max_len=64",
       f"--config.sampler.max_new_tokens={MAX_NEW}",
       f"--config.sampler.steps_per_block={STEPS}",
