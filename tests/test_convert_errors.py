@@ -48,6 +48,20 @@ def test_a_damaged_safetensors_file_is_one_sentence_naming_it(hf_source, tmp_pat
     streaming.read_safetensors_header(weights)
 
 
+def cli_error_lines(init_from: str, tmp_path) -> list[str]:
+  """stderr lines of a training run started from ``init_from``; it must fail with exit 2 and
+  one line."""
+  res = run_main(
+      f"--workdir={tmp_path / 'wd'}",
+      f"--config.model.init_from={init_from}",
+      "--config.data.restrict_vocab=False",  # a full-vocabulary checkpoint
+      "--config.objective.mask_token_id=96",
+  )
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  return lines
+
+
 def test_a_malformed_config_json_is_one_sentence_naming_it(hf_source, tmp_path):
   target = str(tmp_path / "model")
   shutil.copytree(hf_source, target)
@@ -56,28 +70,14 @@ def test_a_malformed_config_json_is_one_sentence_naming_it(hf_source, tmp_path):
     f.write('{"model_type": "qwen3", ')
   with pytest.raises(ValueError, match=f"{config} is not valid JSON"):
     hf_checkpoint.load_dense_from_hf(target)
-  res = run_main(
-      f"--workdir={tmp_path / 'wd'}",
-      f"--config.model.init_from={target}",
-      "--config.data.restrict_vocab=False",
-      "--config.objective.mask_token_id=96",
-  )
-  lines = res.stderr.strip().splitlines()
-  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  lines = cli_error_lines(target, tmp_path)
   assert lines[0].startswith(f"error: {config} is not valid JSON (")
 
 
 def test_cli_with_damaged_weights_is_one_line(hf_source, tmp_path):
   target = str(tmp_path / "model")
   weights = damaged_copy(hf_source, target, "garbage")
-  res = run_main(
-      f"--workdir={tmp_path / 'wd'}",
-      f"--config.model.init_from={target}",
-      "--config.data.restrict_vocab=False",
-      "--config.objective.mask_token_id=96",
-  )
-  lines = res.stderr.strip().splitlines()
-  assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+  lines = cli_error_lines(target, tmp_path)
   assert lines[0].startswith(f"error: {weights} is not a readable safetensors file (")
 
 
