@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   t = config.train
   t.batch_size = 32 if gpu else 8
-  t.num_steps = 2000 if gpu else 400
+  t.num_steps = 2000 if gpu else 200
   t.log_every = 50
   t.eval_every = 200 if gpu else 50
   t.eval_batches = 4
