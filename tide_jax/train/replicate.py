@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import resource
+import threading
 import time
 from typing import Any
 
@@ -267,7 +268,20 @@ def run_stage(name: str, kind: str, config_json: str, workdir: str, export_hf: b
   return {"name": name, **cost}
 
 
+def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
+  """Ends this process once ``parent`` is gone (a worker's watch, on its own thread).
+
+  A runner stopped by a signal that reaches only its own process (a scheduler's SIGTERM,
+  ``kill PID``) would otherwise leave its workers training, and writing checkpoints into
+  the study's workdir, with nobody to collect their results.
+  """
+  while os.getppid() == parent:
+    time.sleep(poll_s)
+  os._exit(1)
+
+
 def _init_worker(cache_dir: str) -> None:
+  threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
   # Compiled steps are shared through the persistent cache: the seeds of a condition (and
   # a resumed stage) compile the same program.
   jax.config.update("jax_compilation_cache_dir", cache_dir)
