@@ -36,6 +36,7 @@ import json
 import multiprocessing
 import os
 import resource
+import threading
 import time
 from typing import Any
 
@@ -46,10 +47,18 @@ from ml_collections import config_dict
 
 from tide_jax import teachers
 from tide_jax.convert import hf_checkpoint, streaming
-from tide_jax.data import builder, options, tokenizers, vocab
-from tide_jax.train import loop, replicate_report
+from tide_jax.data import builder, options, vocab
+from tide_jax.train import loop, mdlm_teacher, replicate_report
 
 SPLITS = ("test", "validation")
+TEACHER_SHAPE = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,32 +148,18 @@ def teacher_stage(config, pipe_cfg, pipeline: str) -> Stage:
   on); the report measures it on the test split.
   """
   r = config.replicate
-  t = _copy(pipe_cfg)
-  tokenizer = tokenizers.get_tokenizer(pipe_cfg.data.teacher_tokenizer)
-  for key in (
-      "hidden_size",
-      "num_layers",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-      "intermediate_size",
-  ):
-    t.model[key] = r.teacher[key]
-  t.model.vocab_size = len(tokenizer)
-  t.objective.kind = "mdlm"
-  t.objective.mask_token_id = int(pipe_cfg.teacher.mask_token_id)
-  t.data.tokenizer = pipe_cfg.data.teacher_tokenizer
-  t.data.max_len = int(pipe_cfg.data.teacher_max_len)
-  t.data.teacher_tokenizer = ""
-  t.data.alignment = ""
+  shape = {key: r.teacher[key] for key in TEACHER_SHAPE}
+  t = mdlm_teacher.mdlm_teacher_config(
+      pipe_cfg,
+      shape,
+      num_steps=r.teacher.num_steps,
+      learning_rate=r.teacher.learning_rate,
+      batch_size=r.teacher.batch_size,
+  )
   t.data.eval_files = list(r.validation_files)
   t.eval.bpb_files = list(r.validation_files)
-  t.optim.learning_rate = float(r.teacher.learning_rate)
-  t.train.num_steps = int(r.teacher.num_steps)
-  t.train.batch_size = int(r.teacher.batch_size)
   t.train.eval_every = max(1, int(r.teacher.num_steps) // 5)
   t.train.checkpoint_every = max(1, int(r.teacher.num_steps) // 3)
-  del t["distill"], t["teacher"]
   return Stage(f"teachers/{pipeline}", "teacher", pipeline, pipeline, "mdlm", int(t.seed), t, True)
 
 
@@ -273,7 +268,20 @@ def run_stage(name: str, kind: str, config_json: str, workdir: str, export_hf: b
   return {"name": name, **cost}
 
 
+def exit_with_parent(parent: int, poll_s: float = 2.0) -> None:
+  """Ends this process once ``parent`` is gone (a worker's watch, on its own thread).
+
+  A runner stopped by a signal that reaches only its own process (a scheduler's SIGTERM,
+  ``kill PID``) would otherwise leave its workers training, and writing checkpoints into
+  the study's workdir, with nobody to collect their results.
+  """
+  while os.getppid() == parent:
+    time.sleep(poll_s)
+  os._exit(1)
+
+
 def _init_worker(cache_dir: str) -> None:
+  threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
   # Compiled steps are shared through the persistent cache: the seeds of a condition (and
   # a resumed stage) compile the same program.
   jax.config.update("jax_compilation_cache_dir", cache_dir)

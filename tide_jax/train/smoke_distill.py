@@ -27,10 +27,10 @@ from ml_collections import config_dict
 
 from tide_jax import configs_lib
 from tide_jax.convert import hf_checkpoint
-from tide_jax.data import restricted, tokenizers, vocab
+from tide_jax.data import tokenizers, vocab
 from tide_jax.distill import recipes
 from tide_jax.eval import bpb
-from tide_jax.train import loop
+from tide_jax.train import loop, mdlm_teacher
 
 
 def _unlocked_copy(config, root: str | None = None) -> config_dict.ConfigDict:
@@ -44,26 +44,16 @@ def _unlocked_copy(config, root: str | None = None) -> config_dict.ConfigDict:
 
 def teacher_training_config(config, root: str | None = None) -> config_dict.ConfigDict:
   """The teacher stage: same corpus, the teacher's tokenizer/mask id/shape, MDLM objective."""
-  t = _unlocked_copy(config, root)
   smoke = config.smoke
-  for key, value in smoke.teacher_model.items():
-    t.model[key] = value
-  if restricted.is_restricted_folder(config.data.teacher_tokenizer):
-    # data.restrict_vocab resolved: the embedding holds the restricted ids (mask included).
-    t.model.vocab_size = len(tokenizers.get_tokenizer(config.data.teacher_tokenizer))
-  t.model.init_from = ""
-  t.objective.kind = "mdlm"
-  t.objective.mask_token_id = int(config.teacher.mask_token_id)
-  t.data.tokenizer = config.data.teacher_tokenizer
-  t.data.max_len = int(config.data.teacher_max_len)
-  t.data.teacher_tokenizer = ""
-  t.data.alignment = ""
-  t.train.num_steps = int(smoke.teacher_steps)
+  t = mdlm_teacher.mdlm_teacher_config(
+      _unlocked_copy(config, root),
+      smoke.teacher_model,
+      num_steps=smoke.teacher_steps,
+      learning_rate=smoke.teacher_learning_rate,
+  )
   t.train.eval_every = int(smoke.teacher_steps)
   t.train.checkpoint_every = int(smoke.teacher_steps)
-  t.optim.learning_rate = float(smoke.teacher_learning_rate)
   t.eval.bpb_during_training = False  # measured once at the end, under the MDLM bound
-  del t["distill"], t["teacher"], t["smoke"], t["runner"]
   return t
 
 
