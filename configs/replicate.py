@@ -8,9 +8,13 @@ Corpus: Python standard-library source. Training packages below; the validation 
 Tokenizers: Qwen3 for the student and the pipeline B teacher, Llama-3 for the pipeline A
 teacher, each restricted to the ids the corpus uses (data.restrict_vocab).
 
+  python -m tide_jax.main --config=configs/replicate.py --workdir=runs/replicate \\
+      --config.replicate.split=validation --config.replicate.learning_rates=3e-3,1e-2
   python -m tide_jax.main --config=configs/replicate.py --workdir=runs/replicate
-  python -m tide_jax.main --config=configs/replicate.py --workdir=runs/replicate_select \\
-      --config.replicate.split=validation --config.replicate.learning_rates=1e-3,3e-3,1e-2
+
+The first (the learning-rate sweep on the validation split; docs/replication.md gives the
+exact, smaller set of conditions it ran) trains the teachers, which the second (the study
+on the test split) then reuses from the same workdir.
 """
 
 from ml_collections import config_dict
