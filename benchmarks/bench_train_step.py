@@ -67,9 +67,17 @@ def student_step_flops(cfg, batch: int, length: int) -> float:
   return 3.0 * forward
 
 
-def smoke_variant(variant: str, recipe: str, ratio: float | None = None):
+def smoke_config(variant: str):
+  """The smoke config at the full vocabulary: the table measures the 151,936-row output
+  layer, not the restricted one the smoke run trains with (``data.restrict_vocab``)."""
   c = smoke.get_config(variant)
   c.unlock()
+  c.data.restrict_vocab = False
+  return c
+
+
+def smoke_variant(variant: str, recipe: str, ratio: float | None = None):
+  c = smoke_config(variant)
   c.distill.recipe = recipe
   if ratio is not None:
     c.distill.compdemo.ratio = ratio
@@ -167,8 +175,8 @@ def main():
       times[name].append((time.perf_counter() - t0) / len(batches[variant]))
       runners[name][1] = state
 
-  cfg = configs_lib.student_model_config(smoke.get_config("bd3lm"))
-  c = smoke.get_config("bd3lm")
+  c = smoke_config("bd3lm")
+  cfg = configs_lib.student_model_config(c)
   bsz, length = c.train.batch_size, c.data.max_len
   base = statistics.median(times["bd3lm"])
   flops = student_step_flops(cfg, bsz, length)
@@ -204,7 +212,8 @@ def main():
       f"CompDemo's extra cost (one teacher call on the doubled batch vs a single "
       f"pass): {shared_on / shared_off:.2f}x the tide_shared step without it.",
       "",
-      "Teacher: random weights of the smoke teacher's shape (hidden 128, 3 layers; "
+      "Teacher: random weights of the smoke teacher's shape (hidden "
+      f"{c.smoke.teacher_model.hidden_size}, {c.smoke.teacher_model.num_layers} layers; "
       "Qwen3 vocabulary for the shared variant, Llama-3 for the cross variant), "
       "bidirectional input. Rows were timed interleaved, "
       f"{args.reps} reps x {args.steps} steps each, on a shared machine: read the "
