@@ -48,17 +48,9 @@ from ml_collections import config_dict
 from tide_jax import teachers
 from tide_jax.convert import hf_checkpoint, streaming
 from tide_jax.data import builder, options, vocab
-from tide_jax.train import loop, mdlm_teacher, replicate_report
+from tide_jax.train import checkpoint, loop, mdlm_teacher, replicate_report
 
 SPLITS = ("test", "validation")
-TEACHER_SHAPE = (
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "intermediate_size",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +140,8 @@ def teacher_stage(config, pipe_cfg, pipeline: str) -> Stage:
   on); the report measures it on the test split.
   """
   r = config.replicate
-  shape = {key: r.teacher[key] for key in TEACHER_SHAPE}
+  # replicate.teacher holds the teacher's model fields next to its training settings.
+  shape = {key: value for key, value in r.teacher.items() if key in checkpoint.SHAPE_FIELDS}
   t = mdlm_teacher.mdlm_teacher_config(
       pipe_cfg,
       shape,
