@@ -2,8 +2,9 @@
 
 Measures, in one process and interleaved (so machine noise hits every row alike):
   * the machine's float32 matmul throughput (a large jitted matmul, best of several runs);
-  * the BD3LM student step (forward + backward + AdamW) of the smoke config: tokens/s and
-    model FLOP utilisation against that peak;
+  * the BD3LM student step (forward + backward + AdamW) of the smoke config, and of a wider
+    Qwen3-shaped student (hidden 256, 4 layers, 4 / 2 heads of 64, intermediate 768, tied)
+    on the same batches: tokens/s and model FLOP utilisation against that peak;
   * every recipe's step time relative to ``bd3lm`` on the same shapes and batches, with a
     random teacher of the smoke teacher's shape, and CompDemo's extra cost
     (``tide_shared`` with ratio 0.5 vs 0).
@@ -76,11 +77,16 @@ def smoke_config(variant: str):
   return c
 
 
-def smoke_variant(variant: str, recipe: str, ratio: float | None = None):
+WIDER = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64)
+WIDER["intermediate_size"] = 3 * WIDER["hidden_size"]  # Qwen3-0.6B's ratio (3,072 / 1,024)
+
+
+def smoke_variant(variant: str, recipe: str, ratio: float | None = None, model=None):
   c = smoke_config(variant)
   c.distill.recipe = recipe
   if ratio is not None:
     c.distill.compdemo.ratio = ratio
+  c.model.update(model or {})
   return c
 
 
@@ -118,18 +124,19 @@ def main():
   print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({jax.device_count()} CPU device(s))")
 
   rows = [
-      ("bd3lm", "shared", "bd3lm", None),
-      ("kl", "shared", "kl", None),
-      ("reverse_kl", "shared", "reverse_kl", None),
-      ("tide_shared (CompDemo 0.5)", "shared", "tide_shared", 0.5),
-      ("tide_shared, CompDemo off", "shared", "tide_shared", 0.0),
-      ("calm", "cross", "calm", None),
-      ("tide_cross", "cross", "tide_cross", None),
+      ("bd3lm", "shared", "bd3lm", None, None),
+      ("bd3lm, wider student", "shared", "bd3lm", None, WIDER),
+      ("kl", "shared", "kl", None, None),
+      ("reverse_kl", "shared", "reverse_kl", None, None),
+      ("tide_shared (CompDemo 0.5)", "shared", "tide_shared", 0.5, None),
+      ("tide_shared, CompDemo off", "shared", "tide_shared", 0.0, None),
+      ("calm", "cross", "calm", None, None),
+      ("tide_cross", "cross", "tide_cross", None, None),
   ]
   batches = {}
   runners = {}
-  for name, variant, recipe, ratio in rows:
-    config = smoke_variant(variant, recipe, ratio)
+  for name, variant, recipe, ratio, model in rows:
+    config = smoke_variant(variant, recipe, ratio, model)
     config.data.cache_dir = args.cache
     if variant not in batches:
       it = pipeline.make_iterator(
@@ -175,12 +182,23 @@ def main():
       times[name].append((time.perf_counter() - t0) / len(batches[variant]))
       runners[name][1] = state
 
-  c = smoke_config("bd3lm")
+  for name, seconds in times.items():
+    print(f"{name}: {', '.join(f'{x * 1e3:.0f}' for x in seconds)} ms", flush=True)
+  c = smoke_config("shared")
   cfg = configs_lib.student_model_config(c)
+  wide = configs_lib.student_model_config(smoke_variant("shared", "bd3lm", model=WIDER))
   bsz, length = c.train.batch_size, c.data.max_len
   base = statistics.median(times["bd3lm"])
-  flops = student_step_flops(cfg, bsz, length)
-  tok_s = bsz * length / base
+
+  def utilisation(name, model_cfg):
+    seconds = statistics.median(times[name])
+    flops = student_step_flops(model_cfg, bsz, length)
+    return (
+        f"{seconds * 1e3:.0f} ms median = **{bsz * length / seconds:,.0f} tokens/s**; model "
+        f"FLOPs {flops / 1e9:.1f} GFLOP per step -> {flops / seconds / 1e9:.1f} GFLOP/s = "
+        f"**{flops / seconds / 1e9 / peak:.0%} of the measured matmul peak**"
+    )
+
   lines = [
       "# Train step on CPU (smoke shapes)",
       "",
@@ -195,9 +213,11 @@ def main():
       f"{cfg.vocab_size}), batch {bsz} x {length} tokens, `[x_t ; x_0]` of length "
       f"{2 * length}, float32.",
       "",
-      f"- BD3LM step: {base * 1e3:.0f} ms median = **{tok_s:,.0f} tokens/s**; model FLOPs "
-      f"{flops / 1e9:.1f} GFLOP per step -> {flops / base / 1e9:.1f} GFLOP/s = "
-      f"**{flops / base / 1e9 / peak:.0%} of the measured matmul peak**.",
+      f"- BD3LM step: {utilisation('bd3lm', cfg)}.",
+      f"- BD3LM step of the wider student (hidden {wide.hidden_size}, {wide.num_layers} "
+      f"layers, {wide.num_heads} / {wide.num_kv_heads} heads of {wide.head_dim}, "
+      f"intermediate {wide.intermediate_size}, tied; same batches): "
+      f"{utilisation('bd3lm, wider student', wide)}.",
       "",
       "| recipe | step time (median of reps) | vs bd3lm |",
       "|---|---|---|",

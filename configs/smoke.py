@@ -50,8 +50,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   config.objective.mask_token_id = 151669  # first free slot after the Qwen3 special tokens
   # Rows per block of the fused vocabulary statistics. A batch (8 x 128 rows) fits in one
-  # block, kept for the backward pass instead of being projected again (the fastest setting
-  # when the memory is there: 1024 x 13,282 restricted ids in float32 = 54 MB).
+  # block; its logits are one tile of the restricted vocabulary, kept for the backward pass
+  # instead of being projected again (1024 x 13,282 ids in float32 = 54 MB).
   config.objective.row_block = 1024
 
   d = config.data

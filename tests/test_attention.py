@@ -6,6 +6,8 @@ bfloat16 outputs within 2x the reference's own bf16 error against float32 (plus 
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,15 +127,48 @@ def test_rows_without_visible_keys_are_zero_like_the_reference():
     np.testing.assert_allclose(got, layers.masked_gqa_attention(q, k, v, mask, 0.3), atol=TOL)
 
 
-def test_blocked_with_a_traced_mask_computes_the_reference():
-  mask = padded_bd3lm(32, 8, [32, 20])
+@pytest.mark.parametrize("mask_rank", [3, 4])
+def test_blocked_with_a_traced_mask_computes_the_reference(mask_rank):
+  # A traced mask (per-example key padding) runs the reference QUERY_CHUNK rows at a time:
+  # 64 query rows in chunks of 16 here. Values and all three gradients equal the dense
+  # reference's, with a row that sees no key (zeros, as in the reference).
+  mask = padded_bd3lm(32, 8, [32, 20])  # [2, 1, 64, 64]
+  mask[1, 0, 5] = False
+  mask = mask[:, 0] if mask_rank == 3 else mask
   q, k, v = qkv(2, 64, 4, 2, 8)
+  chunked = lambda q, k, v: attention.query_chunked_attention(q, k, v, jnp.asarray(mask), 0.25, 16)
+  reference = lambda q, k, v: layers.masked_gqa_attention(q, k, v, mask, 0.25)
+  got, want = loss_and_grads(chunked, q, k, v), loss_and_grads(reference, q, k, v)
+  np.testing.assert_allclose(got[0], want[0], rtol=TOL)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, atol=TOL)
   blocked = jax.jit(lambda q, k, v, m: attention.blocked_attention(q, k, v, m, 0.25))
-  np.testing.assert_allclose(
-      blocked(q, k, v, jnp.asarray(mask)),
-      layers.masked_gqa_attention(q, k, v, mask, 0.25),
-      atol=TOL,
-  )
+  np.testing.assert_allclose(blocked(q, k, v, jnp.asarray(mask)), reference(q, k, v), atol=TOL)
+
+
+def _float32_shapes(fn, *args) -> set[tuple[int, ...]]:
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([0-9,]+)\]", text)}
+
+
+def test_query_chunks_never_hold_the_whole_score_plane():
+  # Forward and backward of the chunked reference hold [b, K, G, chunk, S] scores, never
+  # the [.., L, S] plane the dense reference holds (which the check does see).
+  b, length, chunk = 2, 512, 128
+  mask = jnp.asarray(padded_bd3lm(length // 2, 32, [256, 100]))
+  q, k, v = qkv(b, length, 4, 2, 8)
+  weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+
+  def grads(attend):
+    return jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) * weights), argnums=(0, 1, 2))
+
+  chunked = grads(lambda q, k, v: attention.query_chunked_attention(q, k, v, mask, 0.3, chunk))
+  dense_plane = grads(lambda q, k, v: layers.masked_gqa_attention(q, k, v, mask, 0.3))
+  plane = lambda shapes: [s for s in shapes if len(s) >= 2 and s[-2:] == (length, length)]
+  assert plane(_float32_shapes(dense_plane, q, k, v))
+  shapes = _float32_shapes(chunked, q, k, v)
+  assert not plane(shapes), plane(shapes)
+  assert any(s[-2:] == (chunk, length) for s in shapes)
 
 
 def test_fused_wrapper_layout_matches_reference():
@@ -206,7 +241,7 @@ def test_dispatch_refuses_the_wrong_backend_and_routes_each_choice(monkeypatch):
       layers.masked_gqa_attention(q, k, v, mask, 0.3),
       atol=TOL,
   )
-  assert len(warnings) == 1 and "uses the 'xla' reference" in warnings[0]
+  assert len(warnings) == 1 and "uses the 'xla' reference, 256 query rows at a time" in warnings[0]
 
 
 def tiny_dense(impl: str, remat="none") -> dense.DenseDecoder:

@@ -495,6 +495,31 @@ def test_vocabulary_tiles_give_the_cross_entropy_gradient(vocab, tile):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("vocab,tile", [(64, 16), (67, 16), (67, 67)])
+@pytest.mark.parametrize("block_rows", [8, 64])
+def test_tile_by_tile_cross_entropy_values_and_argmax(vocab, tile, block_rows):
+  # The cross-entropy's forward pass walks the vocabulary a tile at a time (running
+  # log-sum-exp, target logit, argmax): values against float64 and the argmax against
+  # numpy's, with ties planted across tiles (the earlier column wins, as in jnp.argmax)
+  # and a maximum in the last, partly past-the-vocabulary tile.
+  s, _, _, _ = random_case(14, n=33, vs=vocab, scale=8.0)
+  kernel = np.array(s.kernel)
+  # Columns 3, 20 and V - 1 (three tiles) all hold 100 x the hidden state's first entry, an
+  # exact product: the rows where it is positive have a three-way tie for the maximum.
+  for column in (3, 20, vocab - 1):
+    kernel[:, column] = 0.0
+    kernel[0, column] = 100.0
+  s = fused.Projection(s.hidden, jnp.asarray(kernel))
+  x = np.random.default_rng(14).integers(0, vocab, 33).astype(np.int32)
+  x[:3] = [3, 20, vocab - 1]
+  value, correct = terms.target_log_probs(s, x, block_rows=block_rows, vocab_tile=tile)
+  ls = log_softmax64(logits64(s))
+  np.testing.assert_allclose(value, ls[np.arange(33), x], rtol=1e-5, atol=1e-4)
+  z = np.asarray(s.hidden, np.float32) @ kernel
+  np.testing.assert_array_equal(correct, z.argmax(-1) == x)
+  assert np.asarray(correct).sum() > 0  # some rows' argmax is column 3 and is the target
+
+
 def test_tile_counts_prefer_exact_divisors():
   assert fused.tile_count(151936) == (9496, 16)
   assert fused.tile_count(128256) == (16032, 8)

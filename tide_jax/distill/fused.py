@@ -7,7 +7,11 @@ cross-entropy, every distillation term, bits per byte, evaluation) goes through
 * forward: a ``fori_loop`` over blocks of ``block_rows`` rows projects each block onto
   the kernel (tile by tile of ``vocab_tile`` columns, into one float32 ``[block, V]``
   buffer), hands the block's logits to a *row kernel* and keeps only its per-row outputs,
-  plus a few per-row statistics its gradient needs (log-sum-exps, a divergence);
+  plus a few per-row statistics its gradient needs (log-sum-exps, a divergence). A row
+  kernel that also has a tile-by-tile form (the cross-entropy's) consumes each
+  ``[block, tile]`` piece of logits as it is made instead: no ``[block, V]`` buffer, and
+  on a CPU the piece is still in cache when it is read (twice as fast at 151,936 columns;
+  docs/benchmarks/train_step.md);
 * backward (a hand-written ``custom_vjp``): an outer loop over vocabulary tiles and an
   inner loop over row blocks recompute each ``[block, tile]`` piece of logits, ask the
   row kernel for the gradient with respect to it (closed forms, from the saved per-row
@@ -16,8 +20,8 @@ cross-entropy, every distillation term, bits per byte, evaluation) goes through
   before the next tile. No ``[E, V]`` float32 array and no ``[rows, V]`` array exist.
 
 When all the rows fit in one block, the block's float32 logits are kept for the backward
-pass instead of being projected again (the memory ``block_rows`` allows, the fastest
-path).
+pass instead of being projected again (the memory ``block_rows`` allows), unless the
+kernel has a tile-by-tile form and the vocabulary spans several tiles.
 
 A row kernel is a frozen, hashable dataclass with two methods (``zs [c, Vs]`` float32
 student logits, ``zt`` the teacher's or None, ``extra`` a pytree of per-row arrays):
@@ -28,6 +32,12 @@ student logits, ``zt`` the teacher's or None, ``extra`` a pytree of per-row arra
 * ``tile_vjp(zs, zt, extra, grad_stats, g [c, K], start) -> [c, tile]``: the columns
   ``start .. start + tile`` of ``sum_k g[:, k] d values[:, k] / d zs``, from those columns'
   logits (``zs``, ``zt`` hold only them here; columns past the vocabulary are zeros).
+
+and optionally the forward's tile-by-tile form: ``tile_init(c) -> carry`` (a pytree of
+per-row arrays), ``tile_update(carry, zs, zt, extra, start, vocab) -> carry`` for the
+``[c, tile]`` logits of columns ``start ..`` (those at ``vocab`` or beyond are padding;
+``vocab`` is None when the tiles cover the vocabulary exactly),
+and ``tile_finish(carry, extra)``, which returns what ``forward`` would.
 
 Rows are visited in contiguous blocks of the arrays this function receives; on a mesh the
 caller runs it per device (``tide_jax.parallel.batch_map``), so blocks never span devices
@@ -218,22 +228,64 @@ def _block_logits(blocks: _Blocks, student, teacher, k, vocab_tile):
   return zs, zt
 
 
+def _online(row_kernel, blocks: _Blocks, student, teacher, k, vocab_tile):
+  """A row kernel's outputs for block ``k``, one ``[block, tile]`` piece of logits at a time.
+
+  For kernels with ``tile_init``/``tile_update``/``tile_finish`` (see the module
+  docstring): the piece is consumed while it is small (in cache on a CPU) instead of
+  being written into a ``[block, V]`` buffer and read back by every row reduction.
+  """
+  vocab = student.kernel.shape[1]
+  tile, tiles = tile_count(vocab, vocab_tile)
+  past = None if tile * tiles == vocab else vocab  # where padding columns begin, if any
+  h, ht, extra = blocks.student(k), blocks.teacher(k), blocks.extra_of(k)
+  student_cols = _sliceable(student.kernel)
+  teacher_cols = None if teacher is None else _sliceable(teacher.kernel)
+
+  def body(j, carry):
+    start = j * tile
+    zs = _dot(h, _columns(student_cols, start, tile, student.kernel.dtype))
+    zt = None
+    if teacher is not None:
+      zt = _dot(ht, _columns(teacher_cols, start, tile, teacher.kernel.dtype))
+    return row_kernel.tile_update(carry, zs, zt, extra, start, past)
+
+  anchor = _anchor(h, ht, student.kernel, extra)
+  init = jax.tree.map(lambda a: a + anchor.astype(a.dtype), row_kernel.tile_init(h.shape[0]))
+  return row_kernel.tile_finish(jax.lax.fori_loop(0, tiles, body, init), extra)
+
+
 def _forward(row_kernel, sizes, student, teacher, rows, extra):
-  """``(values, stats, grad_stats)`` of every row, and the one block's logits if single."""
+  """``(values, stats, grad_stats)`` of every row, and the block's logits when they are kept.
+
+  One block's logits are kept for the backward pass (instead of being projected again)
+  when they are all the rows, and either one tile wide or from a kernel without a
+  tile-by-tile forward; otherwise kernels that have one walk the vocabulary a tile at a
+  time (:func:`_online`), the others a block at a time.
+  """
   block_rows, vocab_tile = sizes
   blocks = _blocks(student, teacher, rows, extra, block_rows)
-  if blocks.count == 1:
+  online = hasattr(row_kernel, "tile_update")
+  one_tile = tile_count(student.kernel.shape[1], vocab_tile)[1] == 1
+  if blocks.count == 1 and (one_tile or not online):
     zs, zt = _block_logits(blocks, student, teacher, 0, vocab_tile)
     return row_kernel.forward(zs, zt, blocks.extra_of(0)), (zs, zt)
-  read = lambda k: (*_block_logits(blocks, student, teacher, k, vocab_tile), blocks.extra_of(k))
-  shapes = jax.eval_shape(lambda k: row_kernel.forward(*read(k)), 0)
+  if online:
+    outputs = lambda k: _online(row_kernel, blocks, student, teacher, k, vocab_tile)
+  else:
+    outputs = lambda k: row_kernel.forward(
+        *_block_logits(blocks, student, teacher, k, vocab_tile), blocks.extra_of(k)
+    )
+  if blocks.count == 1:
+    return outputs(0), None
+  shapes = jax.eval_shape(outputs, 0)
   anchor = _anchor(student, teacher, rows, extra)
   init = jax.tree.map(
       lambda s: jnp.zeros((blocks.count,) + s.shape, s.dtype) + anchor.astype(s.dtype), shapes
   )
 
   def body(k, buffers):
-    outs = row_kernel.forward(*read(k))
+    outs = outputs(k)
     return jax.tree.map(lambda buf, y: buf.at[k].set(y), buffers, outs)
 
   outs = jax.lax.fori_loop(0, blocks.count, body, init)

@@ -259,6 +259,50 @@ class TargetRows:
     probs = jnp.exp(z - stats[:, :1])
     return g[:, :1] * (_onehot(targets, z.shape[1], start) - probs)
 
+  # The same outputs tile by tile (``fused`` prefers this form): a running maximum and
+  # sum of exponentials (the log-sum-exp), the target's logit, and the best logit so far
+  # with its column (the argmax; an earlier column wins a tie, as in ``jnp.argmax``).
+
+  def tile_init(self, rows):
+    minus_inf = jnp.full((rows,), -jnp.inf, jnp.float32)
+    zero = jnp.zeros((rows,), jnp.float32)
+    return minus_inf, zero, zero, minus_inf, jnp.zeros((rows,), jnp.int32)
+
+  def tile_update(self, carry, z, _, targets, start, vocab):
+    running_max, sum_exp, target, best, best_column = carry
+    tile = z.shape[1]
+    columns = start + jnp.arange(tile, dtype=jnp.int32)
+    if vocab is not None:  # the last tile runs past the vocabulary
+      z = jnp.where(columns[None, :] < vocab, z, -jnp.inf)
+    tile_max = jnp.max(z, axis=-1)
+    new_max = jnp.maximum(running_max, tile_max)
+    sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.sum(
+        jnp.exp(z - new_max[:, None]), axis=-1
+    )
+    local = targets - start
+    here = (local >= 0) & (local < tile)
+    picked = jnp.take_along_axis(z, jnp.clip(local, 0, tile - 1)[:, None], axis=-1)[:, 0]
+    target = target + jnp.where(here, picked, 0.0)
+    # The tile's first maximal column, as a float32 maximum over a select (exact: columns
+    # are below 2^24). XLA's CPU backend vectorises that; a variadic argmax reduction and an
+    # integer minimum it does not.
+    negated = jnp.where(z == tile_max[:, None], -columns.astype(jnp.float32)[None, :], -jnp.inf)
+    first = (-jnp.max(negated, axis=-1)).astype(jnp.int32)
+    better = tile_max > best
+    return (
+        new_max,
+        sum_exp,
+        target,
+        jnp.maximum(best, tile_max),
+        jnp.where(better, first, best_column),
+    )
+
+  def tile_finish(self, carry, targets):
+    running_max, sum_exp, target, _, best_column = carry
+    lse = running_max + jnp.log(sum_exp)
+    correct = (best_column == targets).astype(jnp.float32)
+    return (target - lse)[:, None], correct[:, None], lse[:, None]
+
 
 @dataclasses.dataclass(frozen=True)
 class PairedRows:

@@ -13,8 +13,10 @@ returns zeros, as in the reference.
   into ``T x T`` tiles and tiles without a visible entry are never computed: for the
   BD3LM ``[x_t ; x_0]`` mask with block 32 at L = 512 that is 27% of the tiles. Query
   tiles with similar numbers of visible key tiles form a group, and each group is one
-  batched matmul over its gathered key tiles. A traced (data-dependent) mask has no known
-  empty tile, so this computes what ``xla`` does.
+  batched matmul over its gathered key tiles. A traced (data-dependent) mask, such as a
+  teacher's key padding, has no known empty tile: then the reference runs
+  ``QUERY_CHUNK`` query rows at a time (:func:`query_chunked_attention`), so that no
+  ``[b, H, L, S]`` scores exist, only one chunk's.
 * ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``, cuDNN's fused
   flash attention on NVIDIA GPUs (bfloat16 or float16 inputs). The boolean mask enters as
   an additive bias: masked tiles are computed inside the fused kernel (scores never reach
@@ -22,7 +24,7 @@ returns zeros, as in the reference.
 * ``splash``: Pallas splash attention on TPUs. The kernel's block mask skips fully masked
   ``128 x 128``-or-larger blocks and applies partial ones in the kernel; it needs a static
   mask shared by the whole batch. With a traced mask (the sampler's cache masks, padding
-  masks) it falls back to ``xla`` and logs that once.
+  masks) it falls back to :func:`query_chunked_attention` and logs that once.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ GROUP_OVERHEAD_TILES = 0.5
 DENSE_FRACTION = 0.9
 # Block sides splash attention may use (its kernel needs multiples of 128).
 SPLASH_BLOCKS = (512, 256, 128)
+# Query rows per chunk of the dense reference under a traced mask ('blocked', 'splash').
+QUERY_CHUNK = 256
 
 
 def attend(
@@ -86,9 +90,10 @@ def attend(
   if static is None or static.shape[0] != 1 or static.shape[1] != 1:
     _log_once(
         "attention_impl='splash' needs a static mask shared by the batch and the heads; "
-        "this call has a data-dependent mask, so it uses the 'xla' reference."
+        "this call has a data-dependent mask, so it uses the 'xla' reference, "
+        f"{QUERY_CHUNK} query rows at a time."
     )
-    return layers.masked_gqa_attention(q, k, v, mask, scale)
+    return query_chunked_attention(q, k, v, mask, scale)
   return splash_attention(q, k, v, static, scale)
 
 
@@ -254,7 +259,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: flo
   when no tile side divides L and S, or when almost every tile is visible.
   """
   static = static_mask(mask)
-  plan = None if static is None else block_plan(static, k.shape[2])
+  if static is None:
+    return query_chunked_attention(q, k, v, mask, scale)
+  plan = block_plan(static, k.shape[2])
   if plan is None:
     return layers.masked_gqa_attention(q, k, v, mask, scale)
   b, length, heads, dim = q.shape
@@ -286,6 +293,35 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: flo
     outputs.append(jnp.zeros((b, plan.empty_q_tiles.size, t, kv_heads, groups, dim), jnp.float32))
   out = _take_tiles(jnp.concatenate(outputs, axis=1), plan.restore)
   return out.reshape(b, length, heads, dim).astype(q.dtype)
+
+
+def query_chunked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask, scale: float, chunk: int = QUERY_CHUNK
+) -> jax.Array:
+  """The dense reference, ``chunk`` query rows at a time.
+
+  Each chunk's scores and probabilities (float32 ``[b, H, chunk, S]``) are all that exist
+  at once, in the forward pass and, the chunk being rematerialised, in the backward pass:
+  the memory of a traced mask's attention (a teacher's key padding) no longer grows as
+  ``L x S``. The result is the reference's (same operations, row by row). Shapes as in
+  :func:`attend`; sequences of at most ``chunk`` rows, or not a multiple of it, run whole.
+  """
+  b, length, heads, dim = q.shape
+  if length <= chunk or length % chunk:
+    return layers.masked_gqa_attention(q, k, v, mask, scale)
+  count = length // chunk
+  mask4 = jnp.asarray(layers.as_4d_mask(mask))
+  mask4 = jnp.broadcast_to(mask4, mask4.shape[:2] + (length, k.shape[1]))
+  q_chunks = jnp.moveaxis(q.reshape(b, count, chunk, heads, dim), 1, 0)
+  mask_chunks = jnp.moveaxis(mask4.reshape(*mask4.shape[:2], count, chunk, -1), 2, 0)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    q_chunk, mask_chunk = args
+    return layers.masked_gqa_attention(q_chunk, k, v, mask_chunk, scale)
+
+  out = jax.lax.map(one_chunk, (q_chunks, mask_chunks))  # [count, b, chunk, H, D]
+  return jnp.moveaxis(out, 0, 1).reshape(b, length, heads, dim)
 
 
 # --------------------------------------------------------------------------- fused kernels
