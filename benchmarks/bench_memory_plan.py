@@ -112,8 +112,12 @@ TARGETS = {
 MICROBATCHES = (1, 2, 4, 8, 16)
 
 
-def pipeline_config(name: str, sizes: dict, student_layers: int, microbatches: int):
+def pipeline_config(
+    name: str, sizes: dict, student_layers: int, microbatches: int, teacher_attention: str = ""
+):
   c = pipeline_a.get_config(None) if name == "A" else pipeline_b.get_config(None)
+  if teacher_attention:
+    c.teacher.attention_impl = teacher_attention
   c.model.init_from = ""
   for key, value in QWEN3_06B.items():
     c.model[key] = value
@@ -131,8 +135,8 @@ def teacher_hf(name: str, layers: int | None) -> dict:
   return hf
 
 
-def compile_at(name, mesh, sizes, student_layers, teacher_layers, microbatches):
-  config = pipeline_config(name, sizes, student_layers, microbatches)
+def compile_at(name, mesh, sizes, student_layers, teacher_layers, microbatches, attention):
+  config = pipeline_config(name, sizes, student_layers, microbatches, attention)
   step = abstract_step.compile_abstract_step(config, mesh, teacher_hf(name, teacher_layers))
   return step.memory()["temporaries"], step.counts().collective_bytes
 
@@ -154,7 +158,7 @@ def exact_parts(name: str, mesh, sizes) -> dict[str, int]:
   }
 
 
-def plan_row(target: str, name: str, microbatches=MICROBATCHES) -> dict:
+def plan_row(target: str, name: str, microbatches=MICROBATCHES, teacher_attention="") -> dict:
   devices, hbm, meshes = TARGETS[target]
   sizes = meshes[name]
   mesh = sharding.make_mesh(sizes, jax.devices()[:devices])
@@ -164,9 +168,9 @@ def plan_row(target: str, name: str, microbatches=MICROBATCHES) -> dict:
   row = None
   for k in microbatches:
     t0 = time.perf_counter()
-    low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k)
-    high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k)
-    _, deep_c = compile_at(name, mesh, sizes, 2, 3, k)
+    low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k, teacher_attention)
+    high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k, teacher_attention)
+    _, deep_c = compile_at(name, mesh, sizes, 2, 3, k, teacher_attention)
     student_layer_t = max(high_t - low_t, 0) / 2
     temporaries = low_t + (QWEN3_06B["num_layers"] - 2) * student_layer_t
     collectives = (
@@ -212,10 +216,18 @@ def main():
       default=",".join(map(str, MICROBATCHES)),
       help="counts to try in order; the first that leaves the headroom is kept (else the last)",
   )
+  parser.add_argument(
+      "--teacher-attention",
+      default="",
+      help="teacher.attention_impl for every compile; 'blocked' runs a padded teacher's "
+      "attention 256 query rows at a time, the program 'splash' falls back to on a TPU",
+  )
   args = parser.parse_args()
   counts = [int(k) for k in args.microbatches.split(",")]
   rows = [
-      plan_row(t, p, counts) for t in args.targets.split(",") for p in args.pipelines.split(",")
+      plan_row(t, p, counts, args.teacher_attention)
+      for t in args.targets.split(",")
+      for p in args.pipelines.split(",")
   ]
   g = memory.gib
   lines = [
