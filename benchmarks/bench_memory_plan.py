@@ -13,10 +13,13 @@ bfloat16 compute, float32 master weights, per-layer recompute of the student).
   shard of the full-depth abstract state under the logical-axis rules.
 * Temporaries are XLA's (``memory_analysis``) for a student of 2 and 4 layers and a teacher
   of 2 layers (for LLaDA2: one dense and one MoE layer); the student's per-layer increment
-  is extrapolated to its 28 layers. The teacher runs forward only, so its depth adds no
-  kept activations (each layer's are freed before the next). The CPU compiler's buffer
-  assignment and fusion differ from the TPU and GPU compilers': this column is an upper
-  estimate, not a guarantee.
+  is extrapolated to its 28 layers (``--full-depth``: one compile of the 28-layer student
+  and the whole teacher instead). The CPU compiler's schedule, buffer assignment and
+  fusion differ from the TPU and GPU compilers', and the extrapolation does not hold on
+  it: full-depth compiles gave 0.6x to 1.9x the extrapolated temporaries, and its default
+  concurrency-oriented schedule about twice the memory of
+  ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (docs/benchmarks/memory_plan.md).
+  This column is the CPU compiler's figure, not a prediction for the card.
 * Collective bytes per device per step come from the optimized HLO, loop bodies times their
   trip counts (``parallel.hlo_counts``), extrapolated over depth like the temporaries (the
   teacher's per-layer gathers too, from 2 and 3 teacher layers).
@@ -158,7 +161,9 @@ def exact_parts(name: str, mesh, sizes) -> dict[str, int]:
   }
 
 
-def plan_row(target: str, name: str, microbatches=MICROBATCHES, teacher_attention="") -> dict:
+def plan_row(
+    target: str, name: str, microbatches=MICROBATCHES, teacher_attention="", full_depth=False
+) -> dict:
   devices, hbm, meshes = TARGETS[target]
   sizes = meshes[name]
   mesh = sharding.make_mesh(sizes, jax.devices()[:devices])
@@ -168,16 +173,22 @@ def plan_row(target: str, name: str, microbatches=MICROBATCHES, teacher_attentio
   row = None
   for k in microbatches:
     t0 = time.perf_counter()
-    low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k, teacher_attention)
-    high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k, teacher_attention)
-    _, deep_c = compile_at(name, mesh, sizes, 2, 3, k, teacher_attention)
-    student_layer_t = max(high_t - low_t, 0) / 2
-    temporaries = low_t + (QWEN3_06B["num_layers"] - 2) * student_layer_t
-    collectives = (
-        low_c
-        + (QWEN3_06B["num_layers"] - 2) * max(high_c - low_c, 0) / 2
-        + (teacher_layers - 2) * max(deep_c - low_c, 0)
-    )
+    if full_depth:  # one compile of the whole student and teacher
+      temporaries, collectives = compile_at(
+          name, mesh, sizes, QWEN3_06B["num_layers"], teacher_layers, k, teacher_attention
+      )
+      student_layer_t = float("nan")
+    else:
+      low_t, low_c = compile_at(name, mesh, sizes, 2, 2, k, teacher_attention)
+      high_t, high_c = compile_at(name, mesh, sizes, 4, 2, k, teacher_attention)
+      _, deep_c = compile_at(name, mesh, sizes, 2, 3, k, teacher_attention)
+      student_layer_t = max(high_t - low_t, 0) / 2
+      temporaries = low_t + (QWEN3_06B["num_layers"] - 2) * student_layer_t
+      collectives = (
+          low_c
+          + (QWEN3_06B["num_layers"] - 2) * max(high_c - low_c, 0) / 2
+          + (teacher_layers - 2) * max(deep_c - low_c, 0)
+      )
     total = fixed + temporaries
     row = dict(
         target=target,
@@ -222,14 +233,21 @@ def main():
       help="teacher.attention_impl for every compile; 'blocked' runs a padded teacher's "
       "attention 256 query rows at a time, the program 'splash' falls back to on a TPU",
   )
+  parser.add_argument(
+      "--full-depth",
+      action="store_true",
+      help="compile the 28-layer student and the whole teacher once instead of "
+      "extrapolating from 2 and 4 student layers",
+  )
   args = parser.parse_args()
   counts = [int(k) for k in args.microbatches.split(",")]
   rows = [
-      plan_row(t, p, counts, args.teacher_attention)
+      plan_row(t, p, counts, args.teacher_attention, args.full_depth)
       for t in args.targets.split(",")
       for p in args.pipelines.split(",")
   ]
   g = memory.gib
+  per_layer = lambda r: "full depth" if args.full_depth else g(r["per_layer"])
   lines = [
       "| target | pipeline | mesh | micro-batches | student params | optimizer (Adam m, v) "
       "| teacher | temporaries (student per layer) | total | HBM | headroom | collectives per step |",
@@ -239,7 +257,7 @@ def main():
     lines.append(
         f"| {r['target']} | {r['pipeline']} | {mesh_text(r['mesh'])} | {r['microbatches']} | "
         f"{g(r['params'])} | {g(r['optimizer'])} | {g(r['teacher'])} | "
-        f"{g(r['temporaries'])} ({g(r['per_layer'])}) | {g(r['total'])} | {g(r['hbm'])} | "
+        f"{g(r['temporaries'])} ({per_layer(r)}) | {g(r['total'])} | {g(r['hbm'])} | "
         f"{100 * (1 - r['total'] / r['hbm']):.0f}% | {g(r['collectives'])} |"
     )
   table = "\n".join(lines)

@@ -6,8 +6,8 @@ the full vocabulary, or its wider student with ``--wider``), runs a few steps un
 appear once per trip (``calls / step``); the fused vocabulary statistics run one trip per
 vocabulary tile. Names are XLA's (``ynn_fusion``: a matmul, ``*_fusion``: fused
 elementwise work and reductions); the HLO of the step is written next to the table, so
-that a name can be looked up (``grep "%name = "``). Notes on what the tables show:
-docs/benchmarks/train_step.md.
+that a name can be looked up (``grep "%name = "``). What the tables show is read in
+docs/BENCHMARKS.md ("Where the CPU step's time goes").
 
 Usage:
   python benchmarks/profile_train_step.py [--wider] [--steps 3] [--top 25]
