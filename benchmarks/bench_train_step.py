@@ -90,6 +90,26 @@ def smoke_variant(variant: str, recipe: str, ratio: float | None = None, model=N
   return c
 
 
+def random_teacher(config):
+  """``(DecoderConfig, (graphdef, params))`` of a random teacher of the smoke teacher's shape."""
+  t = config.smoke.teacher_model
+  teacher_cfg = decoder_config_from_hf(
+      dict(
+          model_type="qwen3",
+          vocab_size=t.vocab_size,
+          hidden_size=t.hidden_size,
+          num_hidden_layers=t.num_layers,
+          num_attention_heads=t.num_heads,
+          num_key_value_heads=t.num_kv_heads,
+          head_dim=t.head_dim,
+          intermediate_size=t.intermediate_size,
+          rope_theta=1e6,
+          tie_word_embeddings=t.tie_word_embeddings,
+      )
+  )
+  return teacher_cfg, nnx.split(dense.build_decoder(teacher_cfg, seed=1))
+
+
 def build(config, teacher_cfg, teacher_state, data_cfg_variant_batches):
   student_cfg = configs_lib.student_model_config(config)
   model = dense.build_decoder(student_cfg, seed=0)
@@ -147,23 +167,7 @@ def main():
           workdir_cache=args.cache,
       )
       batches[variant] = [next(it) for _ in range(args.steps)]
-    t = config.smoke.teacher_model
-    teacher_cfg = decoder_config_from_hf(
-        dict(
-            model_type="qwen3",
-            vocab_size=t.vocab_size,
-            hidden_size=t.hidden_size,
-            num_hidden_layers=t.num_layers,
-            num_attention_heads=t.num_heads,
-            num_key_value_heads=t.num_kv_heads,
-            head_dim=t.head_dim,
-            intermediate_size=t.intermediate_size,
-            rope_theta=1e6,
-            tie_word_embeddings=t.tie_word_embeddings,
-        )
-    )
-    teacher = dense.build_decoder(teacher_cfg, seed=1)
-    tg, tp = nnx.split(teacher)
+    teacher_cfg, (tg, tp) = random_teacher(config)
     fn, state, student_cfg = build(config, teacher_cfg, (tg, tp), None)
     for b in batches[variant]:  # compile + warm up
       state, m = fn(state, b, tp)

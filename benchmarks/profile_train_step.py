@@ -29,12 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import bench_train_step as bench  # noqa: E402
 from tide_jax.data import pipeline  # noqa: E402
-from tide_jax.models import dense  # noqa: E402
-from tide_jax.models.config import decoder_config_from_hf  # noqa: E402
 
 # Trace events that are not XLA operations (host-side waits and the runtime's wrappers).
 HOST_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "$", "PjitFunction")
@@ -46,22 +43,7 @@ def build_step(wider: bool, cache: str):
   batches = pipeline.make_iterator(
       config.data, split="train", batch_size=config.train.batch_size, seed=0, workdir_cache=cache
   )
-  t = config.smoke.teacher_model
-  teacher_cfg = decoder_config_from_hf(
-      dict(
-          model_type="qwen3",
-          vocab_size=t.vocab_size,
-          hidden_size=t.hidden_size,
-          num_hidden_layers=t.num_layers,
-          num_attention_heads=t.num_heads,
-          num_key_value_heads=t.num_kv_heads,
-          head_dim=t.head_dim,
-          intermediate_size=t.intermediate_size,
-          rope_theta=1e6,
-          tie_word_embeddings=t.tie_word_embeddings,
-      )
-  )
-  teacher_graph, teacher_params = nnx.split(dense.build_decoder(teacher_cfg, seed=1))
+  teacher_cfg, (teacher_graph, teacher_params) = bench.random_teacher(config)
   fn, state, student_cfg = bench.build(config, teacher_cfg, (teacher_graph, teacher_params), None)
   return fn, state, next(batches), teacher_params, student_cfg, config
 
