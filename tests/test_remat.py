@@ -3,10 +3,10 @@
 Tolerance: float32 gradients within 1e-6 max-abs of the run without remat.
 
 Memory is measured as the bytes the forward pass keeps for the backward pass (the
-residuals held by ``jax.vjp``), which is what a policy decides. The CPU compiler's
-``memory_analysis()`` is not used: it reports the same temporary size with and without
-``jax.checkpoint`` even for a plain chain of matmuls, because its scheduler does not
-delay the recomputation to the backward pass.
+residuals held by ``jax.vjp``), which is what a policy decides, and, for "full", as the
+per-layer growth of the temporaries the CPU compiler assigns to a compiled step: with
+``jax.checkpoint`` alone that compiler schedules every recomputation ahead of the backward
+pass and reports as much memory as without recomputation.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -27,12 +28,12 @@ from tide_jax.models.config import REMAT_POLICIES, DecoderConfig
 TOL = 1e-6
 
 
-def student(remat, impl="xla") -> dense.DenseDecoder:
+def student(remat, impl="xla", layers=3) -> dense.DenseDecoder:
   cfg = DecoderConfig(
       model_type="qwen3",
       vocab_size=64,
       hidden_size=32,
-      num_layers=3,
+      num_layers=layers,
       num_heads=4,
       num_kv_heads=2,
       head_dim=16,
@@ -115,6 +116,34 @@ def test_policies_keep_less_for_the_backward_pass():
   # Keeping every matmul includes the attention scores, which the projections-only policy
   # does not keep.
   assert kept["dots_with_no_batch_dims_saveable"] < kept["dots_saveable"], kept
+
+
+def compiled_step_temporaries(model, batch) -> int:
+  """Temporary bytes XLA's CPU compiler assigns to one jitted step: gradients and an
+  AdamW update (the update makes the schedule a training step's)."""
+  loss, params = loss_fn(model, batch)
+  tx = optax.adamw(1e-3)
+
+  def step(params, opt_state):
+    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  compiled = jax.jit(step).lower(params, tx.init(params)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_full_recomputation_is_not_scheduled_ahead_of_the_backward_pass():
+  # With jax.checkpoint alone, the CPU compiler runs every layer's recomputation as soon as
+  # the layer's input exists, so the compiled step grows per layer as much as without
+  # recomputation. "full" ties the recomputation to the layer's cotangent: the step grows
+  # by about the layer's input per layer (32 KiB here; an attention buffer is 1 MiB).
+  batch = bd3lm_batch(64, length=128, block=16)
+  growth = {}
+  for policy in ("none", "full"):
+    small, large = (compiled_step_temporaries(student(policy, layers=n), batch) for n in (2, 6))
+    growth[policy] = (large - small) / 4
+  assert growth["none"] > 1 << 20, growth
+  assert growth["full"] < 0.1 * growth["none"], growth
 
 
 def test_old_booleans_are_translated_and_unknown_names_refused():

@@ -29,10 +29,12 @@ _REMAT_POLICIES = {
 
 
 def maybe_remat(fn: Callable, policy_name: str) -> Callable:
-  """``fn`` wrapped in ``nnx.remat`` with the named policy ("none" returns ``fn`` as is).
+  """``fn(module, *args)`` with the named recomputation policy ("none": ``fn`` as is).
 
-  Policies (names of ``tide_jax.models.config.REMAT_POLICIES``): "full" recomputes the
-  whole call in the backward pass; "dots_saveable" keeps every matmul result;
+  Policies (names of ``tide_jax.models.config.REMAT_POLICIES``): "full" keeps only the
+  call's inputs and recomputes the whole call in the backward pass, once the call's
+  cotangent exists (:func:`_recompute_after_cotangent`); the others are ``nnx.remat``
+  policies: "dots_saveable" keeps every matmul result;
   "dots_with_no_batch_dims_saveable" keeps the matmuls without batch dimensions (the
   projections, not the attention scores); "save_attention" keeps the q/k/v projections
   and the attention context and recomputes the rest (norms, output projection, MLP).
@@ -43,7 +45,47 @@ def maybe_remat(fn: Callable, policy_name: str) -> Callable:
     raise ValueError(
         f"Unknown remat policy {policy_name!r}; use none or one of {', '.join(_REMAT_POLICIES)}."
     )
+  if policy_name == "full":
+    return _recompute_after_cotangent(fn)
   return nnx.remat(fn, policy=_REMAT_POLICIES[policy_name])
+
+
+def _recompute_after_cotangent(fn: Callable) -> Callable:
+  """``fn(module, *args)`` recomputed in the backward pass, and not before it is needed.
+
+  ``jax.checkpoint`` keeps the recomputation apart from the forward pass but lets XLA
+  schedule it as soon as the saved inputs exist. In the compiled training step XLA's CPU
+  compiler did so for every layer (the recomputed activations of all layers alive at once:
+  as much memory per layer as without recomputation, 857 MiB per layer of a small
+  student), and ``optimization_barrier`` did not stop it (that compiler drops barriers).
+  Here the backward pass adds ``0 x sum(cotangent)`` to the saved floating inputs before
+  recomputing: a data dependency that no schedule can hoist, at the cost of one reduction
+  over the cotangent per call (4 MiB per layer of the same student). A non-finite
+  cotangent makes the recomputed call non-finite, as its gradient would be anyway.
+  """
+
+  def call(module, *args):
+    graphdef, state = nnx.split(module)
+
+    @jax.custom_vjp
+    def pure(state, *args):
+      return fn(nnx.merge(graphdef, state), *args)
+
+    def forward(state, *args):
+      return pure(state, *args), (state, args)
+
+    def backward(saved, cotangent):
+      state, args = saved
+      zero = sum(jnp.sum(c, dtype=jnp.float32) for c in jax.tree.leaves(cotangent)) * 0.0
+      floating = lambda a: jnp.issubdtype(a.dtype, jnp.floating)
+      args = jax.tree.map(lambda a: a + zero.astype(a.dtype) if floating(a) else a, args)
+      _, vjp = jax.vjp(lambda s, *a: fn(nnx.merge(graphdef, s), *a), state, *args)
+      return vjp(cotangent)
+
+    pure.defvjp(forward, backward)
+    return pure(state, *args)
+
+  return call
 
 
 def make_param(
