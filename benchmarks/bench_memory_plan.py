@@ -1,6 +1,7 @@
 """Per-device memory and traffic of the training step at the paper's shapes, per target.
 
-  python benchmarks/bench_memory_plan.py        # writes docs/benchmarks/memory_plan.md
+  python benchmarks/bench_memory_plan.py --full-depth --teacher-attention blocked
+      # writes docs/benchmarks/memory_plan.md
 
 Method. The step is the training path itself: ``tide_jax.train.abstract_step`` builds
 and compiles it with the loop's own functions, under ``jax.set_mesh``, on fake CPU devices
@@ -11,18 +12,16 @@ bfloat16 compute, float32 master weights, per-layer recompute of the student).
 
 * Parameters, optimizer moments and teacher weights are exact: the bytes of each device's
   shard of the full-depth abstract state under the logical-axis rules.
-* Temporaries are XLA's (``memory_analysis``) for a student of 2 and 4 layers and a teacher
-  of 2 layers (for LLaDA2: one dense and one MoE layer); the student's per-layer increment
-  is extrapolated to its 28 layers (``--full-depth``: one compile of the 28-layer student
-  and the whole teacher instead). The CPU compiler's schedule, buffer assignment and
-  fusion differ from the TPU and GPU compilers', and the extrapolation does not hold on
-  it: full-depth compiles gave 0.6x to 1.9x the extrapolated temporaries, and its default
-  concurrency-oriented schedule about twice the memory of
-  ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` (docs/benchmarks/memory_plan.md).
-  This column is the CPU compiler's figure, not a prediction for the card.
+* Temporaries are XLA's (``memory_analysis``) for the step compiled once at full depth
+  (``--full-depth``: the 28-layer student and the whole teacher), with the CPU compiler's
+  memory-oriented schedule (set below unless XLA_FLAGS is given). Without
+  ``--full-depth`` they are extrapolated from students of 2 and 4 layers and a teacher of
+  2, which does not hold on this compiler (0.6x to 1.9x apart; docs/benchmarks/memory_plan.md).
+  The CPU compiler's schedule, buffer assignment and fusion still differ from the TPU and
+  GPU compilers': this column is the CPU compiler's figure, not a prediction for the card.
 * Collective bytes per device per step come from the optimized HLO, loop bodies times their
-  trip counts (``parallel.hlo_counts``), extrapolated over depth like the temporaries (the
-  teacher's per-layer gathers too, from 2 and 3 teacher layers).
+  trip counts (``parallel.hlo_counts``), of the same compile (extrapolated without
+  ``--full-depth``, the teacher's per-layer gathers from 2 and 3 teacher layers).
 
 For each target the mesh is the recommended one (see docs/scale_out.md) and the number of
 micro-batches the smallest that leaves at least 15% of the HBM free.
@@ -35,7 +34,13 @@ import os
 import sys
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=16")
+# The CPU compiler's default schedule favours concurrency over memory; the memory-oriented
+# one is the closer stand-in for the accelerators' memory-aware schedulers.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=16 "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

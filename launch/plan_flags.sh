@@ -9,8 +9,9 @@
 # gpu8 for one 8x H100 node). Prints the flags, space-separated, or nothing for other
 # configs and targets. The launchers put them before the user's overrides, so a flag on
 # the command line wins. Where the numbers come from: docs/benchmarks/memory_plan.md
-# (`python benchmarks/bench_memory_plan.py`): the smallest micro-batch count that leaves 15%
-# of the HBM free with this mesh. mesh.fsdp=-1 takes the devices the other axes leave, so
+# (`python benchmarks/bench_memory_plan.py --full-depth ...`): the smallest micro-batch count
+# that leaves 15% of the HBM free with this mesh (none does for pipeline A on a v5e-16: one
+# leaves 8%, two compile to more). mesh.fsdp=-1 takes the devices the other axes leave, so
 # the same flags serve one host and several.
 
 plan_flags() { # CONFIG TARGET
