@@ -11,7 +11,7 @@ cross-entropy, every distillation term, bits per byte, evaluation) goes through
   kernel that also has a tile-by-tile form (the cross-entropy's) consumes each
   ``[block, tile]`` piece of logits as it is made instead: no ``[block, V]`` buffer, and
   on a CPU the piece is still in cache when it is read (twice as fast at 151,936 columns;
-  docs/benchmarks/train_step.md);
+  docs/BENCHMARKS.md, "Where the CPU step's time goes");
 * backward (a hand-written ``custom_vjp``): an outer loop over vocabulary tiles and an
   inner loop over row blocks recompute each ``[block, tile]`` piece of logits, ask the
   row kernel for the gradient with respect to it (closed forms, from the saved per-row
