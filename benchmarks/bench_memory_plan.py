@@ -274,11 +274,17 @@ def main():
         f"Produced by `{command.strip()}` on CPU with fake devices: the training step "
         "itself (`tide_jax.train.abstract_step`, compiled under the mesh), see the method "
         "in the script's docstring. Parameters, optimizer and teacher are exact shard "
-        "sizes; temporaries and collectives are the CPU compiler's (an upper estimate), "
-        "at 2 and 4 student layers extrapolated to 28.\n\n"
-        "Global batch 64, student 512 tokens, teacher 1024 (A) / 768 (B, fed as "
+        "sizes; temporaries and collectives are the CPU compiler's (not a measurement on "
+        "the card), "
+        + (
+            "compiled at full depth.\n\n"
+            if args.full_depth
+            else "at 2 and 4 student layers extrapolated to 28.\n\n"
+        )
+        + "Global batch 64, student 512 tokens, teacher 1024 (A) / 768 (B, fed as "
         "[x0 ; x_t], doubled by CompDemo in tide_shared); student float32 master weights, "
-        "bfloat16 compute, per-layer recompute; teacher bfloat16. Micro-batches: the "
+        "bfloat16 compute, per-layer recompute; teacher bfloat16, teacher attention "
+        f"{args.teacher_attention or 'as configured'}. Micro-batches: the "
         "smallest count that leaves 15% of the HBM free.\n\n"
         f"{table}\n"
     )
