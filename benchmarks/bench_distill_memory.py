@@ -17,7 +17,8 @@ accelerator the compiled program's own statistics are used (temporaries plus out
 
 Usage:
   python benchmarks/bench_distill_memory.py [--positions 2048] [--vocab 151936]
-      [--student-width 1024] [--teacher-width 4096] [--write docs/benchmarks/distill.md]
+      [--student-width 1024] [--teacher-width 4096] [--only "label;label"]
+      [--dtypes float32,bfloat16] [--write docs/benchmarks/distill.md]
 """
 
 from __future__ import annotations
@@ -39,20 +40,35 @@ import numpy as np  # noqa: E402
 from tide_jax.distill import fused, terms  # noqa: E402
 
 CONFIGS = [
-    # (label, objective, formulation, block rows, dtype)
-    ("naive forward KL", "forward_kl", "naive", 0, "float32"),
-    ("fused forward KL, 128 rows", "forward_kl", "fused", 128, "float32"),
-    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, "float32"),
-    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, "float32"),
-    ("fused target log-probs (CE, CALM), 64 rows", "target_logp", "fused", 64, "float32"),
-    ("naive forward KL", "forward_kl", "naive", 0, "bfloat16"),
-    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, "bfloat16"),
-    ("naive TIDAL", "tidal", "naive", 0, "bfloat16"),
-    ("fused TIDAL, 64 rows", "tidal", "fused", 64, "bfloat16"),
-    ("naive reverse KL", "reverse_kl", "naive", 0, "bfloat16"),
-    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, "bfloat16"),
-    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, "bfloat16"),
-    ("fused target log-probs (CE, CALM), 64 rows", "target_logp", "fused", 64, "bfloat16"),
+    # (label, objective, formulation, block rows, vocabulary tile (at most), dtype)
+    ("naive forward KL", "forward_kl", "naive", 0, 0, "float32"),
+    ("fused forward KL, 128 rows", "forward_kl", "fused", 128, fused.VOCAB_TILE, "float32"),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("fused forward KL, 64 rows, vocab_tile 16384", "forward_kl", "fused", 64, 16384, "float32"),
+    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, 0, "float32"),
+    (
+        "fused target log-probs (CE, CALM), 64 rows",
+        "target_logp",
+        "fused",
+        64,
+        fused.VOCAB_TILE,
+        "float32",
+    ),
+    ("naive forward KL", "forward_kl", "naive", 0, 0, "bfloat16"),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
+    ("naive TIDAL", "tidal", "naive", 0, 0, "bfloat16"),
+    ("fused TIDAL, 64 rows", "tidal", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
+    ("naive reverse KL", "reverse_kl", "naive", 0, 0, "bfloat16"),
+    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
+    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, 0, "bfloat16"),
+    (
+        "fused target log-probs (CE, CALM), 64 rows",
+        "target_logp",
+        "fused",
+        64,
+        fused.VOCAB_TILE,
+        "bfloat16",
+    ),
 ]
 TEMPERATURE = 2.0
 
@@ -81,12 +97,13 @@ def _naive(objective):
   return loss
 
 
-def _fused(objective, block_rows):
+def _fused(objective, block_rows, vocab_tile):
   def loss(hs, ws, ht, wt, w, t, targets):
     student, teacher = fused.Projection(hs, ws), fused.Projection(ht, wt)
-    kw = dict(temperature=TEMPERATURE, block_rows=block_rows)
+    kw = dict(temperature=TEMPERATURE, block_rows=block_rows, vocab_tile=vocab_tile)
     if objective == "target_logp":
-      return (w * terms.target_log_probs(student, targets, block_rows=block_rows)[0]).sum()
+      logp = terms.target_log_probs(student, targets, block_rows=block_rows, vocab_tile=vocab_tile)
+      return (w * logp[0]).sum()
     if objective == "tidal":
       options = terms.TidalOptions(l0=0.5, l1=0.5)  # lambda = 0.5 (1 - t), as the baseline
       return terms.tidal(student, teacher, w, t=t, progress=0.5, options=options, **kw)[0]
@@ -105,7 +122,15 @@ def _status_kib(field):
 
 
 def run_one(
-    objective, formulation, block_rows, dtype, positions, vocab, student_width, teacher_width
+    objective,
+    formulation,
+    block_rows,
+    vocab_tile,
+    dtype,
+    positions,
+    vocab,
+    student_width,
+    teacher_width,
 ):
   """Runs in the child process; returns a dict of measurements."""
   rng = np.random.default_rng(0)
@@ -130,7 +155,10 @@ def run_one(
   args = (hs, ws, ht, wt, w, t, targets)
   jax.block_until_ready(args)
   inputs_bytes = sum(a.size * a.dtype.itemsize for a in args)
-  loss = _naive(objective) if formulation == "naive" else _fused(objective, block_rows)
+  if formulation == "naive":
+    loss = _naive(objective)
+  else:
+    loss = _fused(objective, block_rows, vocab_tile)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   compiled = step.lower(*args).compile()
   stats = compiled.memory_analysis()
@@ -169,6 +197,7 @@ def main():
   parser.add_argument("--student-width", type=int, default=1024, help="Qwen3-0.6B: 1024")
   parser.add_argument("--teacher-width", type=int, default=4096, help="Qwen3-8B: 4096")
   parser.add_argument("--only", default="", help="semicolon-separated labels to run")
+  parser.add_argument("--dtypes", default="float32,bfloat16", help="input dtypes to run")
   parser.add_argument("--write", default="", help="markdown file for the table")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -178,12 +207,17 @@ def main():
     return
 
   rows = []
-  wanted = [c for c in CONFIGS if not args.only or c[0] in args.only.split(";")]
-  for label, objective, formulation, block, dtype in wanted:
+  wanted = [
+      c
+      for c in CONFIGS
+      if (not args.only or c[0] in args.only.split(";")) and c[-1] in args.dtypes.split(",")
+  ]
+  for label, objective, formulation, block, tile, dtype in wanted:
     spec = dict(
         objective=objective,
         formulation=formulation,
         block_rows=block,
+        vocab_tile=tile,
         dtype=dtype,
         positions=args.positions,
         vocab=args.vocab,
@@ -199,16 +233,18 @@ def main():
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
       raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-    rows.append((label, objective, formulation, dtype, json.loads(lines[-1][7:])))
+    result = json.loads(lines[-1][7:])
+    result["tile"] = fused.tile_count(args.vocab, tile)[0] if tile else None
+    rows.append((label, objective, formulation, dtype, result))
     print(f"done: {label} ({dtype})", file=sys.stderr)
 
   naive = {(o, d): r for _, o, form, d, r in rows if form == "naive"}
   backend = rows[0][4]["backend"]
   gib = 2.0**30
   header = (
-      "| configuration | inputs | peak above inputs (GiB) | vs naive | compiled temporaries "
-      "(GiB) | vs naive | gradients (GiB) | one call (s) | value |\n"
-      "|---|---|---|---|---|---|---|---|---|"
+      "| configuration | inputs | vocabulary tile (columns) | peak above inputs (GiB) | vs naive "
+      "| compiled temporaries (GiB) | vs naive | gradients (GiB) | one call (s) | value |\n"
+      "|---|---|---|---|---|---|---|---|---|---|"
   )
   lines = [header]
   for label, objective, formulation, dtype, r in rows:
@@ -216,8 +252,9 @@ def main():
     peak_ratio = r["peak_extra_bytes"] / base["peak_extra_bytes"] if base else float("nan")
     temp_ratio = r["temp_bytes"] / base["temp_bytes"] if base else float("nan")
     lines.append(
-        f"| {label} | {dtype} | {r['peak_extra_bytes'] / gib:.3f} | {peak_ratio:.2f} | "
-        f"{r['temp_bytes'] / gib:.3f} | {temp_ratio:.2f} | {r['grad_bytes'] / gib:.3f} | "
+        f"| {label} | {dtype} | {r['tile'] or '-'} | {r['peak_extra_bytes'] / gib:.3f} | "
+        f"{peak_ratio:.3f} | "
+        f"{r['temp_bytes'] / gib:.3f} | {temp_ratio:.3f} | {r['grad_bytes'] / gib:.3f} | "
         f"{r['seconds']:.3g} | {r['value']:.6g} |"
     )
   table = "\n".join(lines)

@@ -41,7 +41,7 @@ def base_config() -> config_dict.ConfigDict:
   ob.mask_token_id = 151669
   ob.block_size = c.get_ref("block_size")
   ob.row_block = 256  # rows per block of every fused vocabulary statistic (CE, terms, bpb)
-  ob.vocab_tile = 16384  # vocabulary columns per tile of their backward pass (at most)
+  ob.vocab_tile = 4096  # vocabulary columns per tile (at most); docs/BENCHMARKS.md
 
   c.data = config_dict.ConfigDict()
   d = c.data

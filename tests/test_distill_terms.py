@@ -520,9 +520,94 @@ def test_tile_by_tile_cross_entropy_values_and_argmax(vocab, tile, block_rows):
   assert np.asarray(correct).sum() > 0  # some rows' argmax is column 3 and is the target
 
 
+ORACLES = {
+    "forward_kl": np_forward_kl,
+    "reverse_kl": np_reverse_kl,
+    "jensen_shannon": np_jensen_shannon,
+}
+
+
+@pytest.mark.parametrize("cut", [True, False])
+@pytest.mark.parametrize("block_rows", [8, 64])
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "tidal", "jensen_shannon"])
+def test_tile_by_tile_paired_rows_values_and_flags(name, block_rows, cut):
+  # Every token term's forward walks the vocabulary a tile at a time (67 columns in five
+  # tiles of 14, the last partly past the vocabulary; Jensen-Shannon twice): the
+  # cross-entropy and the term against float64, the student's argmax over its whole
+  # vocabulary and both models' argmax over the shared one against numpy's, with ties
+  # planted across tiles and larger logits planted past the cut.
+  vocab, tile = 67, 16
+  s, tp, _, t = random_case(15, n=33, vs=vocab, vt=vocab + 9 if cut else vocab, scale=8.0)
+  ws, wt = np.array(s.kernel), np.array(tp.kernel)
+  for kernel in (ws, wt):  # a tie of columns 3 and 20 where the first hidden entry is > 0
+    for column in (3, 20):
+      kernel[:, column] = 0.0
+      kernel[0, column] = 100.0
+  shared = vocab - 3 if cut else None
+  if cut:  # past the cut: the student's column V - 1 and the teacher's V + 4 are larger
+    ws[:, vocab - 1], wt[:, vocab + 4] = 0.0, 0.0
+    ws[0, vocab - 1], wt[0, vocab + 4] = 200.0, 300.0
+  s, tp = fused.Projection(s.hidden, jnp.asarray(ws)), fused.Projection(tp.hidden, jnp.asarray(wt))
+  x = np.random.default_rng(15).integers(0, vocab, 33).astype(np.int32)
+  x[:4] = [3, 20, vocab - 1, 0]
+  lam = np_lambda(0.3, t)
+  row_kernel = terms.PairedRows(terms.make_token_term(name, 2.0), shared)
+  extra = {"targets": jnp.asarray(x), "lam": jnp.asarray(lam, jnp.float32)}
+  values, flags = fused.row_statistics(
+      row_kernel, s, tp, extra=extra, block_rows=block_rows, vocab_tile=tile
+  )
+  zs, zt = logits64(s), logits64(tp)
+  cs, ct = zs[:, : shared or vocab], zt[:, : shared or vocab]
+  oracle = (lambda a, b, T: np_tidal(a, b, T, lam)) if name == "tidal" else ORACLES[name]
+  np.testing.assert_allclose(
+      values[:, 0], log_softmax64(zs)[np.arange(33), x], rtol=1e-5, atol=1e-4
+  )
+  np.testing.assert_allclose(values[:, 1], oracle(cs, ct, 2.0), rtol=1e-5, atol=1e-4)
+  z32 = np.asarray(s.hidden) @ ws, np.asarray(tp.hidden) @ wt
+  np.testing.assert_array_equal(flags[:, 0], z32[0].argmax(-1) == x)
+  agree = z32[0][:, : shared or vocab].argmax(-1) == z32[1][:, : shared or vocab].argmax(-1)
+  np.testing.assert_array_equal(flags[:, 1], agree)
+  assert 0 < agree.sum() < 33  # planted ties agree, other rows do not all agree
+  if cut:  # the student's full-vocabulary argmax is past the cut on some rows
+    assert (z32[0].argmax(-1) == vocab - 1).any()
+
+
+class _BlockOnlyForwardKL(terms._Term):
+  """Forward KL as a new term's first version would be: no tile-by-tile forward."""
+
+  def value(self, zs, zt, lam):
+    return terms.ForwardKL(self.temperature).value(zs, zt, lam)
+
+  def row_stats(self, zs, zt, lam):
+    return terms.ForwardKL(self.temperature).row_stats(zs, zt, lam)
+
+  def tile_grad(self, zs, zt, lam, stats):
+    return terms.ForwardKL(self.temperature).tile_grad(zs, zt, lam, stats)
+
+
+def test_a_term_without_a_tile_form_uses_the_block_form():
+  s, tp, _, _ = random_case(16, n=33, vs=67, vt=67, scale=8.0)
+  extra = {"targets": jnp.zeros((33,), jnp.int32), "lam": jnp.zeros((33,), jnp.float32)}
+  block_only = terms.PairedRows(_BlockOnlyForwardKL(2.0))
+  assert not block_only.tile_form and terms.PairedRows(terms.ForwardKL(2.0)).tile_form
+
+  def loss(kernel, row_kernel):
+    values, _ = fused.row_statistics(
+        row_kernel, fused.Projection(s.hidden, kernel), tp, extra=extra, block_rows=8, vocab_tile=16
+    )
+    return values.sum()
+
+  want = jax.value_and_grad(loss)(s.kernel, terms.PairedRows(terms.ForwardKL(2.0)))
+  got = jax.value_and_grad(loss)(s.kernel, block_only)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_tile_counts_prefer_exact_divisors():
-  assert fused.tile_count(151936) == (9496, 16)
-  assert fused.tile_count(128256) == (16032, 8)
-  assert fused.tile_count(157184) == (9824, 16)
+  assert fused.tile_count(151936, 16384) == (9496, 16)
+  assert fused.tile_count(128256, 16384) == (16032, 8)
+  assert fused.tile_count(157184, 16384) == (9824, 16)
+  assert fused.tile_count(151936) == (2374, 64)  # the default: at most 4,096 columns
+  assert fused.tile_count(128256) == (4008, 32)
   assert fused.tile_count(67, 16) == (14, 5)  # 67 is prime: 5 tiles of 14, 3 columns past
   assert fused.tile_count(1000, 16384) == (1000, 1)

@@ -8,8 +8,9 @@ cross-entropy, every distillation term, bits per byte, evaluation) goes through
   the kernel (tile by tile of ``vocab_tile`` columns, into one float32 ``[block, V]``
   buffer), hands the block's logits to a *row kernel* and keeps only its per-row outputs,
   plus a few per-row statistics its gradient needs (log-sum-exps, a divergence). A row
-  kernel that also has a tile-by-tile form (the cross-entropy's) consumes each
-  ``[block, tile]`` piece of logits as it is made instead: no ``[block, V]`` buffer, and
+  kernel that also has a tile-by-tile form (the project's two both do: the
+  cross-entropy's and the distillation terms') consumes each ``[block, tile]`` piece of
+  logits as it is made instead: no ``[block, V]`` buffer, and
   on a CPU the piece is still in cache when it is read (twice as fast at 151,936 columns;
   docs/BENCHMARKS.md, "Where the CPU step's time goes");
 * backward (a hand-written ``custom_vjp``): an outer loop over vocabulary tiles and an
@@ -34,10 +35,12 @@ student logits, ``zt`` the teacher's or None, ``extra`` a pytree of per-row arra
   logits (``zs``, ``zt`` hold only them here; columns past the vocabulary are zeros).
 
 and optionally the forward's tile-by-tile form: ``tile_init(c) -> carry`` (a pytree of
-per-row arrays), ``tile_update(carry, zs, zt, extra, start, vocab) -> carry`` for the
-``[c, tile]`` logits of columns ``start ..`` (those at ``vocab`` or beyond are padding;
-``vocab`` is None when the tiles cover the vocabulary exactly),
-and ``tile_finish(carry, extra)``, which returns what ``forward`` would.
+per-row arrays), ``tile_update(carry, zs, zt, extra, start, vocab, sweep) -> carry`` for
+the ``[c, tile]`` logits of columns ``start ..`` (those at ``vocab`` or beyond are padding;
+``vocab`` is None when the tiles cover the vocabulary exactly; ``sweep`` counts the passes
+over the vocabulary, ``tile_sweeps`` of them, 1 if the kernel does not say), and
+``tile_finish(carry, extra)``, which returns what ``forward`` would. A kernel whose tile
+form depends on its parts says whether it has one in ``tile_form``.
 
 Rows are visited in contiguous blocks of the arrays this function receives; on a mesh the
 caller runs it per device (``tide_jax.parallel.batch_map``), so blocks never span devices
@@ -57,7 +60,7 @@ import numpy as np
 Array = jax.Array
 
 DEFAULT_BLOCK_ROWS = 256
-VOCAB_TILE = 16384  # columns per tile of the vocabulary (at most)
+VOCAB_TILE = 4096  # columns per tile of the vocabulary (at most); docs/BENCHMARKS.md
 
 
 class Projection(NamedTuple):
@@ -84,7 +87,8 @@ def tile_count(vocab: int, most: int = VOCAB_TILE) -> tuple[int, int]:
   """``(columns per tile, number of tiles)``: equal tiles of at most ``most`` columns.
 
   A tile count that divides the vocabulary exactly is preferred (up to twice the fewest
-  tiles), so that tiles are plain slices; 151,936 = 16 x 9,496, 128,256 = 8 x 16,032.
+  tiles), so that tiles are plain slices; at the default 151,936 = 64 x 2,374 and
+  128,256 = 32 x 4,008.
   """
   fewest = -(-vocab // most)
   for tiles in range(fewest, 2 * fewest + 1):
@@ -242,17 +246,19 @@ def _online(row_kernel, blocks: _Blocks, student, teacher, k, vocab_tile):
   student_cols = _sliceable(student.kernel)
   teacher_cols = None if teacher is None else _sliceable(teacher.kernel)
 
-  def body(j, carry):
+  def body(j, carry, sweep):
     start = j * tile
     zs = _dot(h, _columns(student_cols, start, tile, student.kernel.dtype))
     zt = None
     if teacher is not None:
       zt = _dot(ht, _columns(teacher_cols, start, tile, teacher.kernel.dtype))
-    return row_kernel.tile_update(carry, zs, zt, extra, start, past)
+    return row_kernel.tile_update(carry, zs, zt, extra, start, past, sweep)
 
   anchor = _anchor(h, ht, student.kernel, extra)
-  init = jax.tree.map(lambda a: a + anchor.astype(a.dtype), row_kernel.tile_init(h.shape[0]))
-  return row_kernel.tile_finish(jax.lax.fori_loop(0, tiles, body, init), extra)
+  carry = jax.tree.map(lambda a: a + anchor.astype(a.dtype), row_kernel.tile_init(h.shape[0]))
+  for sweep in range(getattr(row_kernel, "tile_sweeps", 1)):
+    carry = jax.lax.fori_loop(0, tiles, functools.partial(body, sweep=sweep), carry)
+  return row_kernel.tile_finish(carry, extra)
 
 
 def _forward(row_kernel, sizes, student, teacher, rows, extra):
@@ -265,7 +271,7 @@ def _forward(row_kernel, sizes, student, teacher, rows, extra):
   """
   block_rows, vocab_tile = sizes
   blocks = _blocks(student, teacher, rows, extra, block_rows)
-  online = hasattr(row_kernel, "tile_update")
+  online = getattr(row_kernel, "tile_form", hasattr(row_kernel, "tile_update"))
   one_tile = tile_count(student.kernel.shape[1], vocab_tile)[1] == 1
   if blocks.count == 1 and (one_tile or not online):
     zs, zt = _block_logits(blocks, student, teacher, 0, vocab_tile)

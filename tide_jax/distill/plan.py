@@ -52,7 +52,7 @@ class Objective:
     mask_token_id: the student's mask token.
     block_size: B.
     row_block: rows per block of the fused vocabulary statistics.
-    vocab_tile: vocabulary columns per tile of their backward pass (at most).
+    vocab_tile: vocabulary columns per tile of their forward and backward passes (at most).
   """
 
   kind: str

@@ -27,7 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from tide_jax.distill import fused
+from tide_jax.distill import fused, online
 
 Array = jax.Array
 Projection = fused.Projection
@@ -98,6 +98,13 @@ def timestep_weight(t: Array, mode: str = "midrange") -> Array:
 # [c, G]``, what its gradient needs about a whole row (log-sum-exps, a divergence); and
 # ``tile_grad(zs, zt, lam, stats) -> [c, tile]``, d value / d zs on any range of columns
 # from those columns' logits and the row statistics. ``grad`` is the whole row's.
+#
+# And the forward's tile-by-tile form (``PairedRows`` drives it; ``online.py``):
+# ``tile_init(c) -> carry``, ``tile_update(carry, zs, zt, lam, mask, sweep) -> carry`` for
+# the ``[c, tile]`` logits of a range of columns (``mask [1, tile]`` bool: the columns that
+# count, or None when all do), and ``tile_finish(carry, lam) -> (value [c], row_stats)``.
+# ``sweeps`` is how many passes over the vocabulary it needs (the Jensen-Shannon
+# divergence's mixture needs both log-sum-exps first: two).
 
 
 def _lse(z: Array) -> Array:
@@ -107,9 +114,14 @@ def _lse(z: Array) -> Array:
 @dataclasses.dataclass(frozen=True)
 class _Term:
   temperature: float = 2.0
+  sweeps = 1
 
   def grad(self, zs, zt, lam):
     return self.tile_grad(zs, zt, lam, self.row_stats(zs, zt, lam))
+
+  def _scaled(self, z, mask):
+    """``z / T`` with ``-inf`` in the columns that do not count."""
+    return online.masked(z / self.temperature, mask, -jnp.inf)
 
 
 class ForwardKL(_Term):
@@ -126,6 +138,20 @@ class ForwardKL(_Term):
   def tile_grad(self, zs, zt, lam, stats):
     t = self.temperature
     return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(zt / t - stats[:, 1:2]))
+
+  # KL = E_pt[xt - xs] - lse(xt) + lse(xs), x = z / T.
+  def tile_init(self, rows):
+    return online.softmax_init(rows), online.softmax_init(rows, 1)
+
+  def tile_update(self, carry, zs, zt, lam, mask, sweep):
+    xs, xt = self._scaled(zs, mask), self._scaled(zt, mask)
+    gap = online.masked(xt - xs, mask, 0.0)
+    return online.softmax_update(carry[0], xs), online.softmax_update(carry[1], xt, gap)
+
+  def tile_finish(self, carry, lam):
+    lse_s, lse_t = online.logsumexp(carry[0]), online.logsumexp(carry[1])
+    (gap,) = online.means(carry[1])
+    return self.temperature**2 * (gap - lse_t + lse_s), jnp.stack([lse_s, lse_t], axis=1)
 
 
 class ReverseKL(_Term):
@@ -145,6 +171,21 @@ class ReverseKL(_Term):
     t = self.temperature
     ls, lt = zs / t - stats[:, :1], zt / t - stats[:, 1:2]
     return t * jnp.exp(ls) * (ls - lt - stats[:, 2:3])
+
+  # KL = E_ps[xs - xt] - lse(xs) + lse(xt), x = z / T.
+  def tile_init(self, rows):
+    return online.softmax_init(rows, 1), online.softmax_init(rows)
+
+  def tile_update(self, carry, zs, zt, lam, mask, sweep):
+    xs, xt = self._scaled(zs, mask), self._scaled(zt, mask)
+    gap = online.masked(xs - xt, mask, 0.0)
+    return online.softmax_update(carry[0], xs, gap), online.softmax_update(carry[1], xt)
+
+  def tile_finish(self, carry, lam):
+    lse_s, lse_t = online.logsumexp(carry[0]), online.logsumexp(carry[1])
+    (gap,) = online.means(carry[0])
+    kl = gap - lse_s + lse_t
+    return self.temperature**2 * kl, jnp.stack([lse_s, lse_t, kl], axis=1)
 
 
 class Tidal(_Term):
@@ -169,10 +210,27 @@ class Tidal(_Term):
     t = self.temperature
     return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(self._mixed(zs, zt, lam) - stats[:, 1:2]))
 
+  # KL = E_r[xr - xs] - lse(xr) + lse(xs), xr the mixed logits over T.
+  def tile_init(self, rows):
+    return online.softmax_init(rows), online.softmax_init(rows, 1)
+
+  def tile_update(self, carry, zs, zt, lam, mask, sweep):
+    xs = self._scaled(zs, mask)
+    xr = online.masked(self._mixed(zs, zt, lam), mask, -jnp.inf)
+    gap = online.masked(xr - xs, mask, 0.0)
+    return online.softmax_update(carry[0], xs), online.softmax_update(carry[1], xr, gap)
+
+  def tile_finish(self, carry, lam):
+    lse_s, lse_r = online.logsumexp(carry[0]), online.logsumexp(carry[1])
+    (gap,) = online.means(carry[1])
+    return self.temperature**2 * (gap - lse_r + lse_s), jnp.stack([lse_s, lse_r], axis=1)
+
 
 class JensenShannon(_Term):
   """``T^2 JS(p_t, p_s)`` with ``m = (p_t + p_s) / 2``, symmetric and bounded by ``T^2 log 2``;
   d/dzs = ``T/2 p_s (a - sum p_s a)``, a = log p_s - log m."""
+
+  sweeps = 2  # the mixture m needs both log-sum-exps first
 
   def _parts(self, zs, zt):
     ls, lt = _log_probs(zs, self.temperature), _log_probs(zt, self.temperature)
@@ -196,6 +254,28 @@ class JensenShannon(_Term):
     ls, lt = zs / t - stats[:, :1], zt / t - stats[:, 1:2]
     a = ls - (jnp.logaddexp(ls, lt) - jnp.log(2.0))
     return t * 0.5 * jnp.exp(ls) * (a - stats[:, 2:3])
+
+  # Sweep 0: both log-sum-exps; sweep 1: KL(p_t || m) and KL(p_s || m) from them.
+  def tile_init(self, rows):
+    zero = jnp.zeros((rows,), jnp.float32)
+    return online.softmax_init(rows), online.softmax_init(rows), zero, zero
+
+  def tile_update(self, carry, zs, zt, lam, mask, sweep):
+    state_s, state_t, kl_t, kl_s = carry
+    xs, xt = self._scaled(zs, mask), self._scaled(zt, mask)
+    if sweep == 0:
+      return online.softmax_update(state_s, xs), online.softmax_update(state_t, xt), kl_t, kl_s
+    ls = xs - online.logsumexp(state_s)[:, None]
+    lt = xt - online.logsumexp(state_t)[:, None]
+    lm = jnp.logaddexp(ls, lt) - jnp.log(2.0)
+    kl_t = kl_t + jnp.sum(online.masked(jnp.exp(lt) * (lt - lm), mask, 0.0), axis=-1)
+    kl_s = kl_s + jnp.sum(online.masked(jnp.exp(ls) * (ls - lm), mask, 0.0), axis=-1)
+    return state_s, state_t, kl_t, kl_s
+
+  def tile_finish(self, carry, lam):
+    state_s, state_t, kl_t, kl_s = carry
+    stats = jnp.stack([online.logsumexp(state_s), online.logsumexp(state_t), kl_s], axis=1)
+    return self.temperature**2 * 0.5 * (kl_t + kl_s), stats
 
 
 # Terms by the name a recipe uses (recipes.py); each takes the temperature.
@@ -259,47 +339,30 @@ class TargetRows:
     probs = jnp.exp(z - stats[:, :1])
     return g[:, :1] * (_onehot(targets, z.shape[1], start) - probs)
 
-  # The same outputs tile by tile (``fused`` prefers this form): a running maximum and
-  # sum of exponentials (the log-sum-exp), the target's logit, and the best logit so far
-  # with its column (the argmax; an earlier column wins a tie, as in ``jnp.argmax``).
+  # The same outputs tile by tile (``fused`` prefers this form; ``online.py``): the
+  # log-sum-exp, the target's logit and the argmax, kept across pieces of columns.
 
   def tile_init(self, rows):
-    minus_inf = jnp.full((rows,), -jnp.inf, jnp.float32)
-    zero = jnp.zeros((rows,), jnp.float32)
-    return minus_inf, zero, zero, minus_inf, jnp.zeros((rows,), jnp.int32)
+    return online.softmax_init(rows), jnp.zeros((rows,), jnp.float32), online.argmax_init(rows)
 
-  def tile_update(self, carry, z, _, targets, start, vocab):
-    running_max, sum_exp, target, best, best_column = carry
+  def tile_update(self, carry, z, _, targets, start, vocab, sweep=0):
+    softmax, target, argmax = carry
     tile = z.shape[1]
     columns = start + jnp.arange(tile, dtype=jnp.int32)
     if vocab is not None:  # the last tile runs past the vocabulary
       z = jnp.where(columns[None, :] < vocab, z, -jnp.inf)
-    tile_max = jnp.max(z, axis=-1)
-    new_max = jnp.maximum(running_max, tile_max)
-    sum_exp = sum_exp * jnp.exp(running_max - new_max) + jnp.sum(
-        jnp.exp(z - new_max[:, None]), axis=-1
-    )
     local = targets - start
     here = (local >= 0) & (local < tile)
     picked = jnp.take_along_axis(z, jnp.clip(local, 0, tile - 1)[:, None], axis=-1)[:, 0]
-    target = target + jnp.where(here, picked, 0.0)
-    # The tile's first maximal column, as a float32 maximum over a select (exact: columns
-    # are below 2^24). XLA's CPU backend vectorises that; a variadic argmax reduction and an
-    # integer minimum it does not.
-    negated = jnp.where(z == tile_max[:, None], -columns.astype(jnp.float32)[None, :], -jnp.inf)
-    first = (-jnp.max(negated, axis=-1)).astype(jnp.int32)
-    better = tile_max > best
     return (
-        new_max,
-        sum_exp,
-        target,
-        jnp.maximum(best, tile_max),
-        jnp.where(better, first, best_column),
+        online.softmax_update(softmax, z),
+        target + jnp.where(here, picked, 0.0),
+        online.argmax_update(argmax, z, columns),
     )
 
   def tile_finish(self, carry, targets):
-    running_max, sum_exp, target, _, best_column = carry
-    lse = running_max + jnp.log(sum_exp)
+    softmax, target, (_, best_column) = carry
+    lse = online.logsumexp(softmax)
     correct = (best_column == targets).astype(jnp.float32)
     return (target - lse)[:, None], correct[:, None], lse[:, None]
 
@@ -345,6 +408,47 @@ class PairedRows:
       columns = start + jnp.arange(width, dtype=jnp.int32)
       term = jnp.where(columns[None, :] < self.shared_vocab, term, 0.0)
     return ce + term
+
+  # The forward tile by tile: the cross-entropy's state (``TargetRows``), the argmax of
+  # both logits over the shared vocabulary, and the term's own state (its ``sweeps``).
+
+  @property
+  def tile_form(self):  # a term without one (a new term's first version) uses the block form
+    return hasattr(self.term, "tile_update")
+
+  @property
+  def tile_sweeps(self):
+    return self.term.sweeps
+
+  def tile_init(self, rows):
+    argmax = online.argmax_init(rows)
+    return TargetRows().tile_init(rows), argmax, argmax, self.term.tile_init(rows)
+
+  def tile_update(self, carry, zs, zt, extra, start, vocab, sweep=0):
+    ce, student_best, teacher_best, term = carry
+    columns = start + jnp.arange(zs.shape[1], dtype=jnp.int32)
+    limit = vocab if self.shared_vocab is None else self.shared_vocab
+    mask = None if limit is None else columns[None, :] < limit
+    if sweep == 0:
+      ce = TargetRows().tile_update(ce, zs, None, extra["targets"], start, vocab)
+      if self.shared_vocab is not None:  # else the cross-entropy's argmax is this one
+        student_best = online.argmax_update(
+            student_best, online.masked(zs, mask, -jnp.inf), columns
+        )
+      teacher_best = online.argmax_update(teacher_best, online.masked(zt, mask, -jnp.inf), columns)
+    term = self.term.tile_update(term, zs, zt, extra["lam"], mask, sweep)
+    return ce, student_best, teacher_best, term
+
+  def tile_finish(self, carry, extra):
+    ce, student_best, teacher_best, term = carry
+    logp, correct, lse = TargetRows().tile_finish(ce, extra["targets"])
+    if self.shared_vocab is None:
+      student_best = ce[2]
+    agree = (student_best[1] == teacher_best[1]).astype(jnp.float32)
+    value, row_stats = self.term.tile_finish(term, extra["lam"])
+    values = jnp.stack([logp[:, 0], value], axis=1)
+    flags = jnp.concatenate([correct, agree[:, None]], axis=1)
+    return values, flags, jnp.concatenate([lse, row_stats], axis=1)
 
 
 # ----------------------------------------------------------------------------- helpers
