@@ -10,16 +10,15 @@
 # configs and targets. The launchers put them before the user's overrides, so a flag on
 # the command line wins. Where the numbers come from: docs/benchmarks/memory_plan.md
 # (`python benchmarks/bench_memory_plan.py --full-depth ...`): the smallest micro-batch count
-# that leaves 15% of the HBM free with this mesh (none does for pipeline A on a v5e-16: one
-# leaves 8%, two compile to more). mesh.fsdp=-1 takes the devices the other axes leave, so
-# the same flags serve one host and several.
+# that leaves 15% of the HBM free with this mesh (one, on every target). mesh.fsdp=-1 takes
+# the devices the other axes leave, so the same flags serve one host and several.
 
 plan_flags() { # CONFIG TARGET
   local name
   name="$(basename "${1%%:*}")"
   case "$name:$2" in
     # LLaDA2.0-mini: experts over 8 devices (4 on a v5p-8); fsdp takes the rest (2 on a
-    # v5e-16, where the replicated student and its optimizer state would not fit otherwise).
+    # v5e-16). The student's state splits over fsdp x expert (it has no experts).
     pipeline_a.py:v5litepod-16) echo "--config.mesh.expert=8 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;
     pipeline_a.py:v5p-8) echo "--config.mesh.expert=4 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;
     pipeline_a.py:gpu*) echo "--config.mesh.expert=8 --config.mesh.fsdp=-1 --config.train.microbatches=1" ;;

@@ -2,8 +2,12 @@
 
 Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``expert`` ...);
 one rules table per role maps each name to zero or more mesh axes. The student is trained,
-so its parameters and optimizer state spread over ``fsdp`` and ``tensor``; the frozen
-teacher has no optimizer state and spreads over ``tensor``, ``expert`` and ``fsdp``.
+so its parameters and optimizer state spread over ``fsdp`` and ``tensor``, and over
+``expert`` too: the student has no experts, so on a mesh laid out for an MoE teacher that
+axis is one more data axis for it, and sharding its state there (rather than holding a
+copy per expert group) divides the state by the axis size. The frozen teacher has no
+optimizer state; its stacked expert weights split over ``expert``, the rest of it as the
+student's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 STUDENT_RULES: dict[str, Any] = {
     "batch": ("data", "fsdp", "expert"),
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
