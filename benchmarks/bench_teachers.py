@@ -2,7 +2,7 @@
 bytes per device of the real LLaDA2.0-mini (and WeDLM / Qwen3-8B) layouts on v5e-16 and
 8x H100 meshes, computed from shapes with ``jax.eval_shape`` (no weights are allocated).
 
-  python benchmarks/bench_teachers.py [--repeats=5]
+  python benchmarks/bench_teachers.py [--repeats=5] [--only=dispatch|memory]
 
 Prints both tables and writes them to docs/benchmarks/teachers.md.
 """
@@ -198,25 +198,29 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--size", choices=sorted(DISPATCH_CONFIGS), default="small")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--only", choices=["dispatch", "memory"], default=None)
   args = parser.parse_args()
-  dispatch = dispatch_table(args.repeats, args.size, args.dtype)
-  print(dispatch)
-  memory = memory_table()
-  print(memory)
   command = "python benchmarks/bench_teachers.py"
-  flags = "" if args.size == "small" else f" --size={args.size} --dtype={args.dtype}"
-  write_section(
-      f"MoE dispatch vs dense reference ({jax.default_backend()}, {args.size})",
-      command + flags,
-      dispatch,
-  )
-  write_section(
-      "Parameter bytes per device (eval_shape, no weights)",
-      command,
-      memory + "\n\nTEACHER_RULES: vocab/heads/mlp/expert_mlp -> tensor, embed -> "
-      "fsdp, expert -> expert; an axis that does not divide a dimension leaves it "
-      "replicated. The router and expert bias stay float32.",
-  )
+  if args.only != "memory":
+    dispatch = dispatch_table(args.repeats, args.size, args.dtype)
+    print(dispatch)
+    flags = "" if args.size == "small" else f" --size={args.size} --dtype={args.dtype}"
+    write_section(
+        f"MoE dispatch vs dense reference ({jax.default_backend()}, {args.size})",
+        command + flags,
+        dispatch,
+    )
+  if args.only != "dispatch":
+    memory = memory_table()
+    print(memory)
+    write_section(
+        "Parameter bytes per device (eval_shape, no weights)",
+        command + " --only=memory",
+        memory + "\n\nTEACHER_RULES: vocab/heads/mlp/expert_mlp -> tensor, embed -> "
+        "fsdp x expert (the expert axis only where the tensor's expert dimension has not "
+        "taken it), expert -> expert; an axis that does not divide a dimension leaves it "
+        "replicated. The router and expert bias stay float32.",
+    )
 
 
 if __name__ == "__main__":

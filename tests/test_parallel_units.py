@@ -13,6 +13,7 @@ from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from tests import parallel_fixtures as pf
+from tests.test_model_configs import QWEN3_0_6B
 from tide_jax.models import dense
 from tide_jax.models.config import decoder_config_from_hf
 from tide_jax.parallel import distributed, host_data, preemption, sharding
@@ -226,22 +227,9 @@ def test_constrain_pins_activations_under_a_mesh_and_is_a_no_op_without():
 
 def test_student_state_is_sharded_over_the_expert_axis_too():
   # The student has no experts: on a mesh laid out for an MoE teacher (fsdp=2 x expert=4)
-  # its parameters split over all 8 devices, not over fsdp's 2 with 4 copies.
-  model_cfg = decoder_config_from_hf(
-      dict(
-          model_type="qwen3",
-          vocab_size=1024,
-          hidden_size=64,
-          num_hidden_layers=2,
-          num_attention_heads=4,
-          num_key_value_heads=2,
-          head_dim=16,
-          intermediate_size=192,
-          rope_theta=1e6,
-          tie_word_embeddings=True,
-      )
-  )
-  _, params = nnx.split(dense.abstract_decoder(model_cfg), nnx.Param)
+  # its parameters (Qwen3-0.6B's shapes, abstract) split over all 8 devices, not over
+  # fsdp's 2 with 4 copies.
+  _, params = nnx.split(dense.abstract_decoder(decoder_config_from_hf(QWEN3_0_6B)), nnx.Param)
   mesh = sharding.make_mesh({"fsdp": 2, "expert": 4})
   shardings = sharding.state_shardings(params, mesh, sharding.STUDENT_RULES)
   leaves = jax.tree.leaves(params)
@@ -250,6 +238,6 @@ def test_student_state_is_sharded_over_the_expert_axis_too():
       np.prod(s.shard_shape(leaf.shape)) * leaf.dtype.itemsize
       for leaf, s in zip(leaves, jax.tree.leaves(shardings))
   )
-  assert per_device < 1.05 * total / 8, (per_device, total)  # norm scales are replicated
+  assert per_device < 1.01 * total / 8, (per_device, total)  # norm scales are replicated
   specs = {leaf.shape: s.spec for leaf, s in zip(leaves, jax.tree.leaves(shardings))}
-  assert specs[(1024, 64)] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))  # embedding
+  assert specs[(151936, 1024)] == jax.sharding.PartitionSpec(None, ("fsdp", "expert"))
