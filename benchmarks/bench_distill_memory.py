@@ -3,10 +3,10 @@
 The objectives take hidden states and output kernels: the student's ``[N, Es]`` hidden
 states and ``[Es, V]`` kernel (differentiated) and the teacher's ``[N, Et]`` and
 ``[Et, V]`` (frozen). The fused formulation (``tide_jax.distill.fused``: a block of rows
-projected and reduced at a time, hand-written backward) is compared with the naive one
+at a time, reduced a vocabulary tile at a time, hand-written backward) is compared with the naive one
 (project both models to full float32 ``[N, V]`` logits and let autodiff differentiate the
-formula), on the same inputs, for forward KL, TIDAL, reverse KL and the target
-log-probabilities behind the cross-entropy and (Reverse) CALM.
+formula), on the same inputs, for forward KL, TIDAL, reverse KL, Jensen-Shannon and the
+target log-probabilities behind the cross-entropy and (Reverse) CALM.
 
 Each configuration runs in a fresh subprocess. On CPU the measure is the process's peak
 resident memory during the first call (VmHWM after resetting it through
@@ -45,6 +45,12 @@ CONFIGS = [
     ("fused forward KL, 128 rows", "forward_kl", "fused", 128, fused.VOCAB_TILE, "float32"),
     ("fused forward KL, 64 rows", "forward_kl", "fused", 64, fused.VOCAB_TILE, "float32"),
     ("fused forward KL, 64 rows, vocab_tile 16384", "forward_kl", "fused", 64, 16384, "float32"),
+    ("naive TIDAL", "tidal", "naive", 0, 0, "float32"),
+    ("fused TIDAL, 64 rows", "tidal", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("naive reverse KL", "reverse_kl", "naive", 0, 0, "float32"),
+    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("naive Jensen-Shannon", "jensen_shannon", "naive", 0, 0, "float32"),
+    ("fused Jensen-Shannon, 64 rows", "jensen_shannon", "fused", 64, fused.VOCAB_TILE, "float32"),
     ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, 0, "float32"),
     (
         "fused target log-probs (CE, CALM), 64 rows",
@@ -88,6 +94,9 @@ def _naive(objective):
       per = jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)
     elif objective == "reverse_kl":
       per = jnp.sum(jnp.exp(ls) * (ls - lt), axis=-1)
+    elif objective == "jensen_shannon":
+      lm = jnp.logaddexp(ls, lt) - jnp.log(2.0)
+      per = 0.5 * jnp.sum(jnp.exp(lt) * (lt - lm) + jnp.exp(ls) * (ls - lm), axis=-1)
     else:  # tidal, lambda = 0.5 (1 - t), midrange weight
       lam = (0.5 * (1 - t))[:, None]
       lr = jax.lax.stop_gradient(jax.nn.log_softmax(((1 - lam) * zs + lam * zt) / TEMPERATURE, -1))
@@ -107,8 +116,7 @@ def _fused(objective, block_rows, vocab_tile):
     if objective == "tidal":
       options = terms.TidalOptions(l0=0.5, l1=0.5)  # lambda = 0.5 (1 - t), as the baseline
       return terms.tidal(student, teacher, w, t=t, progress=0.5, options=options, **kw)[0]
-    fn = terms.forward_kl if objective == "forward_kl" else terms.reverse_kl
-    return fn(student, teacher, w, **kw)[0]
+    return terms.token_term(objective, student, teacher, w, **kw)[0]
 
   return loss
 
