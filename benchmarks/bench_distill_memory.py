@@ -39,42 +39,34 @@ import numpy as np  # noqa: E402
 
 from tide_jax.distill import fused, terms  # noqa: E402
 
+_TILE = fused.VOCAB_TILE
+_CE = "target log-probs (CE, CALM)"
 CONFIGS = [
     # (label, objective, formulation, block rows, vocabulary tile (at most), dtype)
     ("naive forward KL", "forward_kl", "naive", 0, 0, "float32"),
-    ("fused forward KL, 128 rows", "forward_kl", "fused", 128, fused.VOCAB_TILE, "float32"),
-    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("fused forward KL, 128 rows", "forward_kl", "fused", 128, _TILE, "float32"),
+    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, _TILE, "float32"),
     ("fused forward KL, 64 rows, vocab_tile 16384", "forward_kl", "fused", 64, 16384, "float32"),
     ("naive TIDAL", "tidal", "naive", 0, 0, "float32"),
-    ("fused TIDAL, 64 rows", "tidal", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("fused TIDAL, 64 rows", "tidal", "fused", 64, _TILE, "float32"),
     ("naive reverse KL", "reverse_kl", "naive", 0, 0, "float32"),
-    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, fused.VOCAB_TILE, "float32"),
+    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, _TILE, "float32"),
     ("naive Jensen-Shannon", "jensen_shannon", "naive", 0, 0, "float32"),
-    ("fused Jensen-Shannon, 64 rows", "jensen_shannon", "fused", 64, fused.VOCAB_TILE, "float32"),
-    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, 0, "float32"),
-    (
-        "fused target log-probs (CE, CALM), 64 rows",
-        "target_logp",
-        "fused",
-        64,
-        fused.VOCAB_TILE,
-        "float32",
-    ),
-    ("naive forward KL", "forward_kl", "naive", 0, 0, "bfloat16"),
-    ("fused forward KL, 64 rows", "forward_kl", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
-    ("naive TIDAL", "tidal", "naive", 0, 0, "bfloat16"),
-    ("fused TIDAL, 64 rows", "tidal", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
-    ("naive reverse KL", "reverse_kl", "naive", 0, 0, "bfloat16"),
-    ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64, fused.VOCAB_TILE, "bfloat16"),
-    ("naive target log-probs (CE, CALM)", "target_logp", "naive", 0, 0, "bfloat16"),
-    (
-        "fused target log-probs (CE, CALM), 64 rows",
-        "target_logp",
-        "fused",
-        64,
-        fused.VOCAB_TILE,
-        "bfloat16",
-    ),
+    ("fused Jensen-Shannon, 64 rows", "jensen_shannon", "fused", 64, _TILE, "float32"),
+    (f"naive {_CE}", "target_logp", "naive", 0, 0, "float32"),
+    (f"fused {_CE}, 64 rows", "target_logp", "fused", 64, _TILE, "float32"),
+] + [
+    (label, objective, formulation, block, _TILE if block else 0, "bfloat16")
+    for label, objective, formulation, block in [
+        ("naive forward KL", "forward_kl", "naive", 0),
+        ("fused forward KL, 64 rows", "forward_kl", "fused", 64),
+        ("naive TIDAL", "tidal", "naive", 0),
+        ("fused TIDAL, 64 rows", "tidal", "fused", 64),
+        ("naive reverse KL", "reverse_kl", "naive", 0),
+        ("fused reverse KL, 64 rows", "reverse_kl", "fused", 64),
+        (f"naive {_CE}", "target_logp", "naive", 0),
+        (f"fused {_CE}, 64 rows", "target_logp", "fused", 64),
+    ]
 ]
 TEMPERATURE = 2.0
 

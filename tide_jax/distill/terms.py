@@ -139,12 +139,16 @@ class ForwardKL(_Term):
     t = self.temperature
     return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(zt / t - stats[:, 1:2]))
 
-  # KL = E_pt[xt - xs] - lse(xt) + lse(xs), x = z / T.
+  # KL = E_target[xt - xs] - lse(xt) + lse(xs), x = z / T and xt the target's logits
+  # (the teacher's here, TIDAL's mixture in its subclass).
+  def _target(self, zs, zt, lam, mask):
+    return self._scaled(zt, mask)
+
   def tile_init(self, rows):
     return online.softmax_init(rows), online.softmax_init(rows, 1)
 
   def tile_update(self, carry, zs, zt, lam, mask, sweep):
-    xs, xt = self._scaled(zs, mask), self._scaled(zt, mask)
+    xs, xt = self._scaled(zs, mask), self._target(zs, zt, lam, mask)
     gap = online.masked(xt - xs, mask, 0.0)
     return online.softmax_update(carry[0], xs), online.softmax_update(carry[1], xt, gap)
 
@@ -188,7 +192,7 @@ class ReverseKL(_Term):
     return self.temperature**2 * kl, jnp.stack([lse_s, lse_t, kl], axis=1)
 
 
-class Tidal(_Term):
+class Tidal(ForwardKL):
   """``T^2 KL(r || softmax(zs/T))`` with the constant target
   ``r = softmax(((1 - lam) zs + lam zt) / T)``; d/dzs = ``T (p_s - r)``. ``lam [c]``."""
 
@@ -210,20 +214,8 @@ class Tidal(_Term):
     t = self.temperature
     return t * (jnp.exp(zs / t - stats[:, :1]) - jnp.exp(self._mixed(zs, zt, lam) - stats[:, 1:2]))
 
-  # KL = E_r[xr - xs] - lse(xr) + lse(xs), xr the mixed logits over T.
-  def tile_init(self, rows):
-    return online.softmax_init(rows), online.softmax_init(rows, 1)
-
-  def tile_update(self, carry, zs, zt, lam, mask, sweep):
-    xs = self._scaled(zs, mask)
-    xr = online.masked(self._mixed(zs, zt, lam), mask, -jnp.inf)
-    gap = online.masked(xr - xs, mask, 0.0)
-    return online.softmax_update(carry[0], xs), online.softmax_update(carry[1], xr, gap)
-
-  def tile_finish(self, carry, lam):
-    lse_s, lse_r = online.logsumexp(carry[0]), online.logsumexp(carry[1])
-    (gap,) = online.means(carry[1])
-    return self.temperature**2 * (gap - lse_r + lse_s), jnp.stack([lse_s, lse_r], axis=1)
+  def _target(self, zs, zt, lam, mask):  # the tile form is ForwardKL's, against r
+    return online.masked(self._mixed(zs, zt, lam), mask, -jnp.inf)
 
 
 class JensenShannon(_Term):
